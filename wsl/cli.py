@@ -1,0 +1,63 @@
+"""The `wsl` command line: a thin layer over the importable API.
+
+Each subcommand lives in ``wsl/commands/<name>.py`` and exposes ``add_parser(subparsers)`` (which sets
+``func=run`` on its parser) and ``run(args) -> int``. This module only dispatches and turns user
+errors into one line on stderr (the full traceback with ``--debug``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import List, Optional
+
+from wsl import __version__
+from wsl.errors import WSLError
+
+# Order is the order shown in --help.
+COMMANDS = ["synth", "train", "cam", "bench", "train_seg", "segment", "demo", "pipeline"]
+
+# Exceptions that mean "the user gave us something wrong"; anything else is a bug and keeps its traceback.
+USER_ERRORS = (WSLError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError, PermissionError, KeyboardInterrupt)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="wsl", description="Weakly-supervised localization from image-level tags.")
+    parser.add_argument("--version", action="version", version=f"wsl {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"wsl.commands.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"wsl.commands.{name}":
+                raise
+            continue  # command not built yet
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s" if not args.debug else
+                        "%(asctime)s %(name)s %(levelname)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        if args.debug:
+            raise
+        if isinstance(e, KeyboardInterrupt):
+            print("wsl: interrupted", file=sys.stderr)
+            return 130
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"wsl {args.command}: error: {msg}", file=sys.stderr)
+        return 1

@@ -1,0 +1,159 @@
+"""Files that are never half-written, checkpoints that never run code, images that fail with a name.
+
+Every write goes to a temporary file in the same directory and is moved into place with ``os.replace``,
+which is atomic on POSIX: a reader (or a resumed run after SIGKILL) sees the old file or the new one,
+never a truncated one.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from wsl.errors import CheckpointError, DataError, OutputExistsError
+
+PathLike = Union[str, os.PathLike]
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success move it onto ``path``, on error delete it.
+
+    The temporary name keeps the suffix so libraries that pick a format from it (PIL, matplotlib,
+    numpy) still work.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        # fsync so a power cut cannot leave the renamed file empty.
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def append_jsonl(path: PathLike, record: Mapping[str, Any]) -> None:
+    """Append one JSON line. A crash can lose the line being written but never corrupts earlier ones;
+    readers skip a torn last line (see :func:`read_jsonl`)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: PathLike) -> list:
+    records = []
+    p = Path(path)
+    if not p.exists():
+        return records
+    for line in p.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # torn final line after a kill
+    return records
+
+
+def save_checkpoint(path: PathLike, payload: Mapping[str, Any]) -> None:
+    """Save a checkpoint atomically. ``payload`` must hold only tensors, numbers, strings, lists and
+    dicts so that :func:`load_checkpoint` can read it with ``weights_only=True``."""
+    buf = io.BytesIO()
+    torch.save(dict(payload), buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint with ``weights_only=True``: a pickle that would execute code is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: refused to load (not a plain weights file: {first})") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
+    return obj
+
+
+def prepare_output_dir(path: PathLike, overwrite: bool = False) -> Path:
+    """Create ``path`` for fresh results. An existing non-empty directory is an error unless
+    ``overwrite`` is set, in which case its contents are removed first."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"output path exists and is not a directory: {path}")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(f"output directory is not empty: {path} (pass --overwrite to replace it)")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def read_image(path: PathLike) -> np.ndarray:
+    """Read an image file as an RGB uint8 array (H, W, 3).
+
+    Handles grayscale, palette, alpha (dropped), CMYK and 16-bit images. A missing, truncated, empty or non-image file raises an error that names the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty image file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now so truncation surfaces here, not in a worker later
+            return _to_rgb_array(im)
+    except UnidentifiedImageError as e:
+        raise DataError(f"{path}: not an image file PIL can read") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: unreadable image ({e})") from e
+
+
+def _to_rgb_array(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits by the type's range rather than clipping.
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr8 = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(arr8[..., None], 3, axis=2)
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        arr8 = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        return np.repeat(arr8[..., None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA").convert("RGB")  # drop alpha: the colour channels keep the content
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
