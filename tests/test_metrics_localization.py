@@ -1,0 +1,286 @@
+"""Localization metrics: hand-computed cases, edge cases, agreement with brute-force references, speed."""
+import math
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+import reference_metrics as ref
+from wsl.metrics import (BoxAccuracy, PixelAP, box_sweep, component_box_ious, default_thresholds, normalize_map,
+                         per_class_accuracy, point_hits_region, point_in_boxes, point_localization_ap)
+from wsl.metrics.localization import boxes_to_region, in_pointing_difficult_subset, peaks
+
+
+def smooth_map(rng, h, w, cells=6):
+    """A CAM-like map: bicubic upsampling of a coarse random grid."""
+    return cv2.resize(rng.random((cells, cells)), (w, h), interpolation=cv2.INTER_CUBIC)
+
+
+def best_time(fn, repeat=3):
+    """Result and best wall time of ``repeat`` calls (the CPU is shared: take the least disturbed run)."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def random_boxes(rng, h, w, k):
+    x1, y1 = rng.integers(0, w - 1, k), rng.integers(0, h - 1, k)
+    x2 = np.minimum(x1 + rng.integers(1, w, k), w)
+    y2 = np.minimum(y1 + rng.integers(1, h, k), h)
+    return np.stack([x1, y1, x2, y2], 1).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------- maps
+def test_normalize_map_edge_cases():
+    assert normalize_map(np.full((3, 4), 7.0)).tolist() == np.zeros((3, 4)).tolist()  # flat
+    assert not normalize_map(np.array([[1.0, np.nan]])).any()  # NaN: no localization
+    assert not normalize_map(np.array([[1.0, np.inf]])).any()
+    m = normalize_map(np.array([[-2.0, 0.0, 2.0]]))
+    assert m.tolist() == [[0.0, 0.5, 1.0]]
+
+
+def test_peaks_first_argmax_and_non_finite():
+    cams = np.zeros((3, 2, 3))
+    cams[0, 1, 2] = cams[0, 0, 1] = 5.0  # tie: first in raster order wins
+    cams[1] = np.nan
+    cams[2, 1, 0] = np.inf
+    cams[2, 0, 2] = 1.0
+    values, points = peaks(cams)
+    assert values.tolist() == [5.0, 0.0, 1.0]
+    assert points.tolist() == [[1, 0], [0, 0], [2, 0]]
+
+
+# -------------------------------------------------------------------------------------------- points
+def test_point_in_boxes_tolerance_boundary():
+    box = np.array([[10, 10, 20, 20]])
+    assert point_in_boxes((19, 19), box) and not point_in_boxes((20, 19), box)  # x2 exclusive
+    assert point_in_boxes((37, 15), box, 18) and not point_in_boxes((38, 15), box, 18)
+    assert point_in_boxes((-8, 15), box, 18) and not point_in_boxes((-9, 15), box, 18)
+    assert not point_in_boxes((0, 0), np.zeros((0, 4)), 18)
+
+
+def test_pointing_hit_is_strictly_within_tolerance():
+    region = np.zeros((40, 40), bool)
+    region[0, 0] = True
+    assert point_hits_region((14, 0), region) and not point_hits_region((15, 0), region)
+    assert point_hits_region((9, 11), region) and not point_hits_region((9, 12), region)  # 81+144 = 225
+    assert not point_hits_region((5, 5), np.zeros((40, 40), bool))
+
+
+def test_pointing_hit_agrees_with_torchray_rule():
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        h, w = rng.integers(5, 50, 2)
+        region = ref.voc_box_mask(random_boxes(rng, h, w, int(rng.integers(1, 3))), (h, w))
+        point = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+        assert point_hits_region(point, region, 15) == ref.torchray_hit(point, region, 15)
+
+
+def test_boxes_to_region_matches_voc_as_mask_including_border_boxes():
+    boxes = np.array([[0, 0, 3, 2], [5, 4, 12, 9], [10, 7, 20, 20]], dtype=np.float64)  # last leaves the image
+    assert np.array_equal(boxes_to_region(boxes, (9, 12)), ref.voc_box_mask(boxes, (9, 12)))
+
+
+def test_pointing_difficult_subset_rule():
+    assert in_pointing_difficult_subset(24, 100, 2)
+    assert not in_pointing_difficult_subset(25, 100, 2)  # a quarter is not less than a quarter
+    assert not in_pointing_difficult_subset(1, 100, 1)  # a single class is never difficult
+
+
+def test_per_class_accuracy_skips_empty_classes():
+    mean, per_class = per_class_accuracy([1, 0, 1, 1], [0, 0, 2, 2], 4)
+    assert per_class[0] == 0.5 and per_class[2] == 1.0
+    assert math.isnan(per_class[1]) and math.isnan(per_class[3])
+    assert mean == pytest.approx(0.75)
+    assert math.isnan(per_class_accuracy([], [], 2)[0])
+
+
+def test_point_localization_ap_hand_case():
+    # class 0: image 0 hit (TP), image 1 contains it but missed (FP, still a positive), image 2 absent (FP)
+    scores = np.array([[0.9], [0.8], [0.7]])
+    hits = np.array([[True], [False], [True]])
+    present = np.array([[True], [True], [False]])
+    mean, per_class = point_localization_ap(scores, hits, present)
+    assert per_class[0] == pytest.approx(0.5)  # recall stops at 1/2 with precision 1
+    ignore = np.array([[False], [True], [False]])  # image 1 only has difficult objects
+    assert point_localization_ap(scores, hits, present & ~ignore, ignore)[1][0] == pytest.approx(1.0)
+    assert math.isnan(point_localization_ap(scores, hits, np.zeros_like(present))[0])
+
+
+def test_point_localization_agrees_with_reference():
+    rng = np.random.default_rng(2)
+    n, c, h, w = 25, 3, 20, 24
+    cams = [np.stack([smooth_map(rng, h, w) for _ in range(c)]) for _ in range(n)]
+    cams[3][1] = 0.5  # a flat map: its point is the top-left pixel
+    labels, boxes, box_labels, difficult = [], [], [], []
+    for i in range(n):
+        k = int(rng.integers(0, 4))
+        b = random_boxes(rng, h, w, k)
+        bl = rng.integers(0, c, k)
+        d = rng.random(k) < 0.25
+        lab = np.zeros(c)
+        lab[bl] = 1
+        labels.append(lab), boxes.append(b), box_labels.append(bl), difficult.append(d)
+    labels = np.array(labels)
+    expected = ref.point_map(cams, labels, boxes, box_labels, difficult, tol=3)
+    score, hit, present, ignore = (np.zeros((n, c), dtype) for dtype in (float, bool, bool, bool))
+    for i in range(n):
+        values, points = peaks(cams[i])
+        score[i] = values
+        for k in range(c):
+            plain = (box_labels[i] == k) & ~difficult[i]
+            present[i, k] = plain.any()
+            ignore[i, k] = labels[i, k] > 0 and not plain.any()
+            hit[i, k] = point_in_boxes(points[k], boxes[i][box_labels[i] == k], 3)
+    _, per_class = point_localization_ap(score, hit, present, ignore)
+    np.testing.assert_allclose(per_class, expected, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------- boxes
+def test_box_sweep_rectangle_and_border_boxes_are_exact():
+    cam = np.zeros((10, 12))
+    cam[2:6, 3:9] = 1.0
+    largest, best = box_sweep(normalize_map(cam), np.array([[3, 2, 9, 6]]), np.array([0.0, 0.5, 0.99]))
+    assert largest.tolist() == [1.0, 1.0, 1.0] and best.tolist() == [1.0, 1.0, 1.0]
+    cam = np.zeros((10, 12))
+    cam[0:4, 6:12] = 1.0  # touches the top and right borders
+    largest, _ = box_sweep(normalize_map(cam), np.array([[6, 0, 12, 4]]), np.array([0.3]))
+    assert largest.tolist() == [1.0]
+
+
+def test_largest_versus_best_component():
+    cam = np.zeros((12, 16))
+    cam[1:7, 1:6] = 0.5  # big, weak blob: 30 pixels
+    cam[8:10, 12:14] = 1.0  # small, strong blob on the object
+    largest, best = box_sweep(normalize_map(cam), np.array([[12, 8, 14, 10]]), np.array([0.0, 0.3, 0.6]))
+    assert largest.tolist() == [0.0, 0.0, 1.0]
+    assert best.tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("cam", [np.zeros((8, 8)), np.full((8, 8), 3.0), np.full((8, 8), np.nan)],
+                         ids=["zero", "flat", "nan"])
+def test_uninformative_maps_localize_nothing(cam):
+    largest, best = box_sweep(normalize_map(cam), np.array([[0, 0, 8, 8]]), default_thresholds(0.1))
+    assert not largest.any() and not best.any()
+    assert np.isfinite(largest).all() and np.isfinite(best).all()
+
+
+def test_component_ious_agree_with_per_threshold_labelling():
+    rng = np.random.default_rng(3)
+    thresholds = default_thresholds(0.01)
+    for trial in range(24):
+        h, w = (int(x) for x in rng.integers(1, 30, 2))
+        cam = smooth_map(rng, h, w) if trial % 2 else rng.random((h, w))
+        if trial % 3 == 0:
+            cam = np.floor(cam * 4) / 4  # plateaus
+        norm = normalize_map(cam)
+        gt = random_boxes(rng, max(h, 2), max(w, 2), int(rng.integers(1, 4)))
+        for connectivity in (8, 4):
+            got = box_sweep(norm, gt, thresholds, connectivity)
+            want = ref.box_sweep(norm, gt, thresholds, connectivity)
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), (trial, connectivity)
+    # pure noise: over a thousand local maxima, the sort-based path for many basins
+    norm = normalize_map(rng.random((110, 110)))
+    gt = random_boxes(rng, 110, 110, 3)
+    got, want = box_sweep(norm, gt, thresholds[::10]), ref.box_sweep(norm, gt, thresholds[::10])
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+def test_component_ious_agree_on_cam_like_maps_with_plateaus():
+    # float16 maps of a blurred object on a weak background: flat maxima split across ascent basins,
+    # where merging a basin into two neighbours at once would glue them together (a bug this caught)
+    rng = np.random.default_rng(2)
+    thresholds = default_thresholds(0.02)
+    for _ in range(8):
+        h, w = (int(x) for x in rng.integers(32, 56, 2))
+        cam = cv2.resize(rng.random((6, 6)).astype(np.float32) * 0.4, (w, h), interpolation=cv2.INTER_CUBIC)
+        obj = np.zeros((h, w), np.float32)
+        y, x = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+        obj[y:y + h // 3, x:x + w // 3] = 1
+        norm = normalize_map((cam + 2 * cv2.GaussianBlur(obj, (0, 0), 3)).astype(np.float16))
+        gt = np.array([[w // 4, h // 4, w // 2 + 3, h // 2 + 3]], dtype=np.float64)
+        for connectivity in (8, 4):
+            got = box_sweep(norm, gt, thresholds, connectivity)
+            want = ref.box_sweep(norm, gt, thresholds, connectivity)
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+def test_component_ious_bad_connectivity():
+    with pytest.raises(ValueError, match="4 or 8"):
+        component_box_ious(np.zeros((2, 2), np.uint8), np.array([0]), np.array([[0, 0, 1, 1]]), connectivity=6)
+
+
+def test_box_accuracy_agrees_with_reference():
+    rng = np.random.default_rng(4)
+    thresholds = default_thresholds(0.05)
+    pairs = []
+    acc = BoxAccuracy(num_classes=3, thresholds=thresholds)
+    for i in range(16):
+        norm = normalize_map(smooth_map(rng, 18, 22))
+        gt = random_boxes(rng, 18, 22, int(rng.integers(1, 3)))
+        pairs.append((norm, gt))
+        acc.update(i % 3, *box_sweep(norm, gt, thresholds))
+    v1, v2 = ref.max_box_acc(pairs, thresholds)
+    assert acc.maxboxacc()["value"] == pytest.approx(v1)
+    assert acc.maxboxaccv2()["value"] == pytest.approx(v2)
+    per_class = acc.maxboxacc()["per_class"]
+    assert per_class.shape == (3,) and np.isfinite(per_class).all()
+
+
+def test_box_accuracy_without_pairs_is_nan_not_an_error():
+    acc = BoxAccuracy(num_classes=2, thresholds=default_thresholds(0.1))
+    assert math.isnan(acc.maxboxacc()["value"]) and math.isnan(acc.maxboxaccv2()["value"])
+
+
+def test_box_sweep_is_at_least_10x_faster_than_the_per_threshold_loop():
+    rng = np.random.default_rng(5)
+    thresholds = default_thresholds()  # wsolevaluation's 0.001 step
+    maps = [normalize_map(smooth_map(rng, 64, 64)) for _ in range(4)]
+    gt = np.array([[10, 12, 40, 50]], dtype=np.float64)
+    fast, t_fast = best_time(lambda: [box_sweep(m, gt, thresholds) for m in maps])
+    slow, t_slow = best_time(lambda: [ref.box_sweep(m, gt, thresholds) for m in maps], repeat=1)
+    for f, s in zip(fast, slow):
+        assert np.array_equal(f[0], s[0]) and np.array_equal(f[1], s[1])
+    assert t_slow > 10 * t_fast, (t_slow, t_fast)
+
+
+# -------------------------------------------------------------------------------------------- pixels
+def test_pxap_hand_case():
+    ap = PixelAP(np.array([0.0, 0.5]))
+    norm = np.array([[1.0, 0.5], [0.0, 0.0]])
+    positive = np.array([[True, False], [True, False]])
+    ap.update(norm, positive, ~positive)
+    # thresholds high to low: >=1: tp 1 fp 0; >=.5: tp 1 fp 1; >=0: tp 2 fp 2 -> .5 * 1 + .5 * 2/4
+    assert ap.compute()["value"] == pytest.approx(0.75)
+
+
+def test_pxap_agrees_with_reference_and_is_10x_faster():
+    rng = np.random.default_rng(6)
+    thresholds = default_thresholds()
+    maps, positives, negatives = [], [], []
+    for i in range(6):
+        maps.append(normalize_map(smooth_map(rng, 96, 80)) if i else np.zeros((96, 80)))  # one all-zero map
+        positives.append(rng.random((96, 80)) < 0.3)
+        ignore = rng.random((96, 80)) < 0.05
+        negatives.append(~positives[-1] & ~ignore)
+    def fast():
+        ap = PixelAP(thresholds, num_classes=2)
+        for i, (m, p, n) in enumerate(zip(maps, positives, negatives)):
+            ap.update(m, p, n, class_id=i % 2)
+        return ap.compute()
+
+    result, t_fast = best_time(fast)
+    expected, t_slow = best_time(lambda: ref.pxap(maps, positives, negatives, thresholds), repeat=1)
+    assert result["value"] == pytest.approx(expected, abs=1e-12)
+    assert result["per_class"][0] == pytest.approx(ref.pxap(maps[0::2], positives[0::2], negatives[0::2], thresholds))
+    assert t_slow > 10 * t_fast, (t_slow, t_fast)
+
+
+def test_pxap_without_positive_pixels_is_nan():
+    ap = PixelAP(np.array([0.0, 0.5]))
+    ap.update(np.ones((2, 2)), np.zeros((2, 2), bool), np.ones((2, 2), bool))
+    assert math.isnan(ap.compute()["value"])
