@@ -1,0 +1,199 @@
+"""`wsl cam` export: file formats, datasets and image folders, overwrite policy, atomic writes, CLI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from wsl.cam.crf import DenseCRF
+from wsl.cam.export import ImageFolderDataset, export_cams, imagenet_normalizer
+from wsl.cam.extract import CAMExtractor
+from wsl.cli import main as cli_main
+from wsl.data.spec import build_dataset
+from wsl.errors import DataError, OutputExistsError
+from wsl.models import build_classifier, classifier_checkpoint
+from wsl.utils.io import save_checkpoint
+
+
+def _model(num_classes: int, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_classifier(backbone="vgg_tiny", num_classes=num_classes, pooling="lse")
+
+
+@pytest.fixture()
+def val_set(scenes_root):
+    return build_dataset(f"voc:{scenes_root}", "val")
+
+
+@pytest.fixture()
+def image_dir(tmp_path):
+    d = tmp_path / "images"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"a": (40, 48), "b": (40, 48), "c": (36, 30)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / f"{name}.png")
+    (d / "notes.txt").write_text("not an image")
+    return d
+
+
+def test_export_dataset_writes_every_file_in_its_format(val_set, tmp_path):
+    classes = val_set.classes
+    model = _model(len(classes)).eval()
+    out = tmp_path / "cams_out"
+    manifest = export_cams(model, classes, val_set, out, batch_size=3, scales=(1.0, 0.75), flip=True,
+                           progress=False)
+    n = len(val_set)
+    assert manifest["counts"]["images"] == n and manifest["options"]["classes_from"] == "labels"
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert sorted(p.name for p in out.iterdir()) == ["boxes_coco.json", "cams", "localization.json",
+                                                     "manifest.json", "masks", "overlays"]
+    ext = CAMExtractor(model, scales=(1.0, 0.75), flip=True)
+    for i, ann in enumerate(val_set.annotations):
+        with np.load(out / "cams" / f"{ann.id}.npz", allow_pickle=False) as z:
+            assert sorted(z.files) == ["cams", "classes", "scores"]
+            cams, names, scores = z["cams"], z["classes"].tolist(), z["scores"]
+        image = val_set[i]["image"]
+        assert cams.dtype == np.float16 and cams.shape == (len(classes),) + tuple(image.shape[1:])
+        assert names == classes and scores.dtype == np.float32 and scores.shape == (len(classes),)
+        ref = ext(imagenet_normalizer(image[None]))
+        np.testing.assert_allclose(cams.astype(np.float32), ref.cams[0].numpy(), atol=2e-3)
+        np.testing.assert_allclose(scores, ref.scores[0].numpy(), rtol=1e-4, atol=1e-4)
+        with Image.open(out / "masks" / f"{ann.id}.png") as im:
+            assert im.mode == "P" and im.size == (image.shape[2], image.shape[1])
+            values = set(np.unique(np.asarray(im)).tolist())
+        assert values <= {0, 255} | {int(c) + 1 for c in np.flatnonzero(ann.labels)}
+        with Image.open(out / "overlays" / f"{ann.id}.png") as im:
+            assert im.mode == "RGB" and im.width > image.shape[2]
+    loc = json.loads((out / "localization.json").read_text())
+    assert [r["id"] for r in loc["images"]] == [a.id for a in val_set.annotations]
+    for rec, ann in zip(loc["images"], val_set.annotations):
+        assert rec["classes"] == [classes[c] for c in np.flatnonzero(ann.labels)]
+        assert len(rec["points"]) == len(rec["classes"])
+        for b in rec["boxes"]:
+            x1, y1, x2, y2 = b["bbox"]
+            assert 0 <= x1 < x2 <= rec["width"] and 0 <= y1 < y2 <= rec["height"] and b["class"] in rec["classes"]
+    coco = json.loads((out / "boxes_coco.json").read_text())
+    assert len(coco) == manifest["counts"]["boxes"] > 0
+    for det in coco:
+        assert set(det) == {"image_id", "category_id", "bbox", "score"}
+        assert 1 <= det["category_id"] <= len(classes) and det["bbox"][2] > 0 and det["bbox"][3] > 0
+        assert 0.0 <= det["score"] <= 1.0
+
+
+def test_exported_npz_is_read_by_the_benchmark(val_set, tmp_path):
+    from wsl.bench import NpzCamSource, read_npz_classes
+
+    export_cams(_model(len(val_set.classes)), val_set.classes, val_set, tmp_path / "o", progress=False)
+    assert read_npz_classes(tmp_path / "o" / "cams") == val_set.classes
+    cams, scores = NpzCamSource(tmp_path / "o" / "cams", val_set.classes).load(val_set.annotations[0].id)
+    assert cams.shape[0] == len(val_set.classes) and scores.shape == (len(val_set.classes),)
+
+
+def test_export_image_folder_uses_predicted_classes_and_mixed_sizes(image_dir, tmp_path):
+    classes = ["cat", "dog", "bird"]
+    dataset = ImageFolderDataset(image_dir, classes)
+    assert [a.id for a in dataset.annotations] == ["a", "b", "c"]
+    model = _model(3).train()
+    manifest = export_cams(model, classes, dataset, tmp_path / "o", batch_size=4, progress=False,
+                           crf=DenseCRF(iterations=2))
+    assert model.training  # the caller's mode is restored
+    assert manifest["options"]["classes_from"] == "predicted" and manifest["counts"]["images"] == 3
+    assert manifest["options"]["crf"]["iterations"] == 2
+    loc = json.loads((tmp_path / "o" / "localization.json").read_text())
+    assert [(r["id"], r["height"], r["width"]) for r in loc["images"]] == [("a", 40, 48), ("b", 40, 48), ("c", 36, 30)]
+    for rec in loc["images"]:
+        assert len(rec["classes"]) >= 1  # at least the top predicted class
+        best = max(rec["scores"], key=rec["scores"].get)
+        assert best in rec["classes"]
+    coco = json.loads((tmp_path / "o" / "boxes_coco.json").read_text())
+    assert {d["image_id"] for d in coco} <= {"a", "b", "c"}
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ImageFolderDataset(tmp_path / "missing", ["a"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        ImageFolderDataset(tmp_path / "empty", ["a"])
+
+
+def test_refuses_a_non_empty_output_without_overwrite(image_dir, tmp_path):
+    dataset = ImageFolderDataset(image_dir, ["x", "y"])
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        export_cams(_model(2), ["x", "y"], dataset, out, progress=False)
+    assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
+    export_cams(_model(2), ["x", "y"], dataset, out, overwrite=True, progress=False)
+    assert not (out / "keep.txt").exists() and (out / "cams" / "a.npz").is_file()
+
+
+def test_a_failed_write_never_leaves_a_partial_file(image_dir, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = np.savez_compressed
+
+    def flaky(file, **arrays):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second image: write half a file, then die
+            Path(file).write_bytes(b"PK\x03\x04 truncated")
+            raise OSError("disk full")
+        real(file, **arrays)
+
+    monkeypatch.setattr(np, "savez_compressed", flaky)
+    out = tmp_path / "o"
+    with pytest.raises(OSError, match="disk full"):
+        export_cams(_model(2), ["x", "y"], ImageFolderDataset(image_dir, ["x", "y"]), out, progress=False)
+    assert sorted(p.name for p in (out / "cams").iterdir()) == ["a.npz"]  # no b.npz, no temporary file
+    with np.load(out / "cams" / "a.npz") as z:
+        assert z["cams"].shape == (2, 40, 48)
+    assert not (out / "manifest.json").exists()
+
+
+def test_dataset_classes_must_be_known_to_the_model(val_set, tmp_path):
+    with pytest.raises(DataError, match="not among the model's classes"):
+        export_cams(_model(2), ["x", "y"], val_set, tmp_path / "o", progress=False)
+    # the same names in another order are remapped by name
+    classes = list(reversed(val_set.classes))
+    export_cams(_model(len(classes)), classes, val_set, tmp_path / "r", progress=False)
+    loc = json.loads((tmp_path / "r" / "localization.json").read_text())
+    ann = val_set.annotations[0]
+    assert sorted(loc["images"][0]["classes"]) == sorted(val_set.classes[c] for c in np.flatnonzero(ann.labels))
+
+
+def test_cli_from_a_checkpoint(val_set, scenes_root, image_dir, tmp_path, capsys):
+    classes = val_set.classes
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(ckpt, classifier_checkpoint(_model(len(classes)), classes))
+    out = tmp_path / "cli"
+    args = ["-q", "cam", "--checkpoint", str(ckpt), "--data", f"voc:{scenes_root}", "--split", "val",
+            "--out", str(out), "--scales", "1.0", "0.5", "--flip", "--tau", "0.4", "--crf", "--batch-size", "4",
+            "--device", "cpu"]
+    assert cli_main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["scales"] == [1.0, 0.5] and manifest["options"]["tau"] == 0.4
+    assert manifest["options"]["crf"] is not None and manifest["counts"]["images"] == len(val_set)
+    assert cli_main(args) == 1
+    assert "not empty" in capsys.readouterr().err
+    folder = ["-q", "cam", "--checkpoint", str(ckpt), "--images", str(image_dir), "--out", str(tmp_path / "f")]
+    assert cli_main(folder) == 0
+    assert len(list((tmp_path / "f" / "cams").glob("*.npz"))) == 3
+    assert cli_main(["-q", "cam", "--checkpoint", str(ckpt), "--data", f"voc:{scenes_root}",
+                     "--out", str(tmp_path / "g")]) == 1
+    assert "--split" in capsys.readouterr().err
+
+
+def test_coco_results_use_the_annotation_files_ids(scenes_root, tmp_path):
+    coco_spec = f"coco:{scenes_root}/coco/instances_val.json:{scenes_root}/VOCdevkit/VOC2012/JPEGImages"
+    dataset = build_dataset(coco_spec, "val")
+    export_cams(_model(len(dataset.classes)), dataset.classes, dataset, tmp_path / "o", progress=False)
+    results = json.loads((tmp_path / "o" / "boxes_coco.json").read_text())
+    assert results
+    gt = dataset.coco
+    dets = gt.loadRes(str(tmp_path / "o" / "boxes_coco.json"))  # refuses image ids it does not know
+    assert set(dets.getImgIds()) <= set(gt.getImgIds())
+    assert {d["category_id"] for d in results} <= set(gt.getCatIds())

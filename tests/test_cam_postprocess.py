@@ -1,0 +1,185 @@
+"""Points, boxes and pseudo-masks from CAMs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wsl.cam.postprocess import (argmax_points, background_scores, cam_boxes, combine_confident, local_maxima,
+                                 mask_settings, pseudo_masks)
+
+
+def _blob(h, w, cy, cx, sigma, peak=1.0):
+    y = torch.arange(h, dtype=torch.float32)[:, None]
+    x = torch.arange(w, dtype=torch.float32)[None, :]
+    return peak * torch.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * sigma ** 2))
+
+
+def test_argmax_points_are_x_y_pixel_indices():
+    cams = torch.zeros(2, 3, 10, 12)
+    cams[0, 0, 3, 7] = 5.0
+    cams[0, 1, 9, 0] = 1.0
+    cams[1, 2, 0, 11] = 2.0
+    points, values = argmax_points(cams)
+    assert points.dtype == torch.int64 and points.shape == (2, 3, 2)
+    assert points[0, 0].tolist() == [7, 3] and points[0, 1].tolist() == [0, 9] and points[1, 2].tolist() == [11, 0]
+    assert values[0, 0] == 5.0 and values[1, 2] == 2.0
+    assert points[0, 2].tolist() == [0, 0]  # all-zero map: the first pixel, no NaN
+    assert torch.isfinite(values).all()
+
+
+def test_local_maxima_find_blobs_and_respect_threshold_top_k_and_selection():
+    m = _blob(40, 50, 10, 12, 3) + _blob(40, 50, 28, 38, 4, 0.8) + _blob(40, 50, 30, 8, 2, 0.3)
+    cams = torch.stack([m, m.flip(-1)])[None]  # (1, 2, 40, 50)
+    (pts,) = local_maxima(cams, min_distance=4, rel_threshold=0.5)
+    by_class = {c: pts.points[pts.labels == c].tolist() for c in (0, 1)}
+    assert by_class[0] == [[12, 10], [38, 28]]  # best first; the 0.3 blob is under 0.5 * max
+    assert by_class[1] == [[37, 10], [11, 28]]
+    assert pts.scores[pts.labels == 0][0] == pytest.approx(1.0, abs=1e-3)
+    (pts,) = local_maxima(cams, min_distance=4, rel_threshold=0.2)
+    assert (pts.labels == 0).sum() == 3
+    (pts,) = local_maxima(cams, min_distance=4, rel_threshold=0.2, top_k=1)
+    assert pts.points.tolist() == [[12, 10], [37, 10]]
+    (pts,) = local_maxima(cams, min_distance=4, select=torch.tensor([[False, True]]))
+    assert set(pts.labels.tolist()) == {1}
+
+
+def test_local_maxima_min_distance_and_plateaus():
+    m = torch.zeros(1, 1, 30, 30)
+    m[0, 0, 10:13, 10:13] = 1.0  # a 3x3 plateau: one peak
+    m[0, 0, 10, 16] = 0.9  # 6 px from the plateau's right edge
+    (pts,) = local_maxima(m, min_distance=3, rel_threshold=0.5)
+    assert pts.points.shape == (2, 2)
+    (pts,) = local_maxima(m, min_distance=6, rel_threshold=0.5)
+    assert pts.points.shape == (1, 2)
+    x, y = pts.points[0].tolist()
+    assert 10 <= x <= 12 and 10 <= y <= 12
+    with pytest.raises(ValueError):
+        local_maxima(m, min_distance=0)
+
+
+def test_no_peaks_and_no_boxes_on_empty_flat_or_negative_maps():
+    cams = torch.stack([torch.zeros(20, 24), torch.full((20, 24), 0.7), -torch.rand(20, 24),
+                        torch.full((20, 24), float("nan")).nan_to_num(0.0)])[None]
+    (pts,) = local_maxima(cams)
+    assert pts.points.numel() == 0
+    (boxes,) = cam_boxes(cams)
+    assert boxes.boxes.shape == (0, 4) and boxes.labels.numel() == 0 and boxes.scores.numel() == 0
+
+
+def _two_blobs():
+    cams = torch.zeros(1, 1, 30, 40)
+    cams[0, 0, 2:12, 3:20] = 1.0  # 10 x 17 = 170 px
+    cams[0, 0, 20:26, 30:35] = 0.9  # 6 x 5 = 30 px
+    return cams
+
+
+def test_boxes_of_largest_and_of_all_components():
+    (largest,) = cam_boxes(_two_blobs(), tau=0.5, mode="largest")
+    assert largest.boxes.tolist() == [[3.0, 2.0, 20.0, 12.0]]  # pixel edges, x2/y2 exclusive
+    assert largest.labels.tolist() == [0] and largest.scores.tolist() == [1.0]
+    (every,) = cam_boxes(_two_blobs(), tau=0.5, mode="all")
+    assert sorted(every.boxes.tolist()) == [[3.0, 2.0, 20.0, 12.0], [30.0, 20.0, 35.0, 26.0]]
+    assert sorted(every.scores.tolist()) == pytest.approx([0.9, 1.0])
+    (few,) = cam_boxes(_two_blobs(), mode="all", min_area=50)
+    assert few.boxes.shape == (1, 4)
+    (strict,) = cam_boxes(_two_blobs(), tau=0.95, mode="all")  # the 0.9 blob is under 0.95 * max
+    assert strict.boxes.tolist() == [[3.0, 2.0, 20.0, 12.0]]
+    assert largest.boxes.dtype == torch.float32
+
+
+def test_largest_box_breaks_area_ties_by_peak():
+    cams = torch.zeros(1, 1, 20, 20)
+    cams[0, 0, 1:4, 1:4] = 0.8
+    cams[0, 0, 10:13, 10:13] = 1.0
+    (b,) = cam_boxes(cams, mode="largest")
+    assert b.boxes.tolist() == [[10.0, 10.0, 13.0, 13.0]]
+
+
+def test_boxes_touching_the_border():
+    cams = torch.zeros(1, 2, 16, 20)
+    cams[0, 0, 0:5, 0:4] = 1.0  # top-left corner
+    cams[0, 1, 10:16, 15:20] = 1.0  # bottom-right corner
+    (b,) = cam_boxes(cams)
+    assert b.boxes.tolist() == [[0.0, 0.0, 4.0, 5.0], [15.0, 10.0, 20.0, 16.0]]
+    full = torch.rand(1, 1, 16, 20) * 0.1 + 0.9  # everything above tau: the whole image
+    (b,) = cam_boxes(full, tau=0.5)
+    assert b.boxes.tolist() == [[0.0, 0.0, 20.0, 16.0]]
+
+
+def test_boxes_of_blurry_maps_follow_the_threshold_and_selection():
+    m = _blob(30, 30, 15, 15, 4)
+    (b,) = cam_boxes(m[None, None], tau=0.5)
+    # exp(-r^2 / 32) >= 0.5  <=>  r <= 4.71: pixels 11..19 on the axes
+    assert b.boxes.tolist() == [[11.0, 11.0, 20.0, 20.0]]
+    cams = torch.stack([m, m])[None]
+    (b,) = cam_boxes(cams, select=torch.tensor([[False, True]]))
+    assert b.labels.tolist() == [1]
+    with pytest.raises(ValueError, match="tau"):
+        cam_boxes(cams, tau=0.0)
+    with pytest.raises(ValueError, match="mode"):
+        cam_boxes(cams, mode="union")
+
+
+def test_pseudo_masks_use_only_positive_classes_and_argmax():
+    cams = torch.zeros(1, 4, 8, 8)
+    cams[0, 0, :, :4] = 0.9
+    cams[0, 1, :, 2:6] = 0.8  # overlaps class 0 on columns 2-3: class 0 is higher there
+    cams[0, 2, :, :] = 1.0  # not positive: must never appear
+    cams[0, 3, :, 6:] = 0.2  # positive but weak: in the ignore band with the defaults
+    positive = torch.tensor([[True, True, False, True]])
+    mask = pseudo_masks(cams, positive)
+    assert mask.dtype == torch.uint8 and mask.shape == (1, 8, 8)
+    assert mask[0, 0].tolist() == [1, 1, 1, 1, 2, 2, 255, 255]
+    assert set(mask.unique().tolist()) <= {0, 1, 2, 4, 255}
+
+
+def test_threshold_band_semantics():
+    values = torch.tensor([0.0, 0.05, 0.06, 0.2, 0.3, 0.31, 1.0])
+    cams = values.view(1, 1, 1, -1)
+    mask = pseudo_masks(cams, torch.tensor([[True]]), method="threshold", fg=0.3, bg=0.05)
+    assert mask[0, 0].tolist() == [0, 0, 255, 255, 255, 1, 1]  # m <= bg: 0; m > fg: class; else 255
+    no_band = pseudo_masks(cams, torch.tensor([[True]]), fg=0.2, bg=0.2)
+    assert no_band[0, 0].tolist() == [0, 0, 0, 0, 1, 1, 1]
+
+
+def test_psa_background_and_band():
+    cams = torch.linspace(0, 1, 101).view(1, 1, 1, -1)
+    scores = background_scores(cams, torch.tensor([[True]]), method="psa", value=4.0)
+    torch.testing.assert_close(scores[0, 0], (1 - cams[0, 0]) ** 4)
+    mask = pseudo_masks(cams, torch.tensor([[True]]), method="psa")  # alphas 4 (fg) and 32 (bg)
+    row = mask[0, 0]
+    # m > (1-m)^4 from m ~ 0.276; m > (1-m)^32 from m ~ 0.078
+    assert row[28:].eq(1).all() and row[:7].eq(0).all() and row[9:27].eq(255).all()
+    assert set(row.unique().tolist()) == {0, 1, 255}
+
+
+def test_random_pseudo_masks_only_hold_allowed_values():
+    g = torch.Generator().manual_seed(0)
+    cams = torch.rand(4, 6, 12, 12, generator=g)
+    positive = torch.rand(4, 6, generator=g) > 0.6
+    positive[3] = False  # an image without positive classes is all background
+    for method in ("threshold", "psa"):
+        masks = pseudo_masks(cams, positive, method=method)
+        for i in range(4):
+            allowed = {0, 255} | {c + 1 for c in torch.nonzero(positive[i]).flatten().tolist()}
+            assert set(masks[i].unique().tolist()) <= allowed
+        assert masks[3].eq(0).all()
+
+
+def test_combine_confident_prefers_strict_foreground():
+    strict = torch.tensor([[0, 1, 0, 2]])
+    permissive = torch.tensor([[0, 1, 3, 0]])
+    assert combine_confident(strict, permissive).tolist() == [[0, 1, 255, 2]]
+
+
+def test_mask_settings_validation():
+    assert mask_settings("threshold") == (0.30, 0.05)
+    assert mask_settings("psa") == (4.0, 32.0)
+    with pytest.raises(ValueError, match="bg <= fg"):
+        mask_settings("threshold", fg=0.1, bg=0.2)
+    with pytest.raises(ValueError, match="fg <= bg"):
+        mask_settings("psa", fg=32, bg=4)
+    with pytest.raises(ValueError, match="method"):
+        mask_settings("grabcut")
+    with pytest.raises(ValueError, match="positive"):
+        pseudo_masks(torch.rand(1, 3, 4, 4), torch.tensor([[True, False]]))

@@ -1,0 +1,423 @@
+"""Export CAMs and everything derived from them for a whole dataset (the `wsl cam` command).
+
+Output layout (``out_dir``)::
+
+    manifest.json         counts, options, class names, library versions, this layout
+    cams/ID.npz           the CAMs of one image (format below)
+    overlays/ID.png       image | one heatmap panel per positive (or predicted) class, with box and peak
+    masks/ID.png          pseudo-mask, VOC palette PNG (0 background, c+1 class c, 255 ignore)
+    localization.json     per image: size, classes used, scores, argmax points, local maxima, boxes
+    boxes_coco.json       all boxes in COCO results format: image_id, category_id, bbox [x,y,w,h], score
+
+``ID.npz`` format (``np.savez_compressed``; read with ``np.load(path)``):
+
+- ``cams``: float16 ``(C, H, W)``, one map per class of ``classes`` at the image's resolution, higher =
+  more of the class. ``wsl cam`` stores maps normalised per map to [0, 1] (ReLU, then divided by the
+  max; an all-zero map means no evidence), aggregated over the requested scales and flips. Readers
+  should not rely on the scale: ``wsl bench`` normalises each map itself.
+- ``classes``: str array ``(C,)``, the class names, in the order of ``cams``.
+- ``scores``: float32 ``(C,)``, image-level class scores (logits; ``sigmoid`` gives probabilities).
+
+``ID`` is the dataset's image id with ``/`` and ``\\`` replaced by ``__``.
+
+Coordinates follow docs/design.md: points are integer pixel indices ``(x, y)``; boxes are ``xyxy`` in
+pixel-edge coordinates with x2/y2 exclusive, so the COCO ``[x, y, w, h]`` is ``[x1, y1, x2-x1, y2-y1]``.
+Every file is written atomically: an interrupted export never leaves a truncated file under its name.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import platform
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+from tqdm import tqdm
+
+import wsl
+from wsl.cam.crf import DenseCRF, crf_pseudo_masks
+from wsl.cam.extract import CAMExtractor, select_classes
+from wsl.cam.postprocess import BOX_MODES, argmax_points, cam_boxes, local_maxima, mask_settings, pseudo_masks
+from wsl.data.base import WSLDataset, make_annotation
+from wsl.data.classes import VOC_PALETTE
+from wsl.errors import DataError
+from wsl.utils.io import PathLike, atomic_path, atomic_write_json, prepare_output_dir
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "wsl-cams/1"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+COLORMAP = "jet"
+CAPTION_HEIGHT = 18
+
+
+class ImageFolderDataset(WSLDataset):
+    """The images directly inside a folder (sorted by name), without labels: id = file stem."""
+
+    has_labels = False
+
+    def __init__(self, root: PathLike, classes: Sequence[str]) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {root}")
+        files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataError(f"{root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        super().__init__(classes, [make_annotation(p.stem, p, len(classes)) for p in files], source=root)
+
+
+def file_stem(image_id: str) -> str:
+    """File name (without extension) for an image id: path separators become ``__``."""
+    stem = str(image_id).replace("/", "__").replace("\\", "__")
+    if stem in ("", ".", ".."):
+        raise DataError(f"image id {image_id!r} cannot name a file")
+    return stem
+
+
+def coco_ids(dataset: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(image_id by image id string, category_id by class name)`` for ``boxes_coco.json``.
+
+    For a COCO dataset (one with a pycocotools ``coco`` attribute) these are the ids of its
+    annotation file, so the results load with ``COCO.loadRes`` as they are. Otherwise both maps are
+    empty and :func:`_coco_entry` falls back to ``int(id)`` for all-digit ids (else the id string) and
+    ``category_id = class index + 1``.
+    """
+    data = getattr(getattr(dataset, "coco", None), "dataset", None)
+    if not isinstance(data, dict):
+        return {}, {}
+    images = {Path(img["file_name"]).stem: img["id"] for img in data.get("images", [])}
+    categories = {c["name"]: c["id"] for c in data.get("categories", [])}
+    return images, categories
+
+
+def _coco_entry(image_id: str, class_name: str, class_index: int, box: Sequence[float], score: float,
+                ids: Tuple[Dict[str, Any], Dict[str, Any]]) -> Dict[str, Any]:
+    x1, y1, x2, y2 = box
+    default_image = int(image_id) if image_id.isdigit() else image_id
+    return {"image_id": ids[0].get(image_id, default_image), "category_id": ids[1].get(class_name, class_index + 1),
+            "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
+
+
+def imagenet_normalizer(images: Tensor) -> Tensor:
+    """uint8 ``(N, 3, H, W)`` -> float normalised with the ImageNet mean/std the models expect."""
+    from wsl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.as_tensor(IMAGENET_MEAN, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(IMAGENET_STD, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+def overlay_panels(image: np.ndarray, cams: np.ndarray, titles: Sequence[str],
+                   boxes: Sequence[Sequence[Sequence[float]]] = (),
+                   points: Sequence[Optional[Tuple[int, int]]] = (), alpha: float = 0.5) -> np.ndarray:
+    """A strip ``[image | heatmap over image, one per map]`` as uint8 RGB, each panel captioned.
+
+    ``cams`` ``(K, H, W)`` in [0, 1] go through matplotlib's ``jet`` colormap and are blended with the
+    image; ``boxes[k]`` (xyxy, x2/y2 exclusive) and ``points[k]`` ``(x, y)`` are drawn on panel ``k``.
+    """
+    import matplotlib
+
+    cmap = matplotlib.colormaps[COLORMAP]
+    h, w = image.shape[:2]
+
+    def caption(panel: np.ndarray, text: str) -> np.ndarray:
+        strip = np.full((CAPTION_HEIGHT, w, 3), 255, dtype=np.uint8)
+        cv2.putText(strip, text, (3, CAPTION_HEIGHT - 5), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+        return np.concatenate([strip, panel], axis=0)
+
+    panels = [caption(image, "image")]
+    for k, cam in enumerate(cams):
+        heat = (cmap(np.clip(cam, 0.0, 1.0))[..., :3] * 255.0).astype(np.float32)
+        panel = np.ascontiguousarray((alpha * heat + (1 - alpha) * image).astype(np.uint8))
+        for x1, y1, x2, y2 in (boxes[k] if k < len(boxes) else ()):
+            cv2.rectangle(panel, (int(x1), int(y1)), (int(x2) - 1, int(y2) - 1), (255, 255, 255), 2)
+        if k < len(points) and points[k] is not None:
+            cv2.drawMarker(panel, tuple(int(v) for v in points[k]), (255, 255, 255), cv2.MARKER_CROSS, 12, 2)
+        panels.append(caption(panel, titles[k] if k < len(titles) else ""))
+    gap = np.full((h + CAPTION_HEIGHT, 4, 3), 255, dtype=np.uint8)
+    out = [panels[0]]
+    for p in panels[1:]:
+        out += [gap, p]
+    return np.concatenate(out, axis=1)
+
+
+def save_palette_png(path: PathLike, mask: np.ndarray) -> None:
+    """Write a uint8 class-index mask as a VOC palette PNG, atomically."""
+    im = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="P")
+    im.putpalette(VOC_PALETTE.flatten().tolist())
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")
+
+
+def save_rgb_png(path: PathLike, rgb: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG")
+
+
+def save_cam_npz(path: PathLike, cams: np.ndarray, classes: Sequence[str], scores: np.ndarray) -> None:
+    """Write one ``ID.npz`` (module docstring) atomically; values beyond float16's range are clipped."""
+    finfo = np.finfo(np.float16)
+    with atomic_path(path) as tmp:
+        np.savez_compressed(tmp, cams=np.clip(cams, finfo.min, finfo.max).astype(np.float16),
+                            classes=np.asarray(list(classes), dtype=str),
+                            scores=np.asarray(scores, dtype=np.float32))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode and give the model back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _image_size(dataset: Any, i: int) -> Optional[Tuple[int, int]]:
+    """(H, W) of item ``i`` without decoding it: annotation size or the image file's header."""
+    anns = getattr(dataset, "annotations", None)
+    if anns is None or getattr(dataset, "transform", None) is not None:
+        return None
+    ann = anns[i]
+    if getattr(ann, "size", None) is not None:
+        return tuple(ann.size)
+    try:
+        with Image.open(ann.image_path) as im:
+            return im.height, im.width
+    except (OSError, ValueError):
+        return None  # unreadable: __getitem__ raises the named error when it gets there
+
+
+def _size_batches(dataset: Any, batch_size: int) -> List[List[int]]:
+    """Batches of dataset indices sharing an image size (so they stack without padding, which would
+    change the maps near the padded border), in dataset order as far as possible."""
+    groups: Dict[Any, List[int]] = defaultdict(list)
+    for i in range(len(dataset)):
+        groups[_image_size(dataset, i)].append(i)
+    batches = [idx[s:s + batch_size] for idx in groups.values() for s in range(0, len(idx), batch_size)]
+    return sorted(batches, key=lambda b: b[0])
+
+
+def _label_map(dataset: Any, classes: Sequence[str]) -> Optional[np.ndarray]:
+    """Index of each dataset class in ``classes`` (the model's), or None when they are identical."""
+    ds_classes = list(getattr(dataset, "classes", classes))
+    if ds_classes == list(classes):
+        return None
+    missing = [c for c in ds_classes if c not in classes]
+    if missing:
+        raise DataError(f"dataset classes {missing} are not among the model's classes ({', '.join(classes)}); "
+                        "use a dataset with the model's class list, or --images for predicted classes")
+    return np.asarray([list(classes).index(c) for c in ds_classes], dtype=np.int64)
+
+
+def _versions() -> Dict[str, str]:
+    import torchvision
+
+    return {"wsl": wsl.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__, "opencv": cv2.__version__}
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What :func:`export_cams` computes (recorded in the manifest)."""
+
+    scales: Tuple[float, ...] = (1.0,)
+    flip: bool = False
+    tau: float = 0.5
+    box_mode: str = "largest"
+    mask_method: str = "threshold"
+    mask_fg: Optional[float] = None
+    mask_bg: Optional[float] = None
+    peak_min_distance: int = 8
+    peak_top_k: int = 5
+    peak_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.box_mode not in BOX_MODES:
+            raise ValueError(f"unknown box mode {self.box_mode!r}; choose one of {', '.join(BOX_MODES)}")
+        if not 0.0 < self.tau <= 1.0:
+            raise ValueError(f"tau must be in (0, 1], got {self.tau}")
+        fg, bg = mask_settings(self.mask_method, self.mask_fg, self.mask_bg)
+        object.__setattr__(self, "mask_fg", fg)
+        object.__setattr__(self, "mask_bg", bg)
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+
+
+class _Writer:
+    """Turns batches of samples into files, and collects what goes into the JSON files at the end."""
+
+    def __init__(self, out: Path, extractor: CAMExtractor, classes: List[str], options: ExportOptions,
+                 crf: Optional[DenseCRF], normalizer: Callable[[Tensor], Tensor], labelled: bool,
+                 label_map: Optional[np.ndarray], ids: Tuple[Dict[str, Any], Dict[str, Any]]) -> None:
+        self.out, self.classes, self.opt, self.crf, self.normalizer = out, classes, options, crf, normalizer
+        self.extractor = extractor
+        self.labelled, self.label_map, self.ids = labelled, label_map, ids
+        self.records: Dict[int, Dict[str, Any]] = {}
+        self.coco: List[Tuple[int, Dict[str, Any]]] = []
+        self.counts = {"images": 0, "points": 0, "peaks": 0, "boxes": 0, "masks": 0, "overlays": 0}
+        self.stems: Dict[str, str] = {}
+
+    def _selection(self, samples: List[Dict[str, Any]], scores: Tensor) -> Tensor:
+        if not self.labelled:
+            return select_classes(scores=scores)
+        labels = torch.zeros(scores.shape)
+        for i, s in enumerate(samples):
+            lab = torch.as_tensor(s["labels"]).float()
+            if self.label_map is None:
+                labels[i] = lab
+            else:
+                labels[i, torch.from_numpy(self.label_map)] = lab
+        return select_classes(labels=labels).to(scores.device)
+
+    def batch(self, samples: List[Dict[str, Any]]) -> None:
+        opt, classes = self.opt, self.classes
+        images = torch.stack([s["image"] for s in samples])
+        if images.dtype != torch.uint8:
+            raise DataError(f"image {samples[0].get('id')!r}: expected uint8 images from the dataset, got "
+                            f"{images.dtype} (build the dataset without a transform)")
+        result = self.extractor(self.normalizer(images))
+        cams, scores = result.cams, result.scores
+        if cams.shape[1] != len(classes):
+            raise ValueError(f"the model produces {cams.shape[1]} class maps but {len(classes)} class names "
+                             "were given")
+        selection = self._selection(samples, scores)
+        points, values = argmax_points(cams)
+        peaks = local_maxima(cams, min_distance=opt.peak_min_distance, rel_threshold=opt.peak_threshold,
+                             top_k=opt.peak_top_k, select=selection)
+        boxes = cam_boxes(cams, tau=opt.tau, mode=opt.box_mode, select=selection)
+        if self.crf is None:
+            masks = pseudo_masks(cams, selection, method=opt.mask_method, fg=opt.mask_fg, bg=opt.mask_bg)
+        else:
+            masks = crf_pseudo_masks(self.crf, images.to(cams.device), cams, selection,
+                                     method=opt.mask_method, fg=opt.mask_fg, bg=opt.mask_bg)
+        probs, scores = torch.sigmoid(scores).cpu(), scores.cpu()
+        cams_np, masks_np = cams.cpu().numpy(), masks.cpu().numpy()
+        selection, points, values = selection.cpu(), points.cpu(), values.cpu()
+        for i, s in enumerate(samples):
+            image_id = str(s["id"])
+            stem = file_stem(image_id)
+            if self.stems.setdefault(stem, image_id) != image_id:
+                raise DataError(f"image ids {self.stems[stem]!r} and {image_id!r} map to the same file name {stem!r}")
+            index = int(s.get("index", len(self.records)))
+            chosen = torch.nonzero(selection[i]).flatten().tolist()
+            box_list, panel_boxes = [], defaultdict(list)
+            b = boxes[i]
+            for box, k, peak in zip(b.boxes.tolist(), b.labels.tolist(), b.scores.tolist()):
+                score = float(probs[i, k]) * peak
+                box_list.append({"class": classes[k], "class_index": k, "bbox": box, "score": score, "peak": peak})
+                panel_boxes[k].append(box)
+                self.coco.append((index, _coco_entry(image_id, classes[k], k, box, score, self.ids)))
+            xy = {k: (int(points[i, k, 0]), int(points[i, k, 1])) for k in chosen}
+            point_list = [{"class": classes[k], "class_index": k, "x": xy[k][0], "y": xy[k][1],
+                           "value": float(values[i, k])} for k in chosen]
+            p = peaks[i]
+            peak_list = [{"class": classes[k], "class_index": k, "x": x, "y": y, "value": v}
+                         for (x, y), k, v in zip(p.points.tolist(), p.labels.tolist(), p.scores.tolist())]
+            h, w = cams_np.shape[-2:]
+            self.records[index] = {
+                "id": image_id, "file": stem, "height": h, "width": w, "classes": [classes[k] for k in chosen],
+                "scores": {name: float(scores[i, k]) for k, name in enumerate(classes)},
+                "points": point_list, "peaks": peak_list, "boxes": box_list}
+            save_cam_npz(self.out / "cams" / f"{stem}.npz", cams_np[i], classes, scores[i].numpy())
+            titles = [f"{classes[k]} {float(probs[i, k]):.2f}" for k in chosen]
+            panels = overlay_panels(images[i].permute(1, 2, 0).numpy(), cams_np[i, chosen], titles,
+                                    boxes=[panel_boxes[k] for k in chosen], points=[xy[k] for k in chosen])
+            save_rgb_png(self.out / "overlays" / f"{stem}.png", panels)
+            save_palette_png(self.out / "masks" / f"{stem}.png", masks_np[i])
+            for key, n in (("images", 1), ("overlays", 1), ("masks", 1), ("points", len(point_list)),
+                           ("peaks", len(peak_list)), ("boxes", len(box_list))):
+                self.counts[key] += n
+
+    def finish(self, dataset: Any, batch_size: int) -> Dict[str, Any]:
+        atomic_write_json(self.out / "localization.json",
+                          {"classes": self.classes, "images": [self.records[i] for i in sorted(self.records)]})
+        atomic_write_json(self.out / "boxes_coco.json", [c for _, c in sorted(self.coco, key=lambda t: t[0])])
+        crf = self.crf
+        manifest = {
+            "format": FORMAT,
+            "classes": self.classes,
+            "counts": self.counts,
+            "options": {
+                **asdict(self.opt), "scales": list(self.opt.scales), "normalize": "max",
+                "classes_from": "labels" if self.labelled else "predicted",
+                "box_score": "sigmoid(class score) * CAM peak in the box",
+                "crf": None if crf is None else {
+                    "iterations": crf.iterations, "pos_w": crf.pos_w, "pos_xy_std": crf.pos_xy_std,
+                    "bi_w": crf.bi_w, "bi_xy_std": crf.bi_xy_std, "bi_rgb_std": crf.bi_rgb_std,
+                    "max_pixels": crf.max_pixels, "filter": crf.filter},
+                "batch_size": batch_size,
+            },
+            "files": {"cams": "cams/{id}.npz", "overlays": "overlays/{id}.png", "masks": "masks/{id}.png",
+                      "localization": "localization.json", "boxes_coco": "boxes_coco.json"},
+            "npz": {"cams": "float16 (C, H, W), per-map max-normalised", "classes": "str (C,)",
+                    "scores": "float32 (C,) logits"},
+            "dataset": str(getattr(dataset, "source", None) or type(dataset).__name__),
+            "versions": _versions(),
+        }
+        atomic_write_json(self.out / "manifest.json", manifest)
+        return manifest
+
+
+def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir: PathLike, *,
+                batch_size: int = 8, scales: Sequence[float] = (1.0,), flip: bool = False, tau: float = 0.5,
+                box_mode: str = "largest", mask_method: str = "threshold", mask_fg: Optional[float] = None,
+                mask_bg: Optional[float] = None, crf: Optional[DenseCRF] = None, use_labels: bool = True,
+                peak_min_distance: int = 8, peak_top_k: int = 5, peak_threshold: float = 0.5,
+                normalizer: Callable[[Tensor], Tensor] = imagenet_normalizer, num_workers: int = 0,
+                overwrite: bool = False, progress: bool = True) -> Dict[str, Any]:
+    """Export CAMs, overlays, points, boxes and pseudo-masks of every image of ``dataset``.
+
+    ``dataset`` yields samples ``{"image": uint8 (3,H,W), "id": str, "labels": (C_ds,)}`` (a
+    :class:`wsl.data.base.WSLDataset`, or :class:`ImageFolderDataset` for unlabelled images). The maps
+    of the image's positive classes are used when the dataset has labels and ``use_labels``, else those
+    of the predicted classes (logit > 0, at least the top one); dataset classes are matched to
+    ``classes`` (the model's) by name. Images of the same size are batched; the model runs in eval
+    mode (its mode is restored afterwards) on its own device.
+
+    Boxes: ``tau`` and ``box_mode`` of :func:`wsl.cam.postprocess.cam_boxes`; box score =
+    ``sigmoid(class score) * CAM peak in the box``. Pseudo-masks: ``mask_method``, ``mask_fg``,
+    ``mask_bg`` of :func:`wsl.cam.postprocess.pseudo_masks`, refined by ``crf`` when given
+    (:func:`wsl.cam.crf.crf_pseudo_masks`). Local maxima: ``peak_*`` of
+    :func:`wsl.cam.postprocess.local_maxima`. Refuses a non-empty ``out_dir`` unless ``overwrite``.
+    Returns the manifest (also written to ``out_dir/manifest.json``). File formats: module docstring.
+    """
+    classes = [str(c) for c in classes]
+    if not classes:
+        raise ValueError("export_cams: empty class list")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    options = ExportOptions(scales=tuple(scales), flip=bool(flip), tau=tau, box_mode=box_mode,
+                            mask_method=mask_method, mask_fg=mask_fg, mask_bg=mask_bg,
+                            peak_min_distance=peak_min_distance, peak_top_k=peak_top_k,
+                            peak_threshold=peak_threshold)
+    extractor = CAMExtractor(model, scales=options.scales, flip=options.flip, normalize="max")
+    labelled = bool(use_labels) and getattr(dataset, "has_labels", True)
+    # Everything that can refuse the inputs runs before prepare_output_dir may empty out_dir.
+    writer_args = (extractor, classes, options, crf, normalizer, labelled,
+                   _label_map(dataset, classes) if labelled else None, coco_ids(dataset))
+    out = prepare_output_dir(out_dir, overwrite)
+    for sub in ("cams", "overlays", "masks"):
+        (out / sub).mkdir()
+    writer = _Writer(out, *writer_args)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=_size_batches(dataset, batch_size),
+                                         collate_fn=list, num_workers=num_workers)
+    with _eval_mode(model), tqdm(total=len(dataset), desc="wsl cam", unit="img", disable=not progress) as bar:
+        for samples in loader:
+            by_shape: Dict[Tuple[int, ...], List[Dict[str, Any]]] = defaultdict(list)
+            for s in samples:  # a transform may have changed sizes: stack only equal shapes
+                by_shape[tuple(s["image"].shape)].append(s)
+            for group in by_shape.values():
+                writer.batch(group)
+                bar.update(len(group))
+    manifest = writer.finish(dataset, batch_size)
+    logger.info("wrote CAMs of %d images to %s (%d boxes)", writer.counts["images"], out, writer.counts["boxes"])
+    return manifest

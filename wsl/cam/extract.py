@@ -1,0 +1,232 @@
+"""Class activation maps from one batched forward pass, at image resolution.
+
+CAM (Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016) reads the
+localization of class ``c`` off the class score map ``M_c(x, y) = sum_k w_ck f_k(x, y)`` that a fully
+convolutional classifier computes before spatial pooling (``score_c = pool(M_c)``; with global average
+pooling this is exactly CAM, with max / LSE / top-k / WILDCAT pooling the same maps are what the
+pooling reads). Our classifiers expose these maps directly (``model.class_maps(x)``, see
+docs/design.md), so extraction needs no hooks and no gradients: one forward pass yields the maps of
+*all* classes, which is what makes exporting a whole dataset cheap.
+
+Geometry. Map cell ``(i, j)`` is centred on input pixel ``offset + stride * (i, j)`` (pixel indices).
+Upsampling samples every image pixel ``p`` at map coordinate ``(p - offset) / stride`` with bilinear
+interpolation (``grid_sample``), replicating the border cells outside the outermost centres. With a
+resized input (multi-scale) pixel ``p`` of the original image sits at ``(p + 0.5) * s - 0.5`` in the
+resized one (``s`` = resized / original size, the ``align_corners=False`` convention of the resize).
+
+Aggregation (multi-scale and flip, as in e.g. Ahn et al., IRN, CVPR 2019): for each scale the images
+are resized and, with ``flip``, stacked with their mirror images into one batch; the maps are
+upsampled to the original size, the mirrored ones flipped back, and all are averaged. Normalisation is
+applied to the average.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+NORMALIZATIONS = ("none", "max", "minmax")
+Number = Union[int, float]
+
+
+@dataclass
+class CAMOutput:
+    """``cams``: float32 ``(N, C, H, W)`` at input resolution (normalised as requested);
+    ``scores``: float32 ``(N, C)`` image-level class scores (the model's pooled logits, averaged over
+    scales and flips)."""
+
+    cams: Tensor
+    scores: Tensor
+
+
+def _pair(value: Union[Number, Sequence[Number]], name: str) -> Tuple[float, float]:
+    """``value`` as ``(y, x)``; a model may give one number or a per-axis pair."""
+    if isinstance(value, (int, float)):
+        return float(value), float(value)
+    vals = tuple(float(v) for v in value)
+    if len(vals) != 2:
+        raise ValueError(f"model.{name} must be a number or a (y, x) pair, got {value!r}")
+    return vals  # type: ignore[return-value]
+
+
+def _axis_coords(out_len: int, in_len: int, map_len: int, stride: float, offset: float,
+                 device: torch.device) -> Tensor:
+    """Normalised ``grid_sample`` coordinates (align_corners=False) along one axis."""
+    p = torch.arange(out_len, device=device, dtype=torch.float64)
+    q = (p + 0.5) * (in_len / out_len) - 0.5  # pixel index in the (resized) network input
+    cell = (q - offset) / stride  # fractional map cell index
+    return ((2.0 * cell + 1.0) / map_len - 1.0).float()
+
+
+def upsample_cams(maps: Tensor, image_size: Tuple[int, int], *, stride: Union[Number, Sequence[Number]],
+                  offset: Union[Number, Sequence[Number]] = 0.0,
+                  input_size: Optional[Tuple[int, int]] = None) -> Tensor:
+    """Bilinearly upsample ``(N, C, h, w)`` maps to ``image_size`` (H, W), honouring the network geometry.
+
+    ``input_size`` is the size of the tensor the network saw when it differs from ``image_size``
+    (multi-scale inference); map cell ``(i, j)`` is centred at input pixel ``offset + stride * (i, j)``.
+    Pixels beyond the outermost cell centres take the border cell's value.
+    """
+    if maps.dim() != 4:
+        raise ValueError(f"maps must be (N, C, h, w), got shape {tuple(maps.shape)}")
+    (sy, sx), (oy, ox) = _pair(stride, "stride"), _pair(offset, "offset")
+    if sy <= 0 or sx <= 0:
+        raise ValueError(f"stride must be positive, got {stride!r}")
+    H, W = int(image_size[0]), int(image_size[1])
+    in_h, in_w = input_size if input_size is not None else (H, W)
+    n, _, h, w = maps.shape
+    gy = _axis_coords(H, in_h, h, sy, oy, maps.device)
+    gx = _axis_coords(W, in_w, w, sx, ox, maps.device)
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)  # (H, W, 2) as (x, y)
+    return F.grid_sample(maps.float(), grid.expand(n, H, W, 2), mode="bilinear", padding_mode="border",
+                         align_corners=False)
+
+
+def normalize_cams(cams: Tensor, mode: str = "max", eps: float = 1e-12) -> Tensor:
+    """Normalise each ``(H, W)`` map of ``(..., H, W)`` independently.
+
+    - ``none``: unchanged.
+    - ``max`` (CAM): ``relu(M) / max(relu(M))``; an all-non-positive map becomes all zeros.
+    - ``minmax`` (Choe et al., "Evaluating WSOL Right", CVPR 2020): ``(M - min) / (max - min)``;
+      a flat map becomes all zeros.
+    """
+    if mode not in NORMALIZATIONS:
+        raise ValueError(f"unknown CAM normalisation {mode!r}; choose one of {', '.join(NORMALIZATIONS)}")
+    if mode == "none":
+        return cams
+    flat = cams.flatten(-2)
+    if mode == "max":
+        flat = flat.clamp_min(0)
+        peak = flat.amax(-1, keepdim=True)
+        out = torch.where(peak > eps, flat / peak.clamp_min(eps), torch.zeros_like(flat))
+    else:
+        lo, hi = flat.aminmax(dim=-1, keepdim=True)
+        rng = hi - lo
+        out = torch.where(rng > eps, (flat - lo) / rng.clamp_min(eps), torch.zeros_like(flat))
+    return out.view_as(cams)
+
+
+def _model_device(model: nn.Module) -> Optional[torch.device]:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return None
+
+
+class CAMExtractor:
+    """Class activation maps of every class from one batched forward pass per scale.
+
+    Example::
+
+        extractor = CAMExtractor(model, scales=(1.0, 0.75), flip=True, normalize="max")
+        out = extractor(images)          # images: normalised float (N, 3, H, W)
+        out.cams                         # (N, C, H, W) float32 in [0, 1]
+        out.scores                       # (N, C) pooled class scores (logits)
+
+    ``model`` must provide ``class_maps(x) -> (N, C, h, w)``, ``stride`` and ``offset`` (docs/design.md).
+    Image scores come from ``model.pooling(maps)`` when the model has a ``pooling`` module (so the maps
+    are computed once), else from ``model(x)``. The model's train/eval mode is left as it is; put it in
+    eval mode first (a warning is logged otherwise). Runs under ``torch.inference_mode``: the outputs
+    are inference tensors on the model's device. No hooks are registered.
+    """
+
+    def __init__(self, model: nn.Module, *, scales: Sequence[float] = (1.0,), flip: bool = False,
+                 normalize: str = "max") -> None:
+        for attr in ("class_maps", "stride", "offset"):
+            if not hasattr(model, attr):
+                raise ValueError(f"model {type(model).__name__} has no {attr!r}; CAMExtractor needs a "
+                                 "classifier with class_maps(x), stride and offset (wsl.models)")
+        scales = tuple(float(s) for s in scales)
+        if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
+            raise ValueError(f"scales must be positive numbers, got {scales!r}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"unknown CAM normalisation {normalize!r}; choose one of "
+                             f"{', '.join(NORMALIZATIONS)}")
+        self.model = model
+        self.scales = scales
+        self.flip = bool(flip)
+        self.normalize = normalize
+
+    def _scores(self, maps: Tensor, x: Tensor) -> Tensor:
+        pooling = getattr(self.model, "pooling", None)
+        scores = pooling(maps) if callable(pooling) else self.model(x)
+        if scores.shape != maps.shape[:2]:
+            raise ValueError(f"model scores have shape {tuple(scores.shape)}, expected (N, C) = "
+                             f"{tuple(maps.shape[:2])} like its class maps")
+        return scores
+
+    def raw(self, images: Tensor) -> CAMOutput:
+        """Aggregated maps before normalisation (same as ``normalize="none"``)."""
+        if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"images must be a normalised float tensor (N, 3, H, W), got "
+                             f"{images.dtype} {tuple(images.shape)}")
+        if self.model.training:
+            logger.warning("CAMExtractor: model is in training mode (dropout/batch-norm active); "
+                           "call model.eval() first")
+        device = _model_device(self.model)
+        if device is not None:
+            images = images.to(device)
+        n, _, H, W = images.shape
+        total_maps: Tensor = torch.zeros((), device=images.device)
+        total_scores: Tensor = torch.zeros((), device=images.device)
+        count = 0
+        with torch.inference_mode():
+            for s in self.scales:
+                size = (max(1, round(H * s)), max(1, round(W * s)))
+                x = images if size == (H, W) else F.interpolate(
+                    images, size=size, mode="bilinear", align_corners=False, antialias=s < 1)
+                if self.flip:
+                    x = torch.cat([x, x.flip(-1)])
+                maps = self.model.class_maps(x)
+                scores = self._scores(maps, x).float()
+                up = upsample_cams(maps, (H, W), stride=self.model.stride, offset=self.model.offset,
+                                   input_size=size)
+                if self.flip:
+                    up = up[:n] + up[n:].flip(-1)
+                    scores = scores[:n] + scores[n:]
+                total_maps = total_maps + up
+                total_scores = total_scores + scores
+                count += 2 if self.flip else 1
+            return CAMOutput(cams=total_maps / count, scores=total_scores / count)
+
+    def __call__(self, images: Tensor) -> CAMOutput:
+        out = self.raw(images)
+        with torch.inference_mode():
+            return CAMOutput(cams=normalize_cams(out.cams, self.normalize), scores=out.scores)
+
+
+def select_classes(labels: Optional[Tensor] = None, scores: Optional[Tensor] = None, *,
+                   threshold: float = 0.0, at_least_one: bool = True) -> Tensor:
+    """Which maps to use, as a bool ``(N, C)`` mask.
+
+    With ``labels`` (multi-hot ground truth): the positive classes. Otherwise the predicted classes,
+    ``scores > threshold`` (logit 0 = probability 0.5); with ``at_least_one`` the top-scoring class is
+    always kept, since an image given to a localizer is assumed to show something.
+    """
+    if labels is not None:
+        return torch.as_tensor(labels) > 0.5
+    if scores is None:
+        raise ValueError("select_classes needs labels or scores")
+    scores = torch.as_tensor(scores)
+    chosen = scores > threshold
+    if at_least_one and scores.shape[-1] > 0:
+        top = scores.argmax(-1, keepdim=True)
+        chosen = chosen.scatter(-1, top, True)
+    return chosen
+
+
+def selected_maps(cams: Tensor, selection: Tensor) -> List[Tuple[Tensor, Tensor]]:
+    """Per image, ``(class indices (K,), maps (K, H, W))`` of the selected classes."""
+    out = []
+    for cam, sel in zip(cams, selection):
+        idx = torch.nonzero(sel.to(cam.device), as_tuple=False).flatten()
+        out.append((idx, cam[idx]))
+    return out

@@ -1,0 +1,74 @@
+"""`wsl cam`: export CAMs, overlays, points, boxes and pseudo-masks of a dataset or an image folder."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from wsl.cam.postprocess import BOX_MODES, DEFAULT_MASK_SETTINGS, PSEUDO_MASK_METHODS
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "cam", help="export CAMs, points, boxes and pseudo-masks",
+        description="Run a trained classifier over a dataset split or a folder of images and write, per "
+                    "image, the CAMs (ID.npz), a heatmap overlay, points, boxes and a pseudo-mask.")
+    p.add_argument("--checkpoint", required=True, type=Path, help="classifier checkpoint (wsl train)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", metavar="SPEC", help="dataset: voc:DIR, synth:DIR, coco:ANN_JSON:IMAGE_DIR, tags:FILE")
+    src.add_argument("--images", metavar="DIR", type=Path,
+                     help="a folder of images (no labels: the predicted classes are used)")
+    p.add_argument("--split", help="split of --data (e.g. train, val)")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
+                   help="input scales to average (default: 1.0)")
+    p.add_argument("--flip", action="store_true", help="also average the maps of mirrored images")
+    p.add_argument("--tau", type=float, default=0.5, help="box threshold as a fraction of the map max (default 0.5)")
+    p.add_argument("--box-mode", choices=BOX_MODES, default="largest",
+                   help="box of the largest component or of every component (default largest)")
+    p.add_argument("--mask-method", choices=PSEUDO_MASK_METHODS, default="threshold",
+                   help="pseudo-mask background: CAM threshold or PSA's (1 - max cam)^alpha")
+    defaults = ", ".join(f"{m}: fg={fg:g} bg={bg:g}" for m, (fg, bg) in DEFAULT_MASK_SETTINGS.items())
+    p.add_argument("--mask-fg", type=float, help=f"confident-foreground setting ({defaults})")
+    p.add_argument("--mask-bg", type=float, help="confident-background setting; pixels in between are 255")
+    p.add_argument("--crf", action="store_true", help="refine pseudo-masks with the dense CRF (DeepLab parameters)")
+    p.add_argument("--crf-max-pixels", type=int, help="CRF working-resolution cap in pixels (default: full size)")
+    p.add_argument("--predicted", action="store_true",
+                   help="use the predicted classes even when the dataset has labels")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--workers", type=int, default=0, help="data loading processes (default 0)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from wsl.cam.crf import DenseCRF
+    from wsl.cam.export import ImageFolderDataset, export_cams
+    from wsl.models import load_classifier
+
+    if args.data and not args.split:
+        raise ValueError("--data needs --split (e.g. --split val)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, classes = load_classifier(args.checkpoint)
+    model.to(device)
+    if args.data:
+        from wsl.data.spec import build_dataset
+
+        dataset = build_dataset(args.data, args.split)
+    else:
+        dataset = ImageFolderDataset(args.images, classes)
+    crf = DenseCRF(max_pixels=args.crf_max_pixels) if args.crf else None
+    manifest = export_cams(
+        model, classes, dataset, args.out, batch_size=args.batch_size, scales=args.scales, flip=args.flip,
+        tau=args.tau, box_mode=args.box_mode, mask_method=args.mask_method, mask_fg=args.mask_fg,
+        mask_bg=args.mask_bg, crf=crf, use_labels=not args.predicted, num_workers=args.workers,
+        overwrite=args.overwrite, progress=not getattr(args, "quiet", False))
+    c = manifest["counts"]
+    logger.info("wsl cam: %d images, %d boxes, %d points -> %s", c["images"], c["boxes"], c["points"], args.out)
+    return 0
