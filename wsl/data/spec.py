@@ -1,0 +1,61 @@
+"""Dataset specs: one string names a dataset on the command line.
+
+=============================  =====================================================================
+``voc:DIR``                    VOC 2012 layout; DIR holds ``VOCdevkit`` or is ``VOC2012`` itself;
+                               ``split`` picks ``ImageSets/Main/{split}.txt`` (``Segmentation/`` when
+                               ``masks=True``)
+``synth:DIR``                  the same as ``voc:DIR`` (what ``wsl synth --out DIR`` writes)
+``coco:ANN_JSON:IMAGE_DIR``    a COCO instances file (``split`` ignored), or a directory of them, in
+                               which case ``ANN_JSON/instances_{split}.json`` is read. A literal
+                               ``{split}`` in IMAGE_DIR is replaced by the split.
+``tags:FILE``                  a tags file (``split`` ignored); ``tags:DIR`` reads ``DIR/{split}.txt``
+=============================  =====================================================================
+
+Examples: generated scenes through their COCO files, ``coco:OUT/coco:OUT/VOCdevkit/VOC2012/JPEGImages``
+with split ``train``; real COCO, ``coco:annotations:{split}`` with split ``val2017`` (reads
+``annotations/instances_val2017.json`` and images from ``val2017/``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from wsl.data.base import WSLDataset
+from wsl.errors import DataError
+
+SCHEMES = ("coco", "synth", "tags", "voc")
+EXAMPLES = "voc:data/VOC, synth:data/scenes, coco:ANN.json:IMAGES, tags:tags.txt"
+
+
+def build_dataset(spec: str, split: str, *, classes: Optional[Sequence[str]] = None, masks: bool = False,
+                  transform: Optional[Callable] = None) -> WSLDataset:
+    """Build the dataset named by ``spec`` (table in the module docstring)."""
+    scheme, sep, rest = str(spec).partition(":")
+    if not sep or scheme not in SCHEMES:
+        raise DataError(f"unknown dataset spec {spec!r}: scheme must be one of {', '.join(SCHEMES)} "
+                        f"(e.g. {EXAMPLES})")
+    if not rest:
+        raise DataError(f"dataset spec {spec!r} names no path (e.g. {EXAMPLES})")
+    if scheme in ("voc", "synth"):
+        from wsl.data.voc import VOCDataset
+
+        return VOCDataset(rest, split, classes=classes, masks=masks, transform=transform)
+    if scheme == "coco":
+        from wsl.data.coco import COCODataset
+
+        ann, sep, image_dir = rest.partition(":")
+        if not sep or not image_dir:
+            raise DataError(f"dataset spec {spec!r}: COCO needs coco:ANNOTATIONS_JSON:IMAGE_DIR")
+        ann_path = Path(ann).expanduser()
+        if ann_path.is_dir():
+            ann_path = ann_path / f"instances_{split}.json"
+        return COCODataset(ann_path, image_dir.replace("{split}", split), classes=classes, masks=masks,
+                           transform=transform)
+    from wsl.data.tags import TagsDataset
+
+    if masks:
+        raise DataError(f"dataset spec {spec!r}: tags files have no masks (use voc:, synth: or coco:)")
+    path = Path(rest).expanduser()
+    if path.is_dir():
+        path = path / f"{split}.txt"
+    return TagsDataset(path, classes=classes, transform=transform)
