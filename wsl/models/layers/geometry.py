@@ -1,0 +1,77 @@
+"""Where each cell of a convolutional map sits in the input image, and resampling maps to pixels.
+
+Convention (docs/design.md): cell ``(i, j)`` of a map with output stride ``s`` and offset ``o`` is the
+receptive-field centre of input pixel ``(o + s * i, o + s * j)`` (pixel indices, so pixel ``x`` spans
+``[x - 0.5, x + 0.5]``).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_GEOMETRIC = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+
+
+def _square(value, what: str, module: nn.Module) -> int:
+    if isinstance(value, (tuple, list)):
+        if len(set(value)) != 1:
+            raise ValueError(f"{module}: non-square {what} {tuple(value)} is not supported by conv_geometry")
+        value = value[0]
+    return int(value)
+
+
+def conv_geometry(modules: Iterable[nn.Module], stride: int = 1, offset: float = 0.0) -> Tuple[int, float]:
+    """Output stride and cell-0 offset after applying ``modules`` in order.
+
+    Each convolution or pooling with kernel ``k``, stride ``t``, padding ``p`` and dilation ``d`` moves
+    the centre of cell 0 by ``stride * (d * (k - 1) / 2 - p)`` input pixels and multiplies the stride
+    by ``t`` (the standard receptive-field recurrence). Other modules (ReLU, BN, dropout) are ignored.
+    Pass only the modules on the path whose output you index (a residual block's main branch).
+    """
+    for m in modules:
+        if not isinstance(m, _GEOMETRIC):
+            continue
+        k = _square(m.kernel_size, "kernel_size", m)
+        t = _square(m.stride, "stride", m)
+        p = _square(m.padding, "padding", m)
+        d = _square(getattr(m, "dilation", 1), "dilation", m)
+        offset += stride * (d * (k - 1) / 2.0 - p)
+        stride *= t
+    return stride, offset
+
+
+def resample_maps(maps: torch.Tensor, size: Sequence[int], *, stride: float, offset: float,
+                  out_stride: float = 1, out_offset: float = 0.0) -> torch.Tensor:
+    """Bilinearly resample maps ``(N, C, h, w)`` (cells at ``offset + stride * i`` input pixels) onto a
+    grid of ``size`` cells at ``out_offset + out_stride * i``.
+
+    Each output cell reads the source at its own input-pixel position, so values land where their
+    receptive fields are centred; beyond the first/last source cell centre the border value is held.
+    Unlike ``F.interpolate(size=...)`` this stays aligned when sizes are not exact multiples or the
+    offset is not ``(stride - 1) / 2``.
+    """
+    if maps.dim() != 4:
+        raise ValueError(f"maps must have shape (N, C, h, w), got {tuple(maps.shape)}")
+    H, W = int(size[0]), int(size[1])
+    h, w = maps.shape[-2:]
+    dtype = maps.dtype if maps.is_floating_point() else torch.float32
+
+    def axis(n_out: int, n_in: int) -> torch.Tensor:
+        pixels = out_offset + out_stride * torch.arange(n_out, device=maps.device, dtype=torch.float64)
+        cells = (pixels - offset) / stride
+        # grid_sample with align_corners=True maps -1/+1 to the centres of the first/last cell.
+        return (2.0 * cells / max(n_in - 1, 1) - 1.0).to(dtype)
+
+    gy, gx = axis(H, h), axis(W, w)
+    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)  # (H, W, 2) as (x, y)
+    grid = grid.unsqueeze(0).expand(maps.shape[0], H, W, 2)
+    return F.grid_sample(maps.to(dtype), grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+
+def maps_to_pixels(maps: torch.Tensor, size: Sequence[int], *, stride: float, offset: float) -> torch.Tensor:
+    """Resample maps to ``size = (H, W)`` input pixels (see :func:`resample_maps`): pixel ``x`` reads
+    cell coordinate ``(x - offset) / stride``."""
+    return resample_maps(maps, size, stride=stride, offset=offset)
