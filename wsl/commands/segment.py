@@ -1,0 +1,72 @@
+"""``wsl segment``: run a trained segmenter over a dataset split or a folder of images.
+
+Writes ``OUT/ID.png`` (VOC palette class-index masks at each image's size), ``OUT/manifest.json`` and,
+when the split has ground-truth masks, ``OUT/metrics.json`` with the mIoU.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from wsl.train.engine import AMP_MODES
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("segment", help="segment images with a trained segmenter", description=__doc__)
+    p.add_argument("--checkpoint", required=True, type=Path, help="segmenter checkpoint (wsl train-seg)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", metavar="SPEC", help="dataset: voc:DIR, synth:DIR, coco:ANN_JSON:IMAGE_DIR, tags:FILE")
+    src.add_argument("--images", metavar="DIR", type=Path, help="a folder of images")
+    p.add_argument("--split", help="split of --data (e.g. val)")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
+                   help="input scales whose probabilities are averaged (default: 1.0)")
+    p.add_argument("--flip", action="store_true", help="also average the mirrored images")
+    p.add_argument("--size", type=int, metavar="PX",
+                   help="scale images to fit in PX before --scales (default: the checkpoint's training size; "
+                        "0 = native resolution)")
+    p.add_argument("--crf", action="store_true", help="refine with the dense CRF (DeepLab parameters)")
+    p.add_argument("--crf-max-pixels", type=int, help="CRF working-resolution cap in pixels (default: full size)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--workers", type=int, default=0, help="data loading processes (default 0)")
+    p.add_argument("--amp", choices=AMP_MODES, default="none", help="autocast precision")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from wsl.segment import has_ground_truth, load_for_inference, segment_dataset, segment_folder
+
+    if args.data and not args.split:
+        raise ValueError("--data needs --split (e.g. --split val)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, classes, trained_size = load_for_inference(args.checkpoint, device)
+    size = trained_size if args.size is None else (args.size or None)
+    crf = None
+    if args.crf:
+        from wsl.cam.crf import DenseCRF
+
+        crf = DenseCRF(max_pixels=args.crf_max_pixels)
+    options = dict(scales=args.scales, flip=args.flip, crf=crf, input_size=size, batch_size=args.batch_size,
+                   workers=args.workers, amp=args.amp, overwrite=args.overwrite,
+                   progress=not getattr(args, "quiet", False))
+    if args.data:
+        from wsl.data.spec import build_dataset
+
+        dataset = build_dataset(args.data, args.split, classes=classes,
+                                masks=has_ground_truth(args.data, args.split))
+        manifest = segment_dataset(model, classes, dataset, args.out, **options)
+    else:
+        manifest = segment_folder(model, classes, args.images, args.out, **options)
+    miou = manifest.get("metrics", {}).get("miou")
+    log.info("wsl segment: %d masks -> %s%s", manifest["count"], args.out,
+             "" if miou is None else f" (mIoU {100 * miou:.2f}%)")
+    return 0

@@ -1,0 +1,325 @@
+"""Segmenter inference: multi-scale + flip averaging, optional dense CRF, palette PNG export, mIoU.
+
+Test-time augmentation as in DeepLab (Chen et al., "DeepLab: Semantic Image Segmentation with Deep
+Convolutional Nets, Atrous Convolution, and Fully Connected CRFs", TPAMI 2018): the image is resized by
+each factor ``s`` of ``scales`` (and mirrored when ``flip``), the logits of every pass are resampled
+to the image size, turned into class probabilities and averaged::
+
+    P(k | x) = 1 / (|S| * F) * sum_{s in S} sum_{f in flips} softmax_k( up( z(f(resize_s(x))) ) )
+
+with ``F`` = 2 with flip (the mirrored pass flipped back), else 1. The prediction is
+``argmax_k P(k | x)``, or the argmax of the dense CRF's refined probabilities when a
+:class:`wsl.cam.crf.DenseCRF` is given (DeepLab's post-processing).
+
+``input_size``: a segmenter trained on crops of ``size`` px sees images rescaled to fit in ``size``
+(:func:`wsl.data.transforms.train_transform`); at test time each image is therefore first scaled by
+``input_size / max(H, W)`` before the ``scales`` factors, so objects appear at the size it learned.
+``None`` keeps the native resolution (the usual setting for VOC-sized images).
+
+Output of :func:`segment_dataset` (``out_dir``)::
+
+    ID.png          class-index mask at the image's size, VOC palette (0 background, c+1 class c)
+    manifest.json   classes, options (scales, flip, crf, input size), counts
+    metrics.json    only when the dataset has ground-truth masks: mIoU, pixel accuracy, per-class IoU
+
+The masks use the same layout as ``wsl cam``'s pseudo-masks, so a segmentation output can itself be
+given to ``wsl train-seg --masks`` (another round of self-training).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from wsl.data.classes import IGNORE_INDEX
+from wsl.errors import CheckpointError, DataError
+from wsl.train.engine import autocast, json_safe
+from wsl.utils.io import PathLike, atomic_write_json, load_checkpoint, prepare_output_dir
+
+log = logging.getLogger(__name__)
+
+FORMAT = "wsl-segment/1"
+MIN_SIDE = 32  # the smallest side a VGG-style segmenter with 3+ pools still maps sensibly
+
+
+def normalize_images(images: Tensor) -> Tensor:
+    """uint8 ``(N, 3, H, W)`` RGB -> float32 normalised with the ImageNet mean/std (docs/design.md)."""
+    from wsl.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode and give the model back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class Segmenter:
+    """Multi-scale + flip inference of a segmenter (``model(x)["out"]``: ``(N, K, h, w)`` logits).
+
+    Example::
+
+        seg = Segmenter(model, scales=(0.75, 1.0, 1.25), flip=True, crf=DenseCRF())
+        probs = seg.probabilities(images)   # uint8 (N, 3, H, W) -> float32 (N, K, H, W), sums to 1
+        labels = seg(images)                # uint8 (N, H, W) class indices (0 = background)
+
+    The model runs in eval mode (its mode is restored) under ``torch.inference_mode`` on its own
+    device; ``amp`` (``"none"``, ``"bf16"``, ``"fp16"``) autocasts the forward passes only.
+    """
+
+    def __init__(self, model: nn.Module, *, scales: Sequence[float] = (1.0,), flip: bool = False,
+                 input_size: Optional[int] = None, crf: Any = None, amp: str = "none") -> None:
+        scales = tuple(float(s) for s in scales)
+        if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
+            raise ValueError(f"scales must be positive numbers, got {scales!r}")
+        if input_size is not None and input_size < MIN_SIDE:
+            raise ValueError(f"input_size must be >= {MIN_SIDE} pixels (or None for native size), got {input_size}")
+        self.model, self.scales, self.flip = model, scales, bool(flip)
+        self.input_size, self.crf, self.amp = input_size, crf, amp
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    def pass_sizes(self, height: int, width: int) -> List[Tuple[int, int]]:
+        """The ``(h, w)`` the model sees for each scale (sides at least ``MIN_SIDE``)."""
+        base = 1.0 if self.input_size is None else self.input_size / max(height, width)
+        return [(max(MIN_SIDE, round(height * base * s)), max(MIN_SIDE, round(width * base * s)))
+                for s in self.scales]
+
+    def probabilities(self, images: Tensor) -> Tensor:
+        """Averaged class probabilities ``(N, K, H, W)`` float32 of uint8 RGB images ``(N, 3, H, W)``."""
+        if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+            raise ValueError(f"images must be uint8 RGB (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        device = self.device
+        n, _, height, width = images.shape
+        x0 = normalize_images(images.to(device))
+        total: Tensor = torch.zeros((), device=device)
+        count = 0
+        with eval_mode(self.model), torch.inference_mode():
+            for size in self.pass_sizes(height, width):
+                x = x0 if size == (height, width) else F.interpolate(
+                    x0, size=size, mode="bilinear", align_corners=False,
+                    antialias=size[0] * size[1] < height * width)
+                if self.flip:
+                    x = torch.cat([x, x.flip(-1)])
+                with autocast(device, self.amp):
+                    logits = self.model(x)["out"]
+                logits = logits.float()
+                if logits.shape[-2:] != (height, width):
+                    logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+                probs = logits.softmax(1)
+                if self.flip:
+                    probs = probs[:n] + probs[n:].flip(-1)
+                total = total + probs
+                count += 2 if self.flip else 1
+        return total / count
+
+    def refine(self, images: Tensor, probs: Tensor) -> Tensor:
+        """Dense-CRF refinement of ``probs`` (a no-op without ``crf``)."""
+        if self.crf is None:
+            return probs
+        return self.crf(images.to(probs.device), probs)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        """Label maps ``(N, H, W)`` uint8 (0 background, ``c + 1`` class ``c``)."""
+        probs = self.refine(images, self.probabilities(images))
+        return probs.argmax(1).to(torch.uint8)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def load_for_inference(path: PathLike, device: Any = "cpu") -> Tuple[nn.Module, List[str], Optional[int]]:
+    """``(model, foreground classes, input_size)`` from a segmenter checkpoint (``wsl train-seg``'s
+    ``best.pt`` / ``last.pt``) in eval mode on ``device``; ``input_size`` is the training crop size
+    the checkpoint records, or None (native resolution) when it records none."""
+    from wsl.models import load_segmenter
+
+    ckpt = load_checkpoint(path)
+    try:
+        model, classes = load_segmenter(ckpt)
+    except CheckpointError as e:  # errors on a dict say "checkpoint: ..."; name the file instead
+        msg = str(e)
+        raise CheckpointError(f"{path}: {msg[len('checkpoint: '):] if msg.startswith('checkpoint: ') else msg}") from e
+    size = ckpt.get("input_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < MIN_SIDE):
+        raise CheckpointError(f"{path}: input_size {size!r} is not a size in pixels >= {MIN_SIDE}")
+    return model.to(device).eval(), classes, size
+
+
+# ------------------------------------------------------------------------------------- datasets
+def has_ground_truth(spec: str, split: str) -> bool:
+    """Whether ``build_dataset(spec, split, masks=True)`` can work: a VOC/synth split listed under
+    ``ImageSets/Segmentation`` or any COCO file (masks from polygons); tags files have none."""
+    from wsl.data.voc import find_voc_root
+
+    scheme, _, rest = str(spec).partition(":")
+    if scheme in ("voc", "synth"):
+        return (find_voc_root(rest) / "ImageSets" / "Segmentation" / f"{split}.txt").is_file()
+    return scheme == "coco"
+
+
+def _shape_groups(samples: List[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
+    groups: Dict[Tuple[int, ...], List[Dict[str, Any]]] = defaultdict(list)
+    for s in samples:
+        groups[tuple(s["image"].shape)].append(s)
+    return list(groups.values())
+
+
+def iter_predictions(segmenter: Segmenter, dataset: Any, *, batch_size: int = 8, workers: int = 0,
+                     bar: Any = None) -> Iterator[Tuple[Dict[str, Any], Tensor, Tensor]]:
+    """``(sample, probs (K, H, W), labels (H, W) uint8)`` for every image of ``dataset`` (raw uint8
+    samples, no transform), batching images of equal size; ``bar`` (tqdm) is advanced per image."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=list)
+    for samples in loader:
+        for group in _shape_groups(samples):
+            images = torch.stack([s["image"] for s in group])
+            if images.dtype != torch.uint8:
+                raise DataError(f"image {group[0].get('id')!r}: expected uint8 images, got {images.dtype} "
+                                "(build the dataset without a transform)")
+            probs = segmenter.refine(images, segmenter.probabilities(images))
+            labels = probs.argmax(1).to(torch.uint8)
+            for s, p, lab in zip(group, probs, labels):
+                yield s, p, lab
+            if bar is not None:
+                bar.update(len(group))
+
+
+def score_masks(confusion: np.ndarray, classes: Sequence[str]) -> Dict[str, Any]:
+    """mIoU, pixel accuracy and per-class IoU (background first) of a ``(K, K)`` confusion matrix."""
+    from wsl.metrics import mean_iou, pixel_accuracy
+
+    miou, per_class = mean_iou(confusion)
+    names = ["background", *classes]
+    return {"miou": miou, "pixel_accuracy": pixel_accuracy(confusion),
+            "iou": {n: (None if math.isnan(v) else float(v)) for n, v in zip(names, per_class.tolist())},
+            "pixels": int(confusion.sum())}
+
+
+def score_mask_dir(dataset: Any, mask_dir: PathLike, *, ignore_as_background: bool = False) -> Dict[str, Any]:
+    """Score a folder of ``ID.png`` masks (pseudo-masks, segmentation outputs) against the ground truth
+    of ``dataset`` (built with ``masks=True`` in the masks' class order).
+
+    Pseudo-masks leave uncertain pixels at 255: by default those are not scored (the metric then says
+    how right the labelled pixels are) and ``coverage`` is the fraction of scored ground-truth pixels
+    they label; ``ignore_as_background`` counts them as background instead (a full prediction, as a
+    segmenter makes). A missing or wrong-sized file raises naming it.
+    """
+    from wsl.cam.export import file_stem
+    from wsl.data.base import read_mask_png
+    from wsl.metrics import confusion_matrix
+
+    root = Path(mask_dir)
+    if not getattr(dataset, "masks", False):
+        raise ValueError("score_mask_dir needs a dataset built with masks=True (ground truth)")
+    k = len(dataset.classes) + 1
+    confusion = np.zeros((k, k), dtype=np.int64)
+    labelled = scored = 0
+    for i, ann in enumerate(dataset.annotations):
+        path = root / f"{file_stem(ann.id)}.png"
+        if not path.is_file():
+            raise FileNotFoundError(f"no mask for image {ann.id!r} in {root} (expected {path.name})")
+        pred, gt = read_mask_png(path), dataset.load_mask(i)
+        if pred.shape != gt.shape:
+            raise DataError(f"{path}: mask is {pred.shape[0]}x{pred.shape[1]} but the ground truth is "
+                            f"{gt.shape[0]}x{gt.shape[1]}")
+        if ignore_as_background:
+            pred = np.where(pred == IGNORE_INDEX, 0, pred).astype(np.uint8)
+        valid = gt != IGNORE_INDEX
+        scored += int(valid.sum())
+        labelled += int((valid & (pred != IGNORE_INDEX)).sum())
+        confusion += confusion_matrix(pred, gt, k)
+    out = score_masks(confusion, dataset.classes)
+    out.update(images=len(dataset), coverage=labelled / max(scored, 1))
+    return out
+
+
+def segment_dataset(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir: PathLike, *,
+                    scales: Sequence[float] = (1.0,), flip: bool = False, crf: Any = None,
+                    input_size: Optional[int] = None, batch_size: int = 8, workers: int = 0,
+                    amp: str = "none", overwrite: bool = False, progress: bool = True) -> Dict[str, Any]:
+    """Segment every image of ``dataset`` and write ``out_dir/ID.png`` (module docstring).
+
+    ``dataset`` yields raw samples ``{"image": uint8 (3, H, W), "id": str, ["mask": uint8 (H, W)]}`` in
+    the model's class order (build it with ``classes=classes``); when it carries ground-truth masks
+    (``masks=True``) the predictions are scored and ``metrics.json`` is written. A non-empty
+    ``out_dir`` is refused unless ``overwrite``; every file is written atomically. Returns the manifest
+    (with ``metrics`` when scored).
+    """
+    from wsl.cam.export import file_stem, save_palette_png
+    from wsl.metrics import confusion_matrix
+
+    classes = [str(c) for c in classes]
+    ds_classes = list(getattr(dataset, "classes", classes))
+    if ds_classes != classes:
+        raise DataError(f"dataset classes [{', '.join(ds_classes)}] differ from the segmenter's "
+                        f"[{', '.join(classes)}]; build the dataset with the model's class list")
+    k = len(classes) + 1
+    segmenter = Segmenter(model, scales=scales, flip=flip, input_size=input_size, crf=crf, amp=amp)
+    out = prepare_output_dir(out_dir, overwrite)
+    scored = bool(getattr(dataset, "masks", False))
+    confusion = np.zeros((k, k), dtype=np.int64)
+    stems: Dict[str, str] = {}
+    count = 0
+    with tqdm(total=len(dataset), desc="wsl segment", unit="img", disable=not progress, leave=False) as bar:
+        for sample, _, labels in iter_predictions(segmenter, dataset, batch_size=batch_size, workers=workers,
+                                                  bar=bar):
+            image_id = str(sample["id"])
+            stem = file_stem(image_id)
+            if stems.setdefault(stem, image_id) != image_id:
+                raise DataError(f"image ids {stems[stem]!r} and {image_id!r} map to the same file name {stem!r}")
+            pred = labels.cpu().numpy()
+            save_palette_png(out / f"{stem}.png", pred)
+            if scored:
+                confusion += confusion_matrix(pred, sample["mask"].numpy(), k, ignore_index=IGNORE_INDEX)
+            count += 1
+    manifest: Dict[str, Any] = {
+        "format": FORMAT, "classes": classes, "count": count,
+        "options": {"scales": list(segmenter.scales), "flip": segmenter.flip, "input_size": input_size,
+                    "crf": None if crf is None else repr(crf), "batch_size": batch_size},
+        "files": {"masks": "{id}.png", "metrics": "metrics.json" if scored else None},
+        "dataset": str(getattr(dataset, "source", type(dataset).__name__)),
+    }
+    if scored:
+        metrics = score_masks(confusion, classes)
+        metrics.update(images=count, confusion=confusion.tolist())
+        atomic_write_json(out / "metrics.json", json_safe(metrics))
+        manifest["metrics"] = {key: metrics[key] for key in ("miou", "pixel_accuracy")}
+        log.info("segmented %d images into %s: mIoU %.2f%%", count, out, 100 * metrics["miou"])
+    else:
+        log.info("segmented %d images into %s", count, out)
+    atomic_write_json(out / "manifest.json", json_safe(manifest))
+    return manifest
+
+
+def segment_folder(model: nn.Module, classes: Sequence[str], image_dir: PathLike, out_dir: PathLike,
+                   **kwargs: Any) -> Dict[str, Any]:
+    """:func:`segment_dataset` on the images directly inside ``image_dir`` (id = file stem)."""
+    from wsl.cam.export import ImageFolderDataset
+
+    return segment_dataset(model, classes, ImageFolderDataset(image_dir, classes), out_dir, **kwargs)
+
+
+__all__ = ["Segmenter", "normalize_images", "load_for_inference", "has_ground_truth", "iter_predictions",
+           "score_masks", "score_mask_dir", "segment_dataset", "segment_folder"]
