@@ -1,0 +1,224 @@
+"""Experiment: a segmenter trained on CAM pseudo-masks, next to the pseudo-masks themselves and to the same
+segmenter trained on ground-truth masks (the upper bound), on the default generated scenes.
+
+Stages (all through the ``wsl`` API, as ``make demo`` runs them):
+
+1. scenes        ``wsl.data.synth.generate_scenes`` with the default ``SynthConfig`` (600 train / 200 val,
+                 128 px, 6 classes)
+2. classifier    ``wsl.train.classifier.train_classifier(demo_config(...))`` (vgg_tiny + LSE, image tags only)
+3. pseudo-masks  ``wsl.cam.export_cams`` on the train and val splits (image tags select the classes)
+4. mask quality  ``wsl.segment.score_mask_dir``: pseudo-mask mIoU against the ground truth, on the train
+                 images they were made from and on val
+5. segmenter     ``wsl.train.segmenter.train_segmenter(demo_config(spec, masks))`` on the train pseudo-masks
+6. upper bound   the same configuration on the train ground-truth masks
+7. inference     ``wsl.segment.segment_dataset`` on val with multi-scale + flip (and the dense CRF)
+
+Results go to ``experiments/results/segmenter.{md,json}`` with the command, the configurations, the time
+of every stage and the machine's load average (the CPU was shared with other jobs).
+
+Run::
+
+    .venv/bin/python experiments/segmenter.py [--work runs/experiments/segmenter] [--reuse]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict
+
+import torch
+
+from wsl.cam.crf import DenseCRF
+from wsl.cam.export import export_cams
+from wsl.data.spec import build_dataset
+from wsl.data.synth import SynthConfig, generate_scenes
+from wsl.models import load_classifier
+from wsl.segment import load_for_inference, score_mask_dir, segment_dataset
+from wsl.train.classifier import demo_config as classifier_demo
+from wsl.train.classifier import train_classifier
+from wsl.train.segmenter import demo_config as segmenter_demo
+from wsl.train.segmenter import train_segmenter
+from wsl.utils.io import atomic_write_json, atomic_write_text, read_jsonl
+
+log = logging.getLogger("experiments.segmenter")
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Stages:
+    """Runs named stages, timing each; with ``reuse`` a stage whose marker file exists is skipped."""
+
+    def __init__(self, reuse: bool) -> None:
+        self.reuse, self.seconds, self.load = reuse, {}, {}
+
+    def __call__(self, name: str, marker: Path, fn: Callable[[], Any]) -> None:
+        if self.reuse and marker.exists():
+            log.info("[%s] reusing %s", name, marker)
+            self.seconds[name] = None
+            return
+        log.info("[%s] ...", name)
+        t0 = time.perf_counter()
+        fn()
+        self.seconds[name] = round(time.perf_counter() - t0, 1)
+        self.load[name] = round(os.getloadavg()[0], 1)
+        log.info("[%s] done in %.1f s (load average %.1f)", name, self.seconds[name], self.load[name])
+
+
+def best_epoch(run: Path) -> Dict[str, Any]:
+    records = read_jsonl(run / "metrics.jsonl")
+    best = max(records, key=lambda r: r["val_miou"])
+    return {"best_epoch": best["epoch"], "best_val_miou": best["val_miou"], "final_val_miou": records[-1]["val_miou"],
+            "final_val_iou": records[-1]["val_iou"], "curve": [round(r["val_miou"], 4) for r in records],
+            "train_seconds": round(sum(r["train_seconds"] for r in records), 1),
+            "seconds": round(sum(r["seconds"] for r in records), 1)}
+
+
+def main(argv: Any = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "experiments" / "segmenter")
+    parser.add_argument("--results", type=Path, default=REPO / "experiments" / "results")
+    parser.add_argument("--reuse", action="store_true", help="skip stages whose outputs already exist")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    work: Path = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    overwrite = not args.reuse
+    stages = Stages(args.reuse)
+    t_start = time.perf_counter()
+
+    scenes = work / "scenes"
+    spec = f"synth:{scenes}"
+    stages("scenes", scenes / "synth.json",
+           lambda: generate_scenes(scenes, SynthConfig(), overwrite=overwrite, progress=False))
+
+    cls_cfg = classifier_demo(spec)
+    stages("classifier", work / "classifier" / "last.pt", lambda: train_classifier(
+        cls_cfg, work / "classifier", overwrite=overwrite))
+    classifier, classes = load_classifier(work / "classifier" / "last.pt")
+    classifier.eval()
+    cam_options = {"batch_size": 16, "overwrite": overwrite, "progress": False}
+    for split in ("train", "val"):
+        stages(f"cams_{split}", work / f"cams_{split}" / "manifest.json", lambda split=split: export_cams(
+            classifier, classes, build_dataset(spec, split, classes=classes), work / f"cams_{split}", **cam_options))
+
+    quality: Dict[str, Any] = {}
+    for split in ("train", "val"):
+        gt = build_dataset(spec, split, classes=classes, masks=True)
+        labelled = score_mask_dir(gt, work / f"cams_{split}" / "masks")
+        full = score_mask_dir(gt, work / f"cams_{split}" / "masks", ignore_as_background=True)
+        quality[split] = {"miou_labelled_pixels": labelled["miou"], "coverage": labelled["coverage"],
+                          "miou_ignore_as_background": full["miou"], "iou_ignore_as_background": full["iou"]}
+
+    seg_pseudo_cfg = segmenter_demo(spec, masks=str(work / "cams_train"))
+    seg_gt_cfg = segmenter_demo(spec)
+    stages("segmenter_pseudo", work / "seg_pseudo" / "best.pt",
+           lambda: train_segmenter(seg_pseudo_cfg, work / "seg_pseudo", overwrite=overwrite))
+    stages("segmenter_gt", work / "seg_gt" / "best.pt",
+           lambda: train_segmenter(seg_gt_cfg, work / "seg_gt", overwrite=overwrite))
+
+    inference: Dict[str, Any] = {}
+    model, seg_classes, size = load_for_inference(work / "seg_pseudo" / "last.pt")
+    val = build_dataset(spec, "val", classes=seg_classes, masks=True)
+    for name, opts in {"single_scale": {}, "multiscale_flip": {"scales": (0.75, 1.0, 1.25), "flip": True},
+                       "multiscale_flip_crf": {"scales": (0.75, 1.0, 1.25), "flip": True, "crf": DenseCRF()}}.items():
+        out = work / f"segment_val_{name}"
+        stages(f"segment_{name}", out / "metrics.json", lambda out=out, opts=opts: segment_dataset(
+            model, seg_classes, val, out, input_size=size, batch_size=16, overwrite=overwrite, progress=False,
+            **opts))
+        inference[name] = json.loads((out / "metrics.json").read_text())["miou"]
+
+    results = {
+        "command": shlex.join([".venv/bin/python", "experiments/segmenter.py",
+                               *(argv if argv is not None else sys.argv[1:])]),
+        "dataset": {"spec": "synth (default SynthConfig)", "classes": classes,
+                    "synth": json.loads((scenes / "synth.json").read_text())["config"]},
+        "classifier_config": cls_cfg.to_dict(),
+        "classifier_final": read_jsonl(work / "classifier" / "metrics.jsonl")[-1].get("val_map"),
+        "cam_options": json.loads((work / "cams_train" / "manifest.json").read_text())["options"],
+        "pseudo_masks": quality,
+        "segmenter_config": seg_pseudo_cfg.to_dict(),
+        "segmenter_pseudo": best_epoch(work / "seg_pseudo"),
+        "segmenter_gt": best_epoch(work / "seg_gt"),
+        "segmenter_pseudo_val_inference": inference,
+        "stage_seconds": stages.seconds, "load_average_after_stage": stages.load,
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "python": platform.python_version()},
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.results / "segmenter.json", results)
+    atomic_write_text(args.results / "segmenter.md", report(results))
+    log.info("wrote %s", args.results / "segmenter.md")
+    return 0
+
+
+def pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def report(r: Dict[str, Any]) -> str:
+    q, sp, sg, inf = r["pseudo_masks"], r["segmenter_pseudo"], r["segmenter_gt"], r["segmenter_pseudo_val_inference"]
+    s, seg = r["stage_seconds"], r["segmenter_config"]
+    lines = [
+        "# Segmenter from CAM pseudo-masks (generated scenes)",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+        f"Data: default generated scenes ({r['dataset']['synth']['train']} train / {r['dataset']['synth']['val']} val, "
+        f"{r['dataset']['synth']['size']} px, classes {', '.join(r['dataset']['classes'])}). Classifier: "
+        f"`wsl.train.classifier.demo_config` (val mAP {pct(r['classifier_final'])}). Pseudo-masks: `wsl cam` defaults "
+        f"(CAM threshold fg {r['cam_options']['pseudo_mask']['fg']} / bg {r['cam_options']['pseudo_mask']['bg']}, "
+        "pixels in between = 255 ignore, no CRF).",
+        "",
+        f"Segmenter (`wsl.train.segmenter.demo_config`): {seg['model']['name']} on {seg['model']['backbone']} "
+        "from scratch, "
+        f"{seg['schedule']['epochs']} epochs, {seg['optim']['optimizer']} lr {seg['optim']['lr']} "
+        f"({seg['schedule']['schedule']}), batch {seg['optim']['batch_size']}, {seg['data']['size']} px crops, "
+        f"scale {tuple(seg['data']['scale'])}, flip.",
+        "",
+        "## Val mIoU (%), 7 labels incl. background",
+        "",
+        "| what | train images | val |",
+        "|---|---|---|",
+        f"| pseudo-masks, ignore band counted as background | {pct(q['train']['miou_ignore_as_background'])} | "
+        f"{pct(q['val']['miou_ignore_as_background'])} |",
+        f"| pseudo-masks, labelled pixels only (coverage train {pct(q['train']['coverage'])}%, val "
+        f"{pct(q['val']['coverage'])}%) | {pct(q['train']['miou_labelled_pixels'])} | "
+        f"{pct(q['val']['miou_labelled_pixels'])} |",
+        f"| **segmenter trained on the pseudo-masks** (final epoch; best {pct(sp['best_val_miou'])} at epoch "
+        f"{sp['best_epoch']}) | | **{pct(sp['final_val_miou'])}** |",
+        f"| same, multi-scale (0.75, 1, 1.25) + flip | | {pct(inf['multiscale_flip'])} |",
+        f"| same, multi-scale + flip + dense CRF | | {pct(inf['multiscale_flip_crf'])} |",
+        f"| segmenter trained on ground-truth masks (upper bound; best {pct(sg['best_val_miou'])}) | | "
+        f"{pct(sg['final_val_miou'])} |",
+        "",
+        "Pseudo-masks on val use the val images' tags (they are what `wsl cam` would give for a tagged image); "
+        "the segmenter sees only pixels. A segmenter predicts every pixel, so compare it with the "
+        "'ignore as background' row; the 'labelled pixels only' row scores the confident part alone.",
+        "",
+        f"Val mIoU per epoch: pseudo-masks {sp['curve']}, ground truth {sg['curve']}.",
+        "",
+        "## Time (s, wall clock)",
+        "",
+        "| stage | seconds | load average after |",
+        "|---|---|---|",
+        *[f"| {k} | {'reused' if v is None else v} | {r['load_average_after_stage'].get(k, '')} |"
+          for k, v in s.items()],
+        f"| **total** | {r['total_seconds']} | |",
+        "",
+        f"Segmenter training alone (sum of epoch train time): pseudo {sp['train_seconds']} s, ground truth "
+        f"{sg['train_seconds']} s. Machine: {r['machine']['cpus']} CPUs, torch {r['machine']['torch']} with "
+        f"{r['machine']['torch_threads']} threads, shared with other jobs (see the load averages).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,835 @@
+"""Speed: the toolkit against its floor (a plain forward pass, a bare torch loop) and its rivals.
+
+Every number is a ratio of medians of repeated runs. Warm-up runs are excluded, and the two sides of
+a ratio are timed alternately (A B B A ...), so load from other processes on a shared machine hits
+both alike; process CPU times are recorded beside wall times for the same reason. Each phase runs in
+its own child process, so its peak RSS is its own (freed memory often stays in the heap).
+
+1. CAM export cost: one batch through ``CAMExtractor`` + argmax points, local maxima, boxes and
+   pseudo-masks (what ``wsl cam`` does per batch, ``ExportOptions`` defaults) / a plain forward pass
+   of the same model on the same batch. Target <= 1.10.
+2. Post-hoc rivals on the same VGG16 and batch, maps of every positive class of every image /
+   our whole CAM pipeline. Target >= 2. (pytorch-grad-cam and torchcam are optional.)
+3. A ``wsl train`` step (``Trainer._step``: device move, autocast, NaN guard, scaler, scheduler) and a
+   whole epoch loop (sampler, seeded per-sample RNG, collate, progress bar) / a bare torch loop
+   (forward, BCE, backward, SGD) on the same model and data: bare time / engine time >= 0.95.
+4. Data loading (JPEG decode + the demo's augmentation, through the engine's DataLoader with workers)
+   img/s / training img/s of the demo model. Target >= 3.
+5. Benchmark threshold sweeps (``wsl.metrics.box_sweep``, ``PixelAP``) / the naive per-threshold loops
+   of ``tests/reference_metrics.py``, identical values asserted. Target >= 10.
+
+Also: channels_last and bf16 autocast, ``GLIBC_TUNABLES`` (child processes with and without), peak RSS
+per phase, and a CUDA section (448 px, bf16 autocast) that runs when CUDA is available.
+
+    python experiments/speed.py                                # full run: experiments/results/speed.{md,json}
+    python experiments/speed.py --threads 1                     # steadier on a CPU shared with other jobs
+    python experiments/speed.py --smoke --results /tmp/speed    # tiny sizes, in-process: proves it works
+    python experiments/speed.py --only cam metrics --repeats 3  # a subset
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from wsl.cam import CAMExtractor, argmax_points, cam_boxes, local_maxima, pseudo_masks
+from wsl.cam.export import ExportOptions, imagenet_normalizer
+from wsl.data.base import collate
+from wsl.data.spec import build_dataset
+from wsl.data.synth import SynthConfig, generate_scenes, render_scene
+from wsl.data.transforms import train_transform
+from wsl.metrics import PixelAP, box_sweep, default_thresholds, normalize_map
+from wsl.models import build_classifier
+from wsl.train.classifier import multilabel_loss, param_groups
+from wsl.train.engine import (EpochSampler, OptimConfig, RunConfig, RunDir, ScheduleConfig, SeededDataset,
+                              Trainer, data_loader, determinism)
+from wsl.utils.dist import DistInfo
+from wsl.utils.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger("speed")
+
+REPO = Path(__file__).resolve().parents[1]
+PHASES = ("cam", "rivals", "train", "precision", "data", "metrics", "glibc", "cuda")
+GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+# ------------------------------------------------------------------------------------------ settings
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A model and the batch it is timed on. ``backbone_kwargs``: VGG16 with a padded fc6 gives 7x7
+    class maps at 224 px (the registered, unpadded fc6 gives 1x1 maps there: no localization at all)."""
+
+    label: str
+    backbone: str
+    size: int
+    batch: int
+    num_classes: int
+    backbone_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    max_objects: int = 2  # ~1.5 positive classes per image, like VOC
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    vgg16: ModelSpec
+    tiny: ModelSpec  # the CPU demo's model at the demo's size (wsl.train.classifier.demo_config)
+    cuda: ModelSpec
+    train_batch: int  # the demo's batch size
+    repeats: int  # timed runs of cheap measurements
+    step_repeats: int  # timed runs of the demo's training step (engine vs bare: a few % matter)
+    heavy_repeats: int  # timed runs of VGG16 measurements
+    warmup: int
+    epoch_batches: int  # steps per timed epoch in the epoch-loop comparison
+    data_images: int  # generated scenes for the data-loading phase
+    data_workers: Sequence[int]
+    metric_maps: int
+    metric_size: int
+    metric_interval: float
+
+
+FULL = Settings(
+    vgg16=ModelSpec("VGG16 (fc as conv, fc6 padded) 224 px", "vgg16", 224, 8, 20, {"fc6_padding": "same"}),
+    tiny=ModelSpec("vgg_tiny (demo) 128 px", "vgg_tiny", 128, 8, 6),
+    cuda=ModelSpec("VGG16 (fc as conv) 448 px", "vgg16", 448, 8, 20),
+    train_batch=16, repeats=7, step_repeats=15, heavy_repeats=3, warmup=1, epoch_batches=3, data_images=96,
+    data_workers=(0, 1, 2), metric_maps=8, metric_size=128, metric_interval=0.001)
+SMOKE = Settings(
+    vgg16=ModelSpec("smoke: vgg_tiny in the VGG16 slot, 32 px", "vgg_tiny", 32, 2, 20),
+    tiny=ModelSpec("smoke: vgg_tiny 32 px", "vgg_tiny", 32, 2, 6),
+    cuda=ModelSpec("smoke: vgg_tiny 64 px", "vgg_tiny", 64, 2, 6),
+    train_batch=2, repeats=1, step_repeats=1, heavy_repeats=1, warmup=1, epoch_batches=2, data_images=4,
+    data_workers=(1,), metric_maps=2, metric_size=24, metric_interval=0.05)
+
+
+# ------------------------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: Dict[str, Callable[[], Any]], *, repeats: int, warmup: int,
+                device: torch.device = torch.device("cpu")) -> Dict[str, Dict[str, List[float]]]:
+    """Wall and process CPU times of ``repeats`` calls of each function, after ``warmup`` untimed calls
+    of each. The order alternates every round (A B, B A, ...) so a load change hits all alike. CPU time
+    (this process's threads, not DataLoader workers) is the steadier measure on a shared machine: time
+    spent waiting for a core does not count."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: Dict[str, Dict[str, List[float]]] = {name: {"wall": [], "cpu": []} for name in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            fns[name]()
+            _sync(device)
+            times[name]["wall"].append(time.perf_counter() - t0)
+            times[name]["cpu"].append(time.process_time() - c0)
+    return times
+
+
+def stats(times: Dict[str, List[float]], scale: float = 1.0, cpu: bool = True) -> Dict[str, Any]:
+    """Median, quartiles and raw values of the wall times ``* scale``, and the median CPU time (left
+    out with ``cpu=False``: where worker processes or a GPU do the work, it measures nothing)."""
+    t = sorted(x * scale for x in times["wall"])
+    q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
+    out = {"median": statistics.median(t), "min": t[0], "q1": q[0], "q3": q[2], "n": len(t), "values": t}
+    out["cpu_median"] = statistics.median(x * scale for x in times["cpu"]) if cpu else None
+    return out
+
+
+def row(rid: str, what: str, num: str, num_stats: Dict[str, Any], den: str, den_stats: Dict[str, Any],
+        op: Optional[str] = None, target: Optional[float] = None, unit: str = "s", note: str = "") -> Dict[str, Any]:
+    """One line of the results table: ``ratio = median(num) / median(den)`` of wall times, checked against
+    ``op target``; ``cpu_ratio`` is the same ratio of CPU times where both sides have one."""
+    ratio = num_stats["median"] / den_stats["median"]
+    passed = None if op is None else (ratio <= target if op == "<=" else ratio >= target)
+    cpu_ratio = (num_stats["cpu_median"] / den_stats["cpu_median"]
+                 if num_stats.get("cpu_median") and den_stats.get("cpu_median") else None)
+    return {"id": rid, "what": what, "ratio": ratio, "op": op, "target": target, "passed": passed,
+            "cpu_ratio": cpu_ratio, "num": {"label": num, "unit": unit, **num_stats},
+            "den": {"label": den, "unit": unit, **den_stats}, "note": note}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. ``VmHWM`` belongs to the address space, which ``exec`` replaces; the
+    ``ru_maxrss`` fallback survives ``exec`` on Linux, so a child would report its parent's peak."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+# -------------------------------------------------------------------------------------------- inputs
+def build_model(spec: ModelSpec, device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)  # every phase and child builds the same weights
+    model = build_classifier(backbone=spec.backbone, num_classes=spec.num_classes, pooling="lse",
+                             **spec.backbone_kwargs)
+    return model.to(device)
+
+
+def scene_batch(spec: ModelSpec, device: torch.device, seed: int = 1) -> Dict[str, torch.Tensor]:
+    """Generated scenes at ``spec.size``: normalised images ``(B, 3, S, S)`` and multi-hot labels."""
+    cfg = SynthConfig(seed=seed, train=0, val=spec.batch, size=spec.size, max_objects=spec.max_objects,
+                      num_classes=min(spec.num_classes, 12))
+    scenes = [render_scene(cfg, "val", i) for i in range(spec.batch)]
+    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).contiguous()
+    labels = torch.zeros(spec.batch, spec.num_classes)
+    for i, s in enumerate(scenes):
+        for obj in s.objects:
+            labels[i, obj["cls"]] = 1.0
+    return {"image": imagenet_normalizer(images).to(device), "labels": labels.to(device)}
+
+
+class InMemory(Dataset):
+    """Ready-made samples (no decoding, no augmentation): isolates the training loop's own cost."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images.cpu(), labels.cpu()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        return {"image": self.images[i], "labels": self.labels[i], "index": i}
+
+
+# ------------------------------------------------------------------------------------ CAM pipelines
+def cam_pipeline(model: torch.nn.Module, opt: ExportOptions = ExportOptions()) -> Callable:
+    """The per-batch work of ``wsl cam`` (wsl.cam.export._Writer.batch) minus file writing."""
+    extractor = CAMExtractor(model, scales=opt.scales, flip=opt.flip)
+
+    def run(images: torch.Tensor, positive: torch.Tensor) -> Any:
+        cams = extractor(images).cams
+        return (argmax_points(cams),
+                local_maxima(cams, min_distance=opt.peak_min_distance, rel_threshold=opt.peak_threshold,
+                             top_k=opt.peak_top_k, select=positive),
+                cam_boxes(cams, tau=opt.tau, mode=opt.box_mode, select=positive),
+                pseudo_masks(cams, positive, method=opt.mask_method, fg=opt.mask_fg, bg=opt.mask_bg))
+    return run
+
+
+def forward_only(model: torch.nn.Module) -> Callable:
+    def run(images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(images)
+    return run
+
+
+def positive_rounds(labels: torch.Tensor) -> List[List[int]]:
+    """Class lists for batched per-class calls: round ``r`` asks image ``i`` for its ``r``-th positive
+    class (its last one again when it has fewer), so every positive class of every image is covered
+    in ``max_i #positives_i`` rounds, the fewest backward passes a per-class method can do."""
+    pos = [torch.nonzero(lab > 0.5).flatten().tolist() or [0] for lab in labels.cpu()]
+    return [[p[min(r, len(p) - 1)] for p in pos] for r in range(max(len(p) for p in pos))]
+
+
+def rival_methods(model: torch.nn.Module, images: torch.Tensor, rounds: List[List[int]]) -> Dict[str, Any]:
+    """Callables for the installed rivals (name -> fn), and a message per missing package.
+
+    Each call attaches the tool's hooks, computes the maps of every round and removes the hooks (so
+    no tool's hooks run during another's timing). The target layer is the backbone output (fc7), the
+    layer our class maps are computed from, at the same resolution: the rivals' cheapest choice.
+    """
+    fns: Dict[str, Callable] = {}
+    missing: Dict[str, str] = {}
+    try:
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    except ImportError as e:
+        missing["pytorch-grad-cam GradCAM"] = f"not importable ({e}); pip install grad-cam"
+    else:
+        def pgc_run() -> Any:  # per round: one forward, one backward through the whole network
+            with GradCAM(model=model, target_layers=[model.backbone]) as cam:
+                return [cam(input_tensor=images, targets=[ClassifierOutputTarget(c) for c in cls])
+                        for cls in rounds]
+        fns["pytorch-grad-cam GradCAM"] = pgc_run
+    try:
+        from torchcam.methods import CAM as TorchCAM
+        from torchcam.methods import GradCAM as TorchGradCAM
+    except ImportError as e:
+        missing["torchcam CAM/GradCAM"] = f"not importable ({e}); pip install torchcam"
+    else:
+        def tc_cam_run() -> Any:  # one forward; per round, fc7 activations weighted by the 1x1 head
+            with TorchCAM(model, target_layer="backbone", fc_layer="head") as cam, torch.no_grad():
+                scores = model(images)
+                return [cam(class_idx=cls, scores=scores) for cls in rounds]
+
+        def tc_grad_run() -> Any:  # one forward with a graph; per round, the gradient w.r.t. fc7
+            with TorchGradCAM(model, target_layer="backbone") as cam:
+                scores = model(images)
+                return [cam(class_idx=cls, scores=scores, retain_graph=r + 1 < len(rounds))
+                        for r, cls in enumerate(rounds)]
+        fns["torchcam CAM"] = tc_cam_run
+        fns["torchcam GradCAM"] = tc_grad_run
+    return {"fns": fns, "missing": missing}
+
+
+# -------------------------------------------------------------------------------------------- phases
+def phase_cam(s: Settings, device: torch.device, amp: Optional[torch.dtype] = None) -> Dict[str, Any]:
+    rows, info, cpu = [], {}, device.type == "cpu"
+    for key, spec in (("vgg16", s.vgg16 if cpu else s.cuda), ("tiny", s.tiny)):
+        model = build_model(spec, device).eval()
+        batch = scene_batch(spec, device)
+        x, positive = batch["image"], batch["labels"] > 0.5
+        pipeline, forward = cam_pipeline(model), forward_only(model)
+        repeats = s.heavy_repeats if spec.backbone == "vgg16" else s.repeats
+        with torch.inference_mode():
+            map_size = list(model.class_maps(x[:1]).shape[-2:])
+        with autocast(device, amp):
+            t = interleaved({"forward": lambda: forward(x), "cam": lambda: pipeline(x, positive)},
+                            repeats=repeats, warmup=s.warmup, device=device)
+            # Where the extra time goes: each post-processing step on the same maps.
+            cams = CAMExtractor(model)(x).cams
+            opt = ExportOptions()
+            parts = interleaved({
+                "extract (forward + upsample + normalise)": lambda: CAMExtractor(model)(x),
+                "argmax_points": lambda: argmax_points(cams),
+                "local_maxima": lambda: local_maxima(cams, min_distance=opt.peak_min_distance,
+                                                     rel_threshold=opt.peak_threshold, top_k=opt.peak_top_k,
+                                                     select=positive),
+                "cam_boxes": lambda: cam_boxes(cams, tau=opt.tau, mode=opt.box_mode, select=positive),
+                "pseudo_masks": lambda: pseudo_masks(cams, positive, method=opt.mask_method, fg=opt.mask_fg,
+                                                     bg=opt.mask_bg)},
+                repeats=repeats, warmup=1, device=device)
+        rid = "1a" if key == "vgg16" else "1b"
+        rows.append(row(rid, f"CAM export / forward, {spec.label}, batch {spec.batch}", "CAM + points + boxes + "
+                        "pseudo-masks", stats(t["cam"], cpu=cpu), "plain forward", stats(t["forward"], cpu=cpu),
+                        "<=", 1.10,
+                        note=f"{spec.num_classes} class maps of {map_size[0]}x{map_size[1]} cells upsampled to "
+                        f"{spec.size} px"))
+        info[key] = {"spec": dataclasses.asdict(spec),
+                     "breakdown_s": {k: stats(v, cpu=cpu) for k, v in parts.items()},
+                     "map_size": map_size}
+        del model
+    return {"rows": rows, "info": info}
+
+
+def phase_rivals(s: Settings, device: torch.device, amp: Optional[torch.dtype] = None) -> Dict[str, Any]:
+    spec = s.vgg16 if device.type == "cpu" else s.cuda
+    model = build_model(spec, device).eval()
+    batch = scene_batch(spec, device)
+    x, positive = batch["image"], batch["labels"] > 0.5
+    rounds = positive_rounds(batch["labels"])
+    rivals = rival_methods(model, x, rounds)
+    pipeline = cam_pipeline(model)
+    fns = {"ours": lambda: pipeline(x, positive), **rivals["fns"]}
+    with autocast(device, amp):
+        t = interleaved(fns, repeats=s.heavy_repeats, warmup=s.warmup, device=device)
+    cpu = device.type == "cpu"
+    rows = [row(f"2{'abc'[i]}", f"{name} / our CAM export, {spec.label}, batch {spec.batch}", name,
+                stats(t[name], cpu=cpu), "our CAM + points + boxes + pseudo-masks", stats(t["ours"], cpu=cpu),
+                ">=", 2.0,
+                note=f"{len(rounds)} rounds of classes for {int(positive.sum())} positive (image, class) pairs; "
+                     "target layer fc7")
+            for i, name in enumerate(rivals["fns"])]
+    return {"rows": rows, "info": {"rounds": rounds, "positives": int(positive.sum()),
+                                   "positives_per_image": float(positive.sum(1).float().mean())},
+            "skipped": rivals["missing"]}
+
+
+def with_threads(n: int, fn: Callable[[], Any]) -> Any:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def make_trainer(model: torch.nn.Module, data: Dataset, batch: int, device: torch.device, run_dir: Path,
+                 amp: str = "none", channels_last: bool = False, workers: int = 0) -> Trainer:
+    """The engine as ``wsl train`` builds it for a classifier (its loss, its parameter groups)."""
+    return Trainer(model=model, param_groups=lambda net: param_groups(net, 0.1, False), train_set=data,
+                   collate_fn=collate, loss_fn=lambda net, b: multilabel_loss(net(b["image"]), b["labels"]),
+                   evaluate=lambda net: {}, payload=lambda net: {}, optim=OptimConfig(batch_size=batch),
+                   schedule=ScheduleConfig(epochs=10_000), run_cfg=RunConfig(amp=amp, channels_last=channels_last),
+                   workers=workers, run=RunDir(run_dir), info=DistInfo(0, 0, 1, device))
+
+
+def bare_step(model: torch.nn.Module, device: torch.device, amp: Optional[torch.dtype] = None,
+              channels_last: bool = False) -> Callable:
+    """The floor: what anyone would write by hand (same optimiser settings as the engine's default)."""
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    model.train()
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp):
+            loss = F.binary_cross_entropy_with_logits(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def engine_step(trainer: Trainer) -> Callable:
+    counter = iter(range(10**9))
+
+    def step(batch: Dict[str, torch.Tensor]) -> None:
+        with determinism(trainer.run_cfg.deterministic):  # as Trainer.fit runs every step
+            trainer._step(batch, 0, next(counter))
+    trainer.net.train()
+    return step
+
+
+def phase_train(s: Settings, device: torch.device, amp: Optional[torch.dtype] = None) -> Dict[str, Any]:
+    spec = dataclasses.replace(s.tiny if device.type == "cpu" else s.cuda, batch=s.train_batch)
+    batch = scene_batch(spec, device)
+    amp_name = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp]
+    model = build_model(spec, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = InMemory(batch["image"].repeat(s.epoch_batches, 1, 1, 1), batch["labels"].repeat(s.epoch_batches, 1))
+        trainer = make_trainer(copy.deepcopy(model), data, spec.batch, device, Path(tmp), amp=amp_name)
+        bare, engine = bare_step(model, device, amp), engine_step(trainer)
+        t = interleaved({"bare": lambda: bare(batch["image"], batch["labels"]), "engine": lambda: engine(batch)},
+                        repeats=s.step_repeats, warmup=s.warmup, device=device)
+        # The whole loop: the engine's epoch over in-memory samples vs a plain DataLoader loop over them.
+        plain = DataLoader(data, batch_size=spec.batch, shuffle=True, collate_fn=collate)
+        epoch = iter(range(10**9))
+
+        def bare_epoch() -> None:
+            for b in plain:
+                bare(b["image"], b["labels"])
+
+        def engine_epoch() -> None:
+            trainer.step_in_epoch = 0
+            with determinism(trainer.run_cfg.deterministic):
+                trainer._train_epoch(next(epoch))
+        te = interleaved({"bare": bare_epoch, "engine": engine_epoch}, repeats=max(2, s.repeats // 2),
+                         warmup=s.warmup, device=device)
+    per, cpu = spec.batch, device.type == "cpu"
+    rows = [
+        row("3a", f"bare step / `wsl train` step (Trainer._step), {spec.label}, batch {per}", "bare torch step",
+            stats(t["bare"], cpu=cpu), "engine step", stats(t["engine"], cpu=cpu), ">=", 0.95),
+        row("3b", f"bare loop / `wsl train` epoch loop (Trainer._train_epoch), in-memory data, "
+            f"{s.epoch_batches} steps", "bare DataLoader loop, per step",
+            stats(te["bare"], 1 / s.epoch_batches, cpu=cpu), "engine epoch loop, per step",
+            stats(te["engine"], 1 / s.epoch_batches, cpu=cpu), ">=", 0.95,
+            note="workers=0, no decoding: the loop's own overhead"),
+    ]
+    return {"rows": rows, "info": {"train_img_per_s": per / statistics.median(t["engine"]["wall"])}}
+
+
+def phase_precision(s: Settings, device: torch.device, amp: Optional[torch.dtype] = None) -> Dict[str, Any]:
+    """channels_last and bf16 autocast: training step of the demo model, forward of both models."""
+    variants = {"fp32": (None, False), "channels_last": (None, True), "bf16 autocast": (torch.bfloat16, False),
+                "bf16 + channels_last": (torch.bfloat16, True)}
+    rows = []
+    spec = dataclasses.replace(s.tiny, batch=s.train_batch)
+    batch = scene_batch(spec, device)
+    model = build_model(spec, device)
+    steps = {name: bare_step(copy.deepcopy(model), device, dt, cl) for name, (dt, cl) in variants.items()}
+    fns = {name: (lambda f=f: f(batch["image"], batch["labels"])) for name, f in steps.items()}
+    threads = torch.get_num_threads()
+    other = 1 if threads > 1 else min(2, os.cpu_count() or 1)
+    if other != threads:  # on a shared machine, intra-op threads wait for each other at every op
+        fns[f"fp32, {other} thread{'s' if other > 1 else ''}"] = lambda: with_threads(other, fns["fp32"])
+    t = interleaved(fns, repeats=s.repeats, warmup=s.warmup, device=device)
+    for name in list(fns)[1:]:
+        rows.append(row("P", f"train step, {spec.label}, batch {spec.batch}: {name} / fp32 ({threads} thread"
+                        f"{'s' if threads > 1 else ''})", name, stats(t[name], cpu="thread" not in name),
+                        "fp32", stats(t["fp32"], cpu="thread" not in name)))
+    for spec in (s.vgg16, s.tiny):
+        model = build_model(spec, device).eval()
+        x = scene_batch(spec, device)["image"]
+        fwd = {}
+        for name, (dt, cl) in variants.items():
+            m = copy.deepcopy(model).to(memory_format=torch.channels_last) if cl else model
+            xi = x.contiguous(memory_format=torch.channels_last) if cl else x
+
+            def run(m=m, xi=xi, dt=dt) -> None:
+                with torch.inference_mode(), autocast(device, dt):
+                    m(xi)
+            fwd[name] = run
+        reps = s.heavy_repeats if spec.backbone == "vgg16" else s.repeats
+        t = interleaved(fwd, repeats=reps, warmup=s.warmup, device=device)
+        for name in list(variants)[1:]:
+            rows.append(row("P", f"forward, {spec.label}, batch {spec.batch}: {name} / fp32", name,
+                            stats(t[name]), "fp32", stats(t["fp32"])))
+    return {"rows": rows, "info": {}}
+
+
+def phase_data(s: Settings, device: torch.device, scenes: Optional[Path] = None) -> Dict[str, Any]:
+    """The demo's data path (JPEG decode, ``train_transform``, seeded samples, the engine's DataLoader)
+    against the demo model's training speed, and a whole training epoch fed by it."""
+    spec = dataclasses.replace(s.tiny, batch=s.train_batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        if scenes is None:
+            cfg = SynthConfig(train=s.data_images, val=1, size=max(spec.size, 16))
+            scenes = generate_scenes(Path(tmp) / "scenes", cfg, progress=False)
+        dataset = build_dataset(f"synth:{scenes}", "train", transform=train_transform(spec.size))
+        spec = dataclasses.replace(spec, num_classes=len(dataset.classes))
+        n = (len(dataset) // spec.batch) * spec.batch
+        batch = scene_batch(spec, device)
+        model = build_model(spec, device)
+        reps = -(-n // spec.batch)
+        in_memory = InMemory(batch["image"].repeat(reps, 1, 1, 1)[:n], batch["labels"].repeat(reps, 1)[:n])
+        # Training throughput: the engine's epoch loop on ready-made samples; then the same fed by the
+        # real data path with the demo's one worker (do loading and training share the 2 cores well?).
+        trainers = {"memory": make_trainer(copy.deepcopy(model), in_memory, spec.batch, device, Path(tmp) / "a"),
+                    "real": make_trainer(copy.deepcopy(model), dataset, spec.batch, device, Path(tmp) / "b",
+                                         workers=1)}
+        epochs = iter(range(10**9))
+
+        def epoch(trainer: Trainer) -> None:
+            trainer.step_in_epoch = 0
+            with determinism(trainer.run_cfg.deterministic):
+                trainer._train_epoch(next(epochs))
+        fns: Dict[str, Callable] = {"train": lambda: epoch(trainers["memory"]),
+                                    "train real": lambda: epoch(trainers["real"])}
+        for w in s.data_workers:
+            sampler = EpochSampler(len(dataset), spec.batch, seed=0)
+            loader = data_loader(SeededDataset(dataset, 0), batch_size=spec.batch, workers=w, device=device,
+                                 collate_fn=collate, sampler=sampler)
+
+            def load(sampler=sampler, loader=loader) -> None:
+                sampler.set_epoch(next(epochs))
+                for _ in loader:
+                    pass
+            fns[f"load w{w}"] = load
+        # The first epoch of each loader starts its persistent workers: part of the warm-up.
+        t = interleaved(fns, repeats=max(2, s.repeats // 2), warmup=s.warmup, device=device)
+        del trainers, fns
+    train = stats(t["train"], 1 / n, cpu=False)
+    rows = []
+    for i, w in enumerate(s.data_workers):
+        ld = stats(t[f"load w{w}"], 1 / n, cpu=False)
+        rows.append(row(f"4{'abc'[i]}", f"data loading / training throughput, demo data and transforms, {w} "
+                        f"worker{'s' if w != 1 else ''}", "training (engine epoch), s per image", train,
+                        "decode + augment + collate, s per image", ld, ">=", 3.0,
+                        note=f"{1 / ld['median']:.0f} img/s loading vs {1 / train['median']:.1f} img/s training"))
+    rows.append(row("4d", "training epoch on ready-made samples / the same fed by the real data path "
+                    "(1 worker, the demo's setting)", "in-memory epoch, s per image", train,
+                    "real-data epoch, s per image", stats(t["train real"], 1 / n, cpu=False),
+                    note="below 1: loading slows training down (it shares the CPUs)"))
+    return {"rows": rows, "info": {"images": n, "size": spec.size, "workers": list(s.data_workers)}}
+
+
+def phase_metrics(s: Settings, device: torch.device) -> Dict[str, Any]:
+    sys.path.insert(0, str(REPO / "tests"))
+    import reference_metrics as ref
+
+    rng = np.random.default_rng(0)
+    size, thresholds = s.metric_size, default_thresholds(s.metric_interval)
+    maps = []
+    for _ in range(s.metric_maps):  # CAM-like: a coarse random grid, bicubically upsampled
+        import cv2
+        maps.append(normalize_map(cv2.resize(rng.random((6, 6)), (size, size), interpolation=cv2.INTER_CUBIC)))
+    gt = np.array([[size * 0.15, size * 0.2, size * 0.6, size * 0.75]])
+    positives = [rng.random((size, size)) < 0.3 for _ in maps]
+    negatives = [~p for p in positives]
+
+    def fast_boxes() -> Any:
+        return [box_sweep(m, gt, thresholds) for m in maps]
+
+    def fast_pxap() -> float:
+        ap = PixelAP(thresholds)
+        for m, p, n in zip(maps, positives, negatives):
+            ap.update(m, p, n)
+        return float(ap.compute()["value"])
+
+    got_b, want_b = fast_boxes(), [ref.box_sweep(m, gt, thresholds) for m in maps]
+    for (gl, gb), (wl, wb) in zip(got_b, want_b):
+        if not (np.array_equal(gl, wl) and np.array_equal(gb, wb)):
+            raise RuntimeError("wsl.metrics.box_sweep disagrees with the reference loop")
+    got_p, want_p = fast_pxap(), ref.pxap(maps, positives, negatives, thresholds)
+    if abs(got_p - want_p) > 1e-12:
+        raise RuntimeError(f"PixelAP {got_p!r} disagrees with the reference loop {want_p!r}")
+    reps = max(1, s.repeats // 2)  # the naive loops take seconds
+    tb = interleaved({"fast": fast_boxes, "naive": lambda: [ref.box_sweep(m, gt, thresholds) for m in maps]},
+                     repeats=reps, warmup=s.warmup)
+    tp = interleaved({"fast": fast_pxap, "naive": lambda: ref.pxap(maps, positives, negatives, thresholds)},
+                     repeats=reps, warmup=s.warmup)
+    what = f"{len(maps)} maps {size}x{size}, {len(thresholds)} thresholds"
+    return {"rows": [
+        row("5a", f"MaxBoxAcc sweep: naive loop / wsl.metrics.box_sweep, {what}", "per-threshold loop "
+            "(reference_metrics.box_sweep)", stats(tb["naive"]), "box_sweep", stats(tb["fast"]), ">=", 10.0,
+            note="identical IoU curves asserted"),
+        row("5b", f"PxAP: naive loop / wsl.metrics.PixelAP, {what}", "per-threshold loop (reference_metrics.pxap)",
+            stats(tp["naive"]), "PixelAP", stats(tp["fast"]), ">=", 10.0,
+            note=f"identical value asserted (|diff| = {abs(got_p - want_p):.1e})")],
+        "info": {"pxap": got_p}}
+
+
+def glibc_work(s: Settings, device: torch.device) -> Dict[str, Any]:
+    """The allocation-heavy work timed with and without GLIBC_TUNABLES (in separate processes)."""
+    spec = dataclasses.replace(s.tiny, batch=s.train_batch)
+    batch = scene_batch(spec, device)
+    step = bare_step(build_model(spec, device), device)
+    model = build_model(s.tiny, device).eval()
+    small = scene_batch(s.tiny, device)
+    pipeline = cam_pipeline(model)
+    t = interleaved({"train step": lambda: step(batch["image"], batch["labels"]),
+                     "CAM export": lambda: pipeline(small["image"], small["labels"] > 0.5)},
+                    repeats=s.repeats, warmup=s.warmup, device=device)
+    return {"times": t}
+
+
+def phase_cuda(s: Settings, device: torch.device, args: argparse.Namespace) -> Dict[str, Any]:
+    if not torch.cuda.is_available():
+        return {"rows": [], "info": {}, "skipped": {"cuda": "CUDA is not available on this machine"}}
+    dev = torch.device("cuda")
+    dtype = torch.bfloat16
+    out = {"rows": [], "info": {}, "skipped": {}}
+    for name, fn in (("cam", phase_cam), ("rivals", phase_rivals), ("train", phase_train)):
+        torch.cuda.reset_peak_memory_stats(dev)
+        res = fn(s, dev, dtype)
+        for r in res["rows"]:
+            r["id"] = "G" + r["id"]
+            r["what"] = "CUDA bf16: " + r["what"]
+        out["rows"] += res["rows"]
+        out["info"][name] = {**res.get("info", {}), "max_memory_allocated_mb": torch.cuda.max_memory_allocated(dev) / 2**20}
+        out["skipped"].update(res.get("skipped", {}))
+    out["info"]["device_name"] = torch.cuda.get_device_name(dev)
+    return out
+
+
+# ------------------------------------------------------------------------------------ orchestration
+def run_phase(name: str, s: Settings, args: argparse.Namespace) -> Dict[str, Any]:
+    cpu = torch.device("cpu")
+    if name == "cam":
+        return phase_cam(s, cpu)
+    if name == "rivals":
+        return phase_rivals(s, cpu)
+    if name == "train":
+        return phase_train(s, cpu)
+    if name == "precision":
+        return phase_precision(s, cpu)
+    if name == "data":
+        return phase_data(s, cpu, args.scenes)
+    if name == "metrics":
+        return phase_metrics(s, cpu)
+    if name == "glibc-work":
+        return glibc_work(s, cpu)
+    if name == "cuda":
+        return phase_cuda(s, cpu, args)
+    raise ValueError(f"unknown phase {name!r}")
+
+
+def child_argv(args: argparse.Namespace, phase: str, out: Path) -> List[str]:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--child", phase, "--child-out", str(out)]
+    if args.smoke:
+        argv.append("--smoke")
+    for flag in ("repeats", "heavy_repeats"):
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    if args.scenes is not None:
+        argv += ["--scenes", str(args.scenes)]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    return argv
+
+
+def in_child(args: argparse.Namespace, phase: str, env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """Run one phase in a fresh interpreter; its result carries the child's peak RSS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        proc = subprocess.run(child_argv(args, phase, out), env=env, cwd=REPO)
+        if proc.returncode != 0:
+            raise RuntimeError(f"phase {phase!r} failed in its child process (exit {proc.returncode})")
+        return json.loads(out.read_text(encoding="utf-8"))
+
+
+def phase_glibc(s: Settings, args: argparse.Namespace) -> Dict[str, Any]:
+    """Two child processes per setting, alternating, so load changes hit both settings alike."""
+    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    envs = {"with": {**base, "GLIBC_TUNABLES": GLIBC_TUNABLES}, "without": base}
+    times: Dict[str, Dict[str, List[float]]] = {"with": {}, "without": {}}
+    rss: Dict[str, List[float]] = {"with": [], "without": []}
+    for setting in ("with", "without", "without", "with")[: 2 if args.smoke else 4]:
+        res = in_child(args, "glibc-work", envs[setting])
+        rss[setting].append(res["peak_rss_mb"])
+        for k, v in res["result"]["times"].items():
+            for clock in ("wall", "cpu"):
+                times[setting].setdefault(k, {"wall": [], "cpu": []})[clock].extend(v[clock])
+    rows = [row("M", f"GLIBC_TUNABLES: {k}, without / with", "without", stats(times["without"][k]), "with",
+                stats(times["with"][k]), note=f"peak RSS {max(rss['without']):.0f} MB without, "
+                f"{max(rss['with']):.0f} MB with") for k in times["with"]]
+    return {"rows": rows, "info": {"tunables": GLIBC_TUNABLES, "peak_rss_mb": rss}}
+
+
+def machine() -> Dict[str, Any]:
+    cpu, flags = platform.processor() or "unknown", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    versions = {}
+    for pkg in ("torch", "torchvision", "numpy", "opencv-python-headless", "grad-cam", "torchcam"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"cpu": cpu, "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
+            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "amx": any(f.startswith("amx") for f in flags), "avx512_bf16": "avx512_bf16" in flags,
+            "python": platform.python_version(), "platform": platform.platform(), "versions": versions,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES")}
+
+
+def _fmt_time(st: Dict[str, Any]) -> str:
+    v = st["median"]
+    if st["unit"] == "s":
+        return f"{v * 1e3:.1f} ms" if v < 1 else f"{v:.2f} s"
+    return f"{v:.3g} {st['unit']}"
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    m, st = result["machine"], result["settings"]
+    lines = ["# Speed: wsl against its floor and its rivals", "",
+             f"Command: `{result['command']}`", "",
+             f"Machine: {m['cpu']}, {m['cpus_usable']} usable of {m['cpus']} CPUs, torch {m['versions']['torch']} "
+             f"({m['torch_threads']} threads, {m['cpu_capability']}, AMX {'yes' if m['amx'] else 'no'}, "
+             f"avx512_bf16 {'yes' if m['avx512_bf16'] else 'no'}), Python {m['python']}, CUDA: "
+             f"{m['cuda'] or 'none'}. GLIBC_TUNABLES in the parent: `{m['GLIBC_TUNABLES'] or 'unset'}`.", "",
+             f"Load average (1/5/15 min) at start {result['load_start']}, at end {result['load_end']}: "
+             "other processes shared the CPUs, so absolute times are inflated; the ratios compare "
+             "interleaved runs under the same load.", "",
+             f"Settings: {'SMOKE (tiny sizes, not a measurement)' if result['smoke'] else 'full'}; medians of "
+             f"{st['repeats']} runs ({st['step_repeats']} for the training step, {st['heavy_repeats']} for "
+             f"VGG16), {st['warmup']} warm-up run(s) excluded. Ratio = median(numerator) / median(denominator) "
+             "of wall times; the CPU-time ratio is the same for this process's CPU time (steadier under load; "
+             "left out where worker processes or a GPU do part of the work).", "",
+             "| # | measurement | ratio | target | pass | CPU-time ratio | numerator (median) | denominator (median) "
+             "| note |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        target = "-" if r["op"] is None else f"{r['op']} {r['target']:g}"
+        ok = "-" if r["passed"] is None else ("PASS" if r["passed"] else "**FAIL**")
+        cpu = "-" if r.get("cpu_ratio") is None else f"{r['cpu_ratio']:.3f}"
+        lines.append(f"| {r['id']} | {r['what']} | {r['ratio']:.3f} | {target} | {ok} | {cpu} | "
+                     f"{r['num']['label']}: {_fmt_time(r['num'])} | {r['den']['label']}: {_fmt_time(r['den'])} | "
+                     f"{r['note']} |")
+    where = ("cumulative: all phases ran in one process" if result["in_process"]
+             else "each phase in its own process")
+    lines += ["", f"Peak RSS per phase ({where}; includes the interpreter and torch):", "",
+              "| phase | peak RSS | wall time |", "|---|---|---|"]
+    for name, ph in result["phases"].items():
+        lines.append(f"| {name} | {ph['peak_rss_mb']:.0f} MB | {ph['wall_s']:.0f} s |")
+    breakdown = {k: v for k, v in result["phases"].get("cam", {}).get("info", {}).items()}
+    if breakdown:
+        lines += ["", "Where the CAM export time goes (medians, same maps):", "",
+                  "| model | " + " | ".join(next(iter(breakdown.values()))["breakdown_s"]) + " |",
+                  "|---|" + "---|" * len(next(iter(breakdown.values()))["breakdown_s"])]
+        for key, info in breakdown.items():
+            lines.append(f"| {info['spec']['label']} | " + " | ".join(
+                f"{v['median'] * 1e3:.1f} ms" for v in info["breakdown_s"].values()) + " |")
+    if result["skipped"]:
+        lines += ["", "Skipped:", ""] + [f"- {k}: {v}" for k, v in result["skipped"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and one repeat: checks the script, measures nothing")
+    p.add_argument("--only", nargs="+", choices=PHASES, help="run these phases only")
+    p.add_argument("--skip", nargs="+", choices=PHASES, default=[], help="leave these phases out")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
+                   help="cuda/auto add the CUDA section when CUDA is available (skipped otherwise)")
+    p.add_argument("--repeats", type=int, help="timed runs per measurement (default 7, training steps 2N+1; smoke 1)")
+    p.add_argument("--heavy-repeats", type=int, help="timed runs of VGG16 measurements (default 3; smoke 1)")
+    p.add_argument("--scenes", type=Path, help="existing generated scenes for the data phase (default: generate)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run phases in this process (peak RSS is then cumulative; default with --smoke)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice; smoke 1)")
+    p.add_argument("--results", type=Path, default=REPO / "experiments" / "results", help="output directory")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    s = SMOKE if args.smoke else FULL
+    if args.repeats:
+        s = dataclasses.replace(s, repeats=args.repeats, step_repeats=2 * args.repeats + 1)
+    if args.heavy_repeats:
+        s = dataclasses.replace(s, heavy_repeats=args.heavy_repeats)
+    if args.smoke:
+        args.in_process = True
+        args.threads = args.threads or 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.child:
+        t0 = time.perf_counter()
+        result = run_phase(args.child, s, args)
+        atomic_write_json(args.child_out, {"result": result, "peak_rss_mb": peak_rss_mb(),
+                                           "wall_s": time.perf_counter() - t0})
+        return 0
+
+    phases = [ph for ph in (args.only or PHASES) if ph not in args.skip]
+    if args.device == "cpu" and "cuda" in phases:
+        phases.remove("cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        log.warning("--device cuda: CUDA is not available here, the CUDA section is skipped")
+    result: Dict[str, Any] = {"command": shlex.join(["python", *[str(a) for a in ([sys.argv[0]] + (argv or sys.argv[1:]))]]),
+                              "smoke": args.smoke, "in_process": args.in_process, "machine": machine(),
+                              "settings": json.loads(json.dumps(dataclasses.asdict(s))),
+                              "load_start": [round(x, 2) for x in os.getloadavg()], "rows": [], "phases": {},
+                              "skipped": {}}
+    for name in phases:
+        log.info("phase %s ...", name)
+        t0, c0 = time.perf_counter(), _cpu_seconds()
+        if name == "glibc":
+            res, rss = phase_glibc(s, args), peak_rss_mb()
+        elif args.in_process:
+            res, rss = run_phase(name, s, args), peak_rss_mb()
+        else:
+            child = in_child(args, name)
+            res, rss = child["result"], child["peak_rss_mb"]
+        result["rows"] += res["rows"]
+        result["skipped"].update(res.get("skipped", {}))
+        result["phases"][name] = {"peak_rss_mb": rss, "wall_s": time.perf_counter() - t0,
+                                  "cpu_s": _cpu_seconds() - c0,
+                                  "info": res.get("info", {})}
+        for r in res["rows"]:
+            log.info("  %s %s: %.3f %s", r["id"], r["what"], r["ratio"],
+                     "" if r["op"] is None else f"(target {r['op']} {r['target']:g}: "
+                     f"{'pass' if r['passed'] else 'FAIL'})")
+    result["load_end"] = [round(x, 2) for x in os.getloadavg()]
+    args.results.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.results / "speed.json", result)
+    atomic_write_text(args.results / "speed.md", markdown(result))
+    log.info("wrote %s", args.results / "speed.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The whole pipeline (`wsl demo --quick`) end to end in a temporary directory: report, figures and metrics;
+refusing a non-empty output; resuming without redoing finished stages; the JSON configs."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from wsl import cli
+from wsl.pipeline import (STAGES, PipelineConfig, active_stages, demo_config, read_stage, run_pipeline,
+                          stage_complete)
+from wsl.train.classifier import TrainConfig
+from wsl.train.engine import with_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "experiments" / "configs"
+FIGURES = ("examples", "per_class", "thresholds", "training", "segmenter_vs_pseudo")
+QUICK_STAGES = ["scenes", "classifier", "cams", "bench", "pseudo_masks", "segmenter", "segment", "report"]
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert cli.main(["-q", "demo", "--out", str(out), "--quick"]) == 0
+    return out
+
+
+def test_demo_quick_writes_report_with_figures(demo_dir):
+    report = (demo_dir / "report.md").read_text(encoding="utf-8")
+    page = (demo_dir / "report.html").read_text(encoding="utf-8")
+    for name in FIGURES:
+        path = demo_dir / "figures" / f"{name}.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        with Image.open(path) as im:
+            assert im.width > 300 and im.height > 200, name
+            assert len(set(im.convert("L").getdata())) > 20, f"{name} is blank"
+        assert f"figures/{name}.png" in report and f"figures/{name}.png" in page
+    for heading in ("## Results", "## Examples", "## Per class", "## Threshold curves", "## Training curves",
+                    "## Segmenter vs pseudo-masks", "## Pooling heads", "## Time per stage"):
+        assert heading in report
+    assert "<table>" in page and "<h2>Results</h2>" in page
+    assert not list(demo_dir.rglob(".*.tmp*")), "a temporary file was left behind"
+
+
+def test_demo_quick_metrics_and_stage_records(demo_dir):
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    assert list(summary["stages"]) == QUICK_STAGES
+    for stage in QUICK_STAGES:
+        record = read_stage(demo_dir, stage)
+        assert stage_complete(demo_dir, stage) and record["seconds"] > 0 and record["cpu_seconds"] >= 0
+    res = summary["results"]
+    values = [res["classifier"]["val_map"], res["bench"]["cls_map"], res["bench"]["point_map"],
+              res["bench"]["maxboxacc"], res["pseudo_masks"]["train"]["miou"], res["pseudo_masks"]["val"]["miou"],
+              res["segment"]["miou"]]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    assert set(res["segment"]["iou"]) == {"background", "disc", "square", "triangle", "star"}
+    # The segment stage scored the same files the report shows.
+    assert len(list((demo_dir / "segment").glob("val_*.png"))) == 16
+    assert len(list((demo_dir / "pseudo_masks" / "masks").glob("train_*.png"))) == 48
+
+
+def test_demo_refuses_a_non_empty_out_dir(tmp_path, capsys):
+    (tmp_path / "keep.txt").write_text("mine")
+    assert cli.main(["-q", "demo", "--out", str(tmp_path), "--quick"]) == 1
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_resume_skips_complete_stages_and_reruns_from_the_first_missing(demo_dir, tmp_path, caplog):
+    out = tmp_path / "run"
+    shutil.copytree(demo_dir, out)
+    before = {s: read_stage(out, s)["finished"] for s in QUICK_STAGES}
+    caplog.set_level("INFO", logger="wsl.pipeline")
+    summary = run_pipeline(demo_config(quick=True), out, resume=True, progress=False)
+    assert all(r["skipped"] for r in summary["stages"].values())
+    assert sum("complete, skipped" in m for m in caplog.messages) == len(QUICK_STAGES)
+    assert {s: read_stage(out, s)["finished"] for s in QUICK_STAGES} == before
+
+    (out / "segment" / "stage.json").unlink()  # as if killed during the segment stage
+    caplog.clear()
+    assert cli.main(["-q", "demo", "--out", str(out), "--quick", "--resume"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    ran = [s for s, r in summary["stages"].items() if not r["skipped"]]
+    assert ran == ["segment", "report"]
+    assert read_stage(out, "segmenter")["finished"] == before["segmenter"]
+
+
+def test_resume_refuses_another_config(demo_dir, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(demo_dir, out, ignore=shutil.ignore_patterns("scenes", "cams", "pseudo_masks", "segment"))
+    other = with_overrides(demo_config(quick=True), {"classifier.schedule.epochs": 3})
+    with pytest.raises(ValueError, match=r"classifier\.schedule\.epochs=2.*epochs=3"):
+        run_pipeline(other, out, resume=True)
+    with pytest.raises(ValueError, match="contradict"):
+        run_pipeline(demo_config(quick=True), out, resume=True, overwrite=True)
+
+
+def test_demo_config_file_matches_the_code():
+    assert PipelineConfig.load(CONFIGS / "pipeline_demo.json") == demo_config()
+    assert active_stages(demo_config()) == QUICK_STAGES
+
+
+@pytest.mark.parametrize("name, classifier", [("pipeline_voc2012_vgg16.json", "voc2012_vgg16.json"),
+                                               ("pipeline_coco2014_vgg16.json", "coco2014_vgg16.json")])
+def test_dataset_configs_compose_the_trainer_configs(name, classifier):
+    config = PipelineConfig.load(CONFIGS / name)
+    assert config.data.spec and config.classifier == TrainConfig.load(CONFIGS / classifier)
+    assert config.segmenter.model.backbone == "vgg16" and "scenes" not in active_stages(config)
+
+
+def test_config_errors_name_the_field(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"cams": {"tua": 0.5}}))
+    with pytest.raises(ValueError, match=r"bad\.json.*'tua'"):
+        PipelineConfig.load(path)
+    path.write_text(json.dumps({"classifier": "missing.json"}))
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        PipelineConfig.load(path)
+    with pytest.raises(ValueError, match="'segment' needs 'segmenter'"):
+        PipelineConfig(skip=("segmenter",))
+    with pytest.raises(ValueError, match="unknown head 'maxx'"):
+        with_overrides(demo_config(quick=True), {"pooling.heads": {"maxx": {}}})
+    with pytest.raises(ValueError, match="not a stage"):
+        run_pipeline(demo_config(quick=True), tmp_path / "x", stop_after="pooling")
+    assert set(STAGES) >= set(QUICK_STAGES)

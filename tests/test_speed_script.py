@@ -1,0 +1,78 @@
+"""experiments/speed.py runs end to end in its --smoke mode and writes a well-formed report.
+
+Only the structure of the output is checked: timings on a shared CPU mean nothing at smoke sizes. The
+glibc phase is left out here because it starts two more interpreters (it is exercised by the full run).
+"""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "experiments" / "speed.py"
+RATIO_IDS = {"1a", "1b", "3a", "3b", "4a", "4d", "5a", "5b"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--skip", "glibc", "--device", "auto",
+                           "--results", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / "speed.json").read_text()), (out / "speed.md").read_text()
+
+
+def test_json_rows_have_ratios_targets_and_medians(smoke):
+    _, result, _ = smoke
+    rows = {r["id"]: r for r in result["rows"]}
+    assert RATIO_IDS <= set(rows)
+    for r in result["rows"]:
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0
+        assert r["ratio"] == pytest.approx(r["num"]["median"] / r["den"]["median"])
+        if r["op"] is None:
+            assert r["passed"] is None and r["target"] is None
+        else:
+            assert r["op"] in ("<=", ">=") and isinstance(r["passed"], bool)
+            assert r["passed"] == (r["ratio"] <= r["target"] if r["op"] == "<=" else r["ratio"] >= r["target"])
+        for side in ("num", "den"):
+            assert r[side]["n"] == len(r[side]["values"]) >= 1
+            assert r[side]["q1"] <= r[side]["median"] <= r[side]["q3"]
+    assert rows["1a"]["op"] == "<=" and rows["1a"]["target"] == 1.10
+    assert rows["3a"]["target"] == 0.95 and rows["4a"]["target"] == 3.0 and rows["5a"]["target"] == 10.0
+    assert any(r["id"] == "P" and "bf16" in r["what"] for r in result["rows"])  # precision variants
+
+
+def test_rivals_are_measured_or_skipped_with_a_reason(smoke):
+    _, result, _ = smoke
+    rivals = [r for r in result["rows"] if r["id"].startswith("2")]
+    for r in rivals:
+        assert r["op"] == ">=" and r["target"] == 2.0
+    names = {r["num"]["label"] for r in rivals} | set(result["skipped"])
+    assert any("grad-cam" in n for n in names) and any("torchcam" in n for n in names)
+
+
+def test_phases_machine_and_cuda_section(smoke):
+    _, result, _ = smoke
+    assert set(result["phases"]) == {"cam", "rivals", "train", "precision", "data", "metrics", "cuda"}
+    for phase in result["phases"].values():
+        assert phase["peak_rss_mb"] > 0 and phase["wall_s"] >= 0
+    m = result["machine"]
+    assert m["cpus"] >= 1 and m["versions"]["torch"] and isinstance(m["amx"], bool)
+    assert result["smoke"] is True and len(result["load_start"]) == 3
+    breakdown = result["phases"]["cam"]["info"]["tiny"]["breakdown_s"]
+    assert {"argmax_points", "local_maxima", "cam_boxes", "pseudo_masks"} <= set(breakdown)
+    import torch
+    if not torch.cuda.is_available():
+        assert "CUDA" in result["skipped"]["cuda"]
+
+
+def test_markdown_report(smoke):
+    _, result, md = smoke
+    assert "--smoke" in result["command"] and f"`{result['command']}`" in md
+    assert "| # | measurement | ratio | target | pass |" in md
+    for rid in RATIO_IDS:
+        assert f"| {rid} |" in md
+    assert result["machine"]["cpu"] in md and "Peak RSS" in md and "SMOKE" in md
