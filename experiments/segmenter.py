@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import shlex
 import sys
 import time
@@ -55,7 +56,7 @@ class Stages:
     """Runs named stages, timing each; with ``reuse`` a stage whose marker file exists is skipped."""
 
     def __init__(self, reuse: bool) -> None:
-        self.reuse, self.seconds, self.load = reuse, {}, {}
+        self.reuse, self.seconds, self.cpu, self.load = reuse, {}, {}, {}
 
     def __call__(self, name: str, marker: Path, fn: Callable[[], Any]) -> None:
         if self.reuse and marker.exists():
@@ -63,11 +64,20 @@ class Stages:
             self.seconds[name] = None
             return
         log.info("[%s] ...", name)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         fn()
         self.seconds[name] = round(time.perf_counter() - t0, 1)
+        self.cpu[name] = round(cpu_seconds() - c0, 1)
         self.load[name] = round(os.getloadavg()[0], 1)
-        log.info("[%s] done in %.1f s (load average %.1f)", name, self.seconds[name], self.load[name])
+        log.info("[%s] done in %.1f s, %.1f CPU s (load average %.1f)", name, self.seconds[name],
+                 self.cpu[name], self.load[name])
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (DataLoader workers): unlike wall time it
+    does not grow when other jobs share the cores."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def best_epoch(run: Path) -> Dict[str, Any]:
@@ -146,7 +156,7 @@ def main(argv: Any = None) -> int:
         "segmenter_pseudo": best_epoch(work / "seg_pseudo"),
         "segmenter_gt": best_epoch(work / "seg_gt"),
         "segmenter_pseudo_val_inference": inference,
-        "stage_seconds": stages.seconds, "load_average_after_stage": stages.load,
+        "stage_seconds": stages.seconds, "stage_cpu_seconds": stages.cpu, "load_average_after_stage": stages.load,
         "total_seconds": round(time.perf_counter() - t_start, 1),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version()},
@@ -206,11 +216,11 @@ def report(r: Dict[str, Any]) -> str:
         "",
         "## Time (s, wall clock)",
         "",
-        "| stage | seconds | load average after |",
-        "|---|---|---|",
-        *[f"| {k} | {'reused' if v is None else v} | {r['load_average_after_stage'].get(k, '')} |"
-          for k, v in s.items()],
-        f"| **total** | {r['total_seconds']} | |",
+        "| stage | wall seconds | CPU seconds | load average after |",
+        "|---|---|---|---|",
+        *[f"| {k} | {'reused' if v is None else v} | {r['stage_cpu_seconds'].get(k, '')} | "
+          f"{r['load_average_after_stage'].get(k, '')} |" for k, v in s.items()],
+        f"| **total** | {r['total_seconds']} | | |",
         "",
         f"Segmenter training alone (sum of epoch train time): pseudo {sp['train_seconds']} s, ground truth "
         f"{sg['train_seconds']} s. Machine: {r['machine']['cpus']} CPUs, torch {r['machine']['torch']} with "

@@ -18,6 +18,16 @@ from wsl.utils.io import load_checkpoint, read_jsonl
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than two, and much faster on a busy machine
+    (idle OpenMP threads wait for descheduled peers at every op)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class Blobs(torch.utils.data.Dataset):
     """16 random 6x6 images with 2 tags; the flip augmentation draws from the torch RNG."""
 

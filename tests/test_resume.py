@@ -21,11 +21,21 @@ from wsl.utils.io import load_checkpoint, read_jsonl
 EPOCHS = 3
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than two, and much faster on a busy machine
+    (idle OpenMP threads wait for descheduled peers at every op)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def config(root: Path, workers: int) -> TrainConfig:
-    return TrainConfig(data=DataConfig(spec=f"voc:{root}", size=48, workers=workers),
+    return TrainConfig(data=DataConfig(spec=f"voc:{root}", size=32, workers=workers),
                        model=ModelConfig(backbone="vgg_tiny", pooling="lse"),
                        optim=OptimConfig(lr=0.05, batch_size=4), schedule=ScheduleConfig(epochs=EPOCHS),
-                       run=RunConfig(device="cpu", seed=2, save_every=1))
+                       run=RunConfig(device="cpu", seed=2, save_every=2))
 
 
 def train_state(path: Path):
@@ -42,15 +52,20 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(scenes_root, tmp_p
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(__import__("json").dumps(cfg.to_dict()))
     killed = tmp_path / "killed"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "wsl", "-q", "train", "--config", str(cfg_file),
                              "--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
+        deadline, seen = time.monotonic() + 120, None
         while time.monotonic() < deadline and proc.poll() is None:
-            state = train_state(killed / "last.pt")
-            if state and state["epoch"] == 1 and state["step_in_epoch"] >= 1:  # inside epoch 2
-                break
+            try:
+                stamp = (killed / "last.pt").stat().st_mtime_ns
+            except FileNotFoundError:
+                stamp = None
+            if stamp != seen:  # a new checkpoint: is it the one inside epoch 2?
+                seen, state = stamp, train_state(killed / "last.pt")
+                if state and state["epoch"] == 1 and state["step_in_epoch"] >= 1:
+                    break
             time.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
         _, err = proc.communicate(timeout=30)

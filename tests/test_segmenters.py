@@ -106,11 +106,10 @@ def test_deeplabv3_weights_from_enum_and_backbone_file(tmp_path, monkeypatch):
     torch.testing.assert_close(model.net.classifier[0].project[0].weight, ref.classifier[0].project[0].weight)
     assert model.net.classifier[4].out_channels == 5  # another class count: the last layer keeps its init
 
-    resnet = torchvision.models.resnet50(weights=None)
-    path = tmp_path / "r50.pth"
-    torch.save(resnet.state_dict(), path)
+    path = tmp_path / "r50.pth"  # a torchvision ResNet50 state dict (the trunk's keys are resnet50's)
+    torch.save(ref.backbone.state_dict(), path)
     model = build_segmenter("deeplabv3_resnet50", num_classes=3, backbone_weights=path)
-    torch.testing.assert_close(model.net.backbone.conv1.weight, resnet.conv1.weight)
+    torch.testing.assert_close(model.net.backbone.conv1.weight, ref.backbone.conv1.weight)
 
 
 @pytest.fixture

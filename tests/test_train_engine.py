@@ -18,6 +18,16 @@ from wsl.utils import dist
 from wsl.utils.io import load_checkpoint, save_checkpoint
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster than two, and much faster on a busy machine
+    (idle OpenMP threads wait for descheduled peers at every op)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # ------------------------------------------------------------------------------------ tiny task
 class NoisyDataset(torch.utils.data.Dataset):
     """8x8 images whose augmentation (flip, noise) draws from the global torch RNG, as v2 transforms do."""
@@ -48,7 +58,7 @@ class TinyNet(nn.Module):
 
 
 def make_trainer(tmp_path, *, epochs=2, save_every=0, lr=0.1, loss_hook=None, resume=False, overwrite=False,
-                 world=None, info=None):
+                 info=None, curves=(("train_loss", "loss"),)):
     torch.manual_seed(0)
     model = TinyNet()
     data = NoisyDataset()
@@ -71,7 +81,7 @@ def make_trainer(tmp_path, *, epochs=2, save_every=0, lr=0.1, loss_hook=None, re
         train_set=data, collate_fn=None, loss_fn=loss_fn, evaluate=evaluate,
         payload=lambda m: {"kind": "test", "model": m.state_dict()},
         optim=OptimConfig(lr=lr, batch_size=4), schedule=ScheduleConfig(epochs=epochs, warmup_epochs=0.5),
-        run_cfg=RunConfig(seed=3, save_every=save_every), workers=0, run=run, info=info)
+        run_cfg=RunConfig(seed=3, save_every=save_every), workers=0, run=run, info=info, curves=curves)
     if resumable:
         ckpt = load_checkpoint(run.last)
         model.load_state_dict(ckpt["model"])
@@ -197,7 +207,7 @@ def test_trainer_writes_the_run(tmp_path):
 
 def test_mid_epoch_resume_is_exact(tmp_path):
     """A crash after a mid-epoch checkpoint, then resume: same weights as never crashing."""
-    ref, _ = make_trainer(tmp_path / "a", save_every=2)
+    ref, _ = make_trainer(tmp_path / "a", save_every=2, curves=())
     ref.fit()
 
     calls = {"n": 0}
@@ -208,10 +218,10 @@ def test_mid_epoch_resume_is_exact(tmp_path):
             raise KeyboardInterrupt
         return loss
 
-    crashed, run = make_trainer(tmp_path / "b", save_every=2, loss_hook=crash_in_epoch_2)
+    crashed, run = make_trainer(tmp_path / "b", save_every=2, loss_hook=crash_in_epoch_2, curves=())
     with pytest.raises(KeyboardInterrupt):
         crashed.fit()
-    resumed, run = make_trainer(tmp_path / "b", save_every=2, resume=True)
+    resumed, run = make_trainer(tmp_path / "b", save_every=2, resume=True, curves=())
     assert (resumed.epoch, resumed.step_in_epoch) == (1, 2)
     resumed.fit()
     for p, q in zip(ref.model.parameters(), resumed.model.parameters()):
@@ -227,7 +237,7 @@ def test_nan_loss_stops_with_epoch_and_step(tmp_path):
         calls["n"] += 1
         return loss * math.nan if calls["n"] == 3 else loss
 
-    trainer, _ = make_trainer(tmp_path, loss_hook=nan_at_step_3)
+    trainer, _ = make_trainer(tmp_path, loss_hook=nan_at_step_3, curves=())
     with pytest.raises(NumericalError, match="epoch 1, step 3"):
         trainer.fit()
 

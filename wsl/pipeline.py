@@ -15,7 +15,8 @@ stage           what it does                                         library cal
                 scored against the ground truth when there is one    :func:`wsl.segment.score_mask_dir`
 ``segmenter``   segmenter trained on the pseudo-masks                :func:`wsl.train.segmenter.train_segmenter`
 ``segment``     segmenter on the val split, mIoU against the GT      :func:`wsl.segment.segment_dataset`
-``report``      ``report.md`` / ``report.html`` with figures         :func:`wsl.report.write_report`
+``report``      ``OUT/report.md``, ``OUT/report.html``,              :func:`wsl.report.write_report`
+                ``OUT/figures/*.png``
 ==============  ===================================================  =====================================
 
 A stage is *complete* when its ``stage.json`` (written last: wall and CPU seconds, load average, a
@@ -51,12 +52,14 @@ log = logging.getLogger(__name__)
 STAGES = ("scenes", "classifier", "cams", "bench", "pooling", "pseudo_masks", "segmenter", "segment", "report")
 #: Stages a config may leave out (``skip``), with the later stages that need them.
 SKIPPABLE = {"bench": (), "pseudo_masks": ("segmenter",), "segmenter": ("segment",), "segment": ()}
-#: Outputs (relative to the stage directory) whose presence, with ``stage.json``, means "complete".
+#: Outputs (relative to the output directory) whose presence, with ``<stage>/stage.json``, means
+#: "complete". The report is the exception to "everything under <stage>/": it is the run's front page.
 OUTPUTS = {
-    "scenes": ("synth.json",), "classifier": ("last.pt", "metrics.jsonl"),
-    "cams": ("manifest.json", "localization.json"), "bench": ("metrics.json",),
-    "pooling": ("pooling_heads.json",), "pseudo_masks": ("manifest.json",),
-    "segmenter": ("last.pt", "metrics.jsonl"), "segment": ("manifest.json",), "report": ("report.md",),
+    "scenes": ("scenes/synth.json",), "classifier": ("classifier/last.pt", "classifier/metrics.jsonl"),
+    "cams": ("cams/manifest.json", "cams/localization.json"), "bench": ("bench/metrics.json",),
+    "pooling": ("pooling/pooling_heads.json",), "pseudo_masks": ("pseudo_masks/manifest.json",),
+    "segmenter": ("segmenter/last.pt", "segmenter/metrics.jsonl"), "segment": ("segment/manifest.json",),
+    "report": ("report.md", "report.html"),
 }
 STAGE_FILE = "stage.json"
 #: Config fields that may differ when a run is resumed: they change how, not what, is computed.
@@ -112,7 +115,11 @@ class BenchSection:
     rank_by: str = "score"
 
     def __post_init__(self) -> None:
+        from wsl.bench import RANK_BY
+
         _check_metrics("bench.metrics", self.metrics)
+        if self.rank_by not in RANK_BY:
+            raise ValueError(f"bench.rank_by must be one of {', '.join(RANK_BY)}, got {self.rank_by!r}")
         if not 0.0 < self.cam_interval < 1.0:
             raise ValueError(f"bench.cam_interval must be in (0, 1), got {self.cam_interval}")
 
@@ -503,8 +510,8 @@ def active_stages(config: PipelineConfig) -> List[str]:
 
 def stage_complete(out_dir: PathLike, stage: str) -> bool:
     """Whether ``out_dir/<stage>`` holds a finished stage (``stage.json`` and its main outputs)."""
-    d = Path(out_dir) / stage
-    return (d / STAGE_FILE).is_file() and all((d / f).exists() for f in OUTPUTS[stage])
+    out = Path(out_dir)
+    return (out / stage / STAGE_FILE).is_file() and all((out / f).exists() for f in OUTPUTS[stage])
 
 
 def read_stage(out_dir: PathLike, stage: str) -> Optional[Dict[str, Any]]:

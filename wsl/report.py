@@ -140,7 +140,7 @@ def _colour(c: int) -> np.ndarray:
     return VOC_PALETTE[int(c) + 1] / 255.0
 
 
-def _mask_rgba(mask: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+def _mask_rgba(mask: np.ndarray, alpha: float = 0.7) -> np.ndarray:
     """A class-index mask as an RGBA overlay: classes in the VOC palette, 255 in cream, background clear."""
     rgba = np.zeros(mask.shape + (4,), np.float32)
     rgba[..., :3] = VOC_PALETTE[mask] / 255.0
@@ -218,7 +218,7 @@ def examples_figure(out: Path, dataset: Any, path: Path, n: int) -> Optional[Pat
         ax.imshow(cmap(np.clip(heat, 0, 1))[..., :3], alpha=0.55)
         for b in rec["boxes"]:
             _box_patch(ax, b["bbox"], _colour(b["class_index"]), dashed=True, width=2.0)
-        for p in rec["points"]:
+        for p in (p for p in rec["points"] if p["value"] > 0):  # a map without evidence has no peak
             ax.plot(p["x"], p["y"], marker="+", markersize=11, markeredgewidth=2.5, color="white")
             ax.plot(p["x"], p["y"], marker="+", markersize=9, markeredgewidth=1.4, color=_colour(p["class_index"]))
         panels = [_read_mask(out / "cams" / "masks" / f"{stem}.png")]

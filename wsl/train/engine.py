@@ -490,8 +490,8 @@ class RunDir:
             append_jsonl(self.metrics_jsonl, json_safe(record))
 
     def plot_curves(self, panels: Sequence[Tuple[str, str]]) -> None:
-        """One panel per ``(metrics key, title)`` against epoch, saved to ``curves.png``."""
-        if not dist.is_main():
+        """One panel per ``(metrics key, title)`` against epoch, saved to ``curves.png`` (none: no file)."""
+        if not dist.is_main() or not panels:
             return
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure

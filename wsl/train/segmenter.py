@@ -88,13 +88,20 @@ class SegModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SegTrainConfig:
-    """One segmenter training run, written to ``config.json`` in the run directory. The defaults are
-    the CPU demo on generated scenes (narrow VGG from scratch, 128 px, poly schedule)."""
+    """One segmenter training run, written to ``config.json`` in the run directory.
+
+    The defaults are the CPU demo on generated scenes: DeepLab-LargeFOV on the narrow VGG from scratch,
+    128 px crops, AdamW at 1e-3 with the poly schedule for 12 epochs (Adam because from scratch it
+    leaves the all-background solution several times sooner than SGD, measured). The paper setup is
+    ``name="deeplab_largefov", backbone="vgg16", backbone_weights="IMAGENET1K_V1"``, SGD lr 1e-3
+    (head x10), batch 20-30, 321 px crops, poly over ~6k iterations.
+    """
 
     data: SegDataConfig = dataclasses.field(default_factory=SegDataConfig)
     model: SegModelConfig = dataclasses.field(default_factory=SegModelConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=0.02, batch_size=16))
-    schedule: ScheduleConfig = dataclasses.field(default_factory=lambda: ScheduleConfig(epochs=8, schedule="poly"))
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(optimizer="adamw", lr=1e-3, batch_size=16))
+    schedule: ScheduleConfig = dataclasses.field(default_factory=lambda: ScheduleConfig(epochs=12, schedule="poly"))
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -118,7 +125,7 @@ class SegTrainConfig:
 
 
 def demo_config(spec: str, masks: Optional[str] = None) -> SegTrainConfig:
-    """The CPU demo: the defaults on dataset ``spec`` with pseudo-masks from ``masks``."""
+    """The CPU demo: the defaults on dataset ``spec`` with pseudo-masks from ``masks`` (None: ground truth)."""
     return SegTrainConfig(data=SegDataConfig(spec=spec, masks=masks))
 
 
@@ -314,9 +321,9 @@ def train_segmenter(config: SegTrainConfig, out_dir: PathLike, *, resume: bool =
         train_set = training_set(d)
         classes = list(train_set.classes)
         val_set = build_dataset(d.spec, d.val_split, classes=classes, masks=True)
-        dist.log_main(log, logging.INFO, "training on %s (%d images, %s masks), validating on %s (%d images), "
+        dist.log_main(log, logging.INFO, "training on %s (%d images, %s), validating on %s (%d images), "
                       "%d classes + background", d.train_split, len(train_set),
-                      "ground-truth" if d.masks is None else f"pseudo- from {d.masks}", d.val_split,
+                      "ground-truth masks" if d.masks is None else f"pseudo-masks from {d.masks}", d.val_split,
                       len(val_set), len(classes))
 
         seed_everything(config.run.seed)  # the new head's initial weights
