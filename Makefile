@@ -4,7 +4,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# glibc returning large tensors to the OS on every free costs 15-35% on CPU; keep them in the heap.
+# Keep large freed tensors in the heap instead of returning them to the OS. Reported to cost 15-35% on
+# some CPUs; experiments/results/speed.md measured no difference (0.94-1.05x) on the dev machine.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
 .PHONY: demo test venv clean
