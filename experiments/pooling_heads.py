@@ -25,7 +25,8 @@ import torch
 from wsl.data.synth import SynthConfig, generate_scenes
 from wsl.models.layers.pooling import POOLINGS
 from wsl.train.classifier import TrainConfig, demo_config, train_classifier
-from wsl.train.engine import with_overrides
+from wsl.train.engine import resolve_amp, with_overrides
+from wsl.utils.dist import resolve_device
 from wsl.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("pooling_heads")
@@ -72,16 +73,16 @@ def command_line() -> str:
 
 
 def markdown(rows: List[Dict[str, Any]], config: TrainConfig, scenes: SynthConfig, env: Dict[str, Any]) -> str:
-    lines = ["# Pooling heads on the default generated scenes", "",
+    lines = ["# Pooling heads on generated scenes", "",
              f"Command: `{command_line()}`", "",
              f"Scenes: {'`SynthConfig` defaults' if scenes == SynthConfig() else 'generated'} "
              f"({scenes.train} train / {scenes.val} val images, "
              f"{scenes.size} px, {scenes.num_classes} classes). Training: the demo config "
              f"(`{config.model.backbone}`, {config.data.size} px, {config.schedule.epochs} epochs, "
              f"{config.optim.optimizer} lr {config.optim.lr}, batch {config.optim.batch_size}, "
-             f"amp {config.run.amp}); only the head changes.", "",
-             f"Machine: {env['cpus']} CPUs visible, torch {env['torch']} with {env['threads']} threads, "
-             f"{env['platform']}.", "",
+             f"precision {env['precision']}, channels_last {config.run.channels_last}); only the head changes.", "",
+             f"Machine: {env['device']}, {env['cpus']} CPUs visible, torch {env['torch']} with {env['threads']} "
+             f"threads, {env['platform']}.", "",
              "| head | arguments | val mAP (last epoch) | best val mAP (epoch) | wall time |",
              "|---|---|---|---|---|"]
     for r in rows:
@@ -112,8 +113,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.epochs:
         base = with_overrides(base, {"schedule.epochs": args.epochs})
     rows = run_heads(scenes, args.out, args.heads, base)
+    device = resolve_device(base.run.device)
     env = {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "platform": platform.platform()}
+           "platform": platform.platform(), "device": str(device),
+           "precision": resolve_amp(base.run.amp, device)}
     result = {"command": command_line(), "config": base.to_dict(), "environment": env, "heads": rows}
     atomic_write_json(args.results / "pooling_heads.json", result)
     atomic_write_text(args.results / "pooling_heads.md", markdown(rows, base, synth, env))

@@ -86,6 +86,7 @@ def best_epoch(run: Path) -> Dict[str, Any]:
     return {"best_epoch": best["epoch"], "best_val_miou": best["val_miou"], "final_val_miou": records[-1]["val_miou"],
             "final_val_iou": records[-1]["val_iou"], "curve": [round(r["val_miou"], 4) for r in records],
             "train_seconds": round(sum(r["train_seconds"] for r in records), 1),
+            "fastest_epoch_seconds": round(min(r["seconds"] for r in records), 1),
             "seconds": round(sum(r["seconds"] for r in records), 1)}
 
 
@@ -172,6 +173,16 @@ def pct(v: Any) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}"
 
 
+def verdict(r: Dict[str, Any]) -> str:
+    """One sentence on the question the experiment asks, from the numbers."""
+    seg = r["segmenter_pseudo"]["final_val_miou"]
+    masks = r["pseudo_masks"]["val"]["miou_ignore_as_background"]
+    gt = r["segmenter_gt"]["final_val_miou"]
+    beats = "beats" if seg > masks else "does not beat"
+    return (f"**The segmenter {beats} its pseudo-masks on val ({pct(seg)} vs {pct(masks)} mIoU) and reaches "
+            f"{pct(seg / gt if gt else None)}% of the ground-truth-trained segmenter ({pct(gt)}).**")
+
+
 def report(r: Dict[str, Any]) -> str:
     q, sp, sg, inf = r["pseudo_masks"], r["segmenter_pseudo"], r["segmenter_gt"], r["segmenter_pseudo_val_inference"]
     s, seg = r["stage_seconds"], r["segmenter_config"]
@@ -208,11 +219,21 @@ def report(r: Dict[str, Any]) -> str:
         f"| segmenter trained on ground-truth masks (upper bound; best {pct(sg['best_val_miou'])}) | | "
         f"{pct(sg['final_val_miou'])} |",
         "",
+        verdict(r),
+        "",
         "Pseudo-masks on val use the val images' tags (they are what `wsl cam` would give for a tagged image); "
         "the segmenter sees only pixels. A segmenter predicts every pixel, so compare it with the "
         "'ignore as background' row; the 'labelled pixels only' row scores the confident part alone.",
         "",
         f"Val mIoU per epoch: pseudo-masks {sp['curve']}, ground truth {sg['curve']}.",
+        "",
+        "Per-class val IoU (%):",
+        "",
+        "| | " + " | ".join(q["val"]["iou_ignore_as_background"]) + " |",
+        "|---|" + "---|" * len(q["val"]["iou_ignore_as_background"]),
+        *[f"| {name} | " + " | ".join(pct(v) for v in ious.values()) + " |" for name, ious in (
+            ("pseudo-masks (ignore as background)", q["val"]["iou_ignore_as_background"]),
+            ("segmenter on pseudo-masks", sp["final_val_iou"]), ("segmenter on ground truth", sg["final_val_iou"]))],
         "",
         "## Time (s, wall clock)",
         "",
@@ -223,8 +244,10 @@ def report(r: Dict[str, Any]) -> str:
         f"| **total** | {r['total_seconds']} | | |",
         "",
         f"Segmenter training alone (sum of epoch train time): pseudo {sp['train_seconds']} s, ground truth "
-        f"{sg['train_seconds']} s. Machine: {r['machine']['cpus']} CPUs, torch {r['machine']['torch']} with "
-        f"{r['machine']['torch_threads']} threads, shared with other jobs (see the load averages).",
+        f"{sg['train_seconds']} s; the fastest epoch (training + validation) took {sp['fastest_epoch_seconds']} s "
+        f"and {sg['fastest_epoch_seconds']} s. Machine: {r['machine']['cpus']} CPUs, torch {r['machine']['torch']} "
+        f"with {r['machine']['torch_threads']} threads, shared with other jobs (see the load averages), so wall "
+        "and CPU seconds (which include spin-waiting threads) overstate the cost on an idle machine.",
         "",
     ]
     return "\n".join(lines)

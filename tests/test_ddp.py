@@ -54,7 +54,7 @@ def tiny_fit(out: Path, info: dist.DistInfo) -> None:
         collate_fn=None, loss_fn=lambda m, b: nn.functional.binary_cross_entropy_with_logits(m(b["image"]), b["labels"]),
         evaluate=lambda m: {"val_map": 0.0}, payload=lambda m: {"model": m.state_dict()},
         optim=OptimConfig(lr=0.2, batch_size=4), schedule=ScheduleConfig(epochs=2),
-        run_cfg=RunConfig(seed=0), workers=0, run=run, info=info)
+        run_cfg=RunConfig(seed=0, amp="none"), workers=0, run=run, info=info)
     trainer.fit()
 
 
@@ -105,5 +105,7 @@ def test_two_gloo_ranks_match_one_process(scenes_root, tmp_path):
 
     model, classes = load_classifier(run / "last.pt")
     val = build_dataset(f"voc:{scenes_root}", "val", classes=classes, transform=eval_transform(32))
-    metrics = evaluate_classifier(model.eval(), val, device=torch.device("cpu"), batch_size=4)
+    cfg = classifier_config(scenes_root)
+    metrics = evaluate_classifier(model.eval(), val, device=torch.device("cpu"), batch_size=4, amp=cfg.run.amp,
+                                  channels_last=cfg.run.channels_last)
     assert metrics["val_map"] == pytest.approx(records[0]["val_map"], abs=1e-6)

@@ -101,7 +101,11 @@ def test_resume_refuses_another_config(demo_dir, tmp_path):
 
 
 def test_demo_config_file_matches_the_code():
-    assert PipelineConfig.load(CONFIGS / "pipeline_demo.json") == demo_config()
+    # The file is written from the code; after changing a default (here or in a trainer) regenerate it:
+    # python -c "from wsl.pipeline import demo_config; from wsl.utils.io import atomic_write_json;
+    #            atomic_write_json('experiments/configs/pipeline_demo.json', demo_config().to_dict())"
+    assert PipelineConfig.load(CONFIGS / "pipeline_demo.json") == demo_config(), \
+        "experiments/configs/pipeline_demo.json is out of date (regenerate it, see the comment above)"
     assert active_stages(demo_config()) == QUICK_STAGES
 
 

@@ -73,7 +73,8 @@ def test_best_checkpoint_reproduces_its_val_map(trained):
     from wsl.data.transforms import eval_transform
 
     val = build_dataset(cfg.data.spec, "val", classes=classes, transform=eval_transform(cfg.data.size))
-    metrics = evaluate_classifier(model.eval(), val, device=torch.device("cpu"), batch_size=4)
+    metrics = evaluate_classifier(model.eval(), val, device=torch.device("cpu"), batch_size=4, amp=cfg.run.amp,
+                                  channels_last=cfg.run.channels_last)
     assert metrics["val_map"] == pytest.approx(final["best_val_map"], abs=1e-6)
     last = load_checkpoint(out / "last.pt")  # weights_only: only plain objects inside
     assert last["train_state"]["epoch"] == 2 and last["train_config"] == cfg.to_dict()

@@ -1,6 +1,7 @@
 """The shared training engine on a tiny model and an in-memory dataset (no wsl.data / wsl.models)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -118,6 +119,18 @@ def test_config_round_trip_and_errors():
     with pytest.raises(ValueError, match="unknown config key 'nope'"):
         with_overrides(RunConfig(), {"nope": 1})
     assert diff_configs({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}}) == [("a.c", 2, 3)]
+
+
+def test_partial_section_keeps_the_parents_defaults():
+    """A config whose optimiser defaults differ from OptimConfig's keeps them when a file sets only lr."""
+    @dataclasses.dataclass(frozen=True)
+    class Task:
+        optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(optimizer="adamw", batch_size=4))
+        run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    cfg = config_from_dict(Task, {"optim": {"lr": 0.5}})
+    assert (cfg.optim.optimizer, cfg.optim.batch_size, cfg.optim.lr) == ("adamw", 4, 0.5)
+    assert cfg.run == RunConfig()
 
 
 # ------------------------------------------------------------------------------------ seeding

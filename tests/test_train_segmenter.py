@@ -252,3 +252,23 @@ def test_ddp_validation_sums_the_ranks_shards(gt_run, tmp_path):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["val_miou"] == pytest.approx(single["val_miou"], abs=1e-12)
         assert got["val_loss"] == pytest.approx(single["val_loss"], rel=1e-6)
+
+
+def test_cli_flags_override_the_config_file(scenes_root, tmp_path):
+    from wsl.commands.train_seg import build_config
+
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps(tiny_config(scenes_root, **{"model.options": {"dropout": 0.3}}).to_dict()))
+    parser = cli.build_parser()
+    args = parser.parse_args(["train-seg", "--config", str(cfg_file), "--out", str(tmp_path / "o"), "--lr", "0.2",
+                              "--masks", "pm", "--no-channels-last"])
+    cfg = build_config(args)
+    assert cfg.optim.lr == 0.2 and cfg.optim.batch_size == 8 and cfg.data.masks == "pm"  # flags win, file fills
+    assert cfg.run.channels_last is False and cfg.model.options == {"dropout": 0.3}
+    # another segmenter without --option drops the file's options (they belong to the file's model)
+    args = parser.parse_args(["train-seg", "--config", str(cfg_file), "--out", "o", "--model", "fcn8s",
+                              "--option", "upsampling=bilinear"])
+    assert build_config(args).model.options == {"upsampling": "bilinear"}
+    args = parser.parse_args(["train-seg", "--config", str(cfg_file), "--out", "o", "--model", "fcn8s"])
+    assert build_config(args).model.options == {}
+    assert SegTrainConfig().schedule.schedule == "poly"

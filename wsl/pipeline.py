@@ -41,10 +41,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from wsl.data.synth import SynthConfig
-from wsl.train.classifier import DataConfig, TrainConfig
-from wsl.train.engine import (OptimConfig, ScheduleConfig, config_from_dict, config_to_dict, current_command,
+from wsl.train.classifier import TrainConfig
+from wsl.train.engine import (config_from_dict, config_to_dict, current_command,
                               diff_configs, json_safe, with_overrides)
-from wsl.train.segmenter import SegDataConfig, SegTrainConfig
+from wsl.train.segmenter import SegTrainConfig
 from wsl.utils.io import PathLike, atomic_write_json, atomic_write_text, prepare_output_dir, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -253,7 +253,7 @@ def _check_metrics(name: str, metrics: Sequence[str]) -> None:
         raise ValueError(f"{name}: unknown metric {unknown[0]!r}; known: {', '.join(METRICS.names())}")
 
 
-#: Epochs of the demo's trainers (their CPU defaults are 10 and 8; see :func:`demo_config`).
+#: Epochs of the demo's trainers, fewer than the trainers' own CPU defaults (see :func:`demo_config`).
 DEMO_CLASSIFIER_EPOCHS = 6
 DEMO_SEGMENTER_EPOCHS = 4
 
@@ -268,13 +268,11 @@ def demo_config(quick: bool = False) -> PipelineConfig:
     images of 64 px, one or two epochs): a smoke test that runs every stage in seconds.
     """
     if quick:
+        tiny = {"data.size": 64, "data.workers": 0, "optim.batch_size": 8}
         return PipelineConfig(
             data=DataSection(synth=SynthConfig(train=48, val=16, size=64, num_classes=4)),
-            classifier=TrainConfig(data=DataConfig(size=64, workers=0), optim=OptimConfig(batch_size=8),
-                                   schedule=ScheduleConfig(epochs=2)),
-            segmenter=SegTrainConfig(data=SegDataConfig(size=64, workers=0),
-                                     optim=OptimConfig(lr=0.02, batch_size=8),
-                                     schedule=ScheduleConfig(epochs=1, schedule="poly")),
+            classifier=with_overrides(TrainConfig(), {**tiny, "schedule.epochs": 2}),
+            segmenter=with_overrides(SegTrainConfig(), {**tiny, "schedule.epochs": 1}),
             report=ReportSection(examples=4))
     return PipelineConfig(
         data=DataSection(synth=SynthConfig()),
@@ -475,7 +473,8 @@ def _stage_segment(ctx: _Context) -> Dict[str, Any]:
     dataset = ctx.dataset(split, classes, masks=has_ground_truth(ctx.spec, split))
     manifest = segment_dataset(model, classes, dataset, ctx.dir("segment"), scales=s.scales, flip=s.flip,
                                crf=DenseCRF(max_pixels=s.crf_max_pixels) if s.crf else None, input_size=size,
-                               batch_size=s.batch_size, overwrite=True, progress=ctx.progress)
+                               batch_size=s.batch_size, amp=ctx.config.segmenter.run.amp, overwrite=True,
+                               progress=ctx.progress)
     return {"images": manifest["count"], **manifest.get("metrics", {})}
 
 
@@ -560,9 +559,10 @@ def run_pipeline(config: PipelineConfig, out_dir: PathLike, *, overwrite: bool =
     A non-empty ``out_dir`` is refused unless ``overwrite`` (start again) or ``resume`` (skip the
     complete stages; refused when ``out_dir/config.json`` differs from ``config``). ``stop_after``
     ends the run after that stage. Logs one line per stage with its wall time; the stages show their
-    own progress bars when ``progress``. Returns ``{"out_dir", "stages": {stage: record}, "results"}``
-    where ``results`` is :func:`wsl.report.collect_results` of the run; the same goes to
-    ``out_dir/summary.json``.
+    own progress bars when ``progress``. Returns ``{"out_dir", "seconds", "this_call_seconds", "stages":
+    {stage: record}, "environment", "results"}``: ``seconds`` adds up the stages' times (also those of
+    stages skipped on resume), ``results`` is :func:`wsl.report.collect_results` of the run; the same goes
+    to ``out_dir/summary.json``.
     """
     from wsl.report import collect_results
 
@@ -619,7 +619,9 @@ def run_pipeline(config: PipelineConfig, out_dir: PathLike, *, overwrite: bool =
     for stage in later:  # an earlier full run's stages stay in the summary while they are valid
         if not rerun and stage_complete(out, stage):
             records[stage] = {**(read_stage(out, stage) or {}), "skipped": True}
-    summary = {"out_dir": str(out), "seconds": round(time.perf_counter() - t_start, 2), "stages": records,
+    # "seconds" adds up the stages' own times, so a resumed run still reports what the results cost.
+    summary = {"out_dir": str(out), "seconds": round(sum(r.get("seconds", 0.0) for r in records.values()), 2),
+               "this_call_seconds": round(time.perf_counter() - t_start, 2), "stages": records,
                "environment": _environment(), "results": collect_results(out)}
     atomic_write_json(out / "summary.json", json_safe(summary))
     return summary
@@ -631,7 +633,9 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     for stage, r in summary["stages"].items():
         note = "  (skipped, earlier run)" if r.get("skipped") else ""
         lines.append(f"{stage:<14}{r.get('seconds', 0):>9.1f}{r.get('cpu_seconds', 0):>9.1f}{note}")
-    lines.append(f"{'total':<14}{summary['seconds']:>9.1f}")
+    lines.append(f"{'total':<14}{summary['seconds']:>9.1f}"
+                 + (f"  (this call: {summary['this_call_seconds']:.1f} s)" if any(
+                     r.get("skipped") for r in summary["stages"].values()) else ""))
     from wsl.report import headline_rows
 
     rows = headline_rows(summary["results"])

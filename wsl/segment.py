@@ -81,7 +81,8 @@ class Segmenter:
         labels = seg(images)                # uint8 (N, H, W) class indices (0 = background)
 
     The model runs in eval mode (its mode is restored) under ``torch.inference_mode`` on its own
-    device; ``amp`` (``"none"``, ``"bf16"``, ``"fp16"``) autocasts the forward passes only.
+    device; ``amp`` (``"none"``, ``"auto"``, ``"bf16"``, ``"fp16"``, see :func:`wsl.train.engine.autocast`)
+    autocasts the forward passes only; probabilities are computed in float32.
     """
 
     def __init__(self, model: nn.Module, *, scales: Sequence[float] = (1.0,), flip: bool = False,

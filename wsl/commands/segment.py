@@ -34,7 +34,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--crf-max-pixels", type=int, help="CRF working-resolution cap in pixels (default: full size)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--workers", type=int, default=0, help="data loading processes (default 0)")
-    p.add_argument("--amp", choices=AMP_MODES, default="none", help="autocast precision")
+    p.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="autocast precision (default auto: bfloat16 where the hardware computes it natively)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.set_defaults(func=run)
     return p

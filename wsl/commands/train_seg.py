@@ -69,7 +69,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("execution")
     g.add_argument("--seed", type=int)
     g.add_argument("--amp", choices=AMP_MODES, help="autocast precision")
-    g.add_argument("--channels-last", action="store_const", const=True, help="channels_last memory format")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format (default: on)")
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--save-every", type=int, metavar="STEPS", help="also write last.pt every STEPS steps")
     p.set_defaults(func=run)

@@ -77,8 +77,11 @@ class TrainConfig:
 
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    # From scratch, AdamW learnt a little faster than SGD on the generated scenes (see the report).
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(optimizer="adamw", lr=1e-3, weight_decay=0.01, batch_size=16))
+    schedule: ScheduleConfig = dataclasses.field(
+        default_factory=lambda: ScheduleConfig(epochs=15, warmup_epochs=0.3))
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
     def to_dict(self) -> Dict[str, Any]:

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "step", "poly")
-AMP_MODES = ("none", "bf16", "fp16")
+AMP_MODES = ("auto", "none", "bf16", "fp16")
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -90,13 +90,15 @@ class ScheduleConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """How the run executes. ``save_every`` > 0 also writes ``last.pt`` every that many steps (for long
-    epochs); ``deterministic`` trades cuDNN autotuning for repeatable GPU runs (CPU runs are always
-    repeatable)."""
+    """How the run executes. ``amp="auto"`` autocasts to bfloat16 where the hardware computes it
+    natively (see :func:`resolve_amp`); with ``channels_last`` that made vgg_tiny training 2-4x faster
+    on an AVX512-BF16 CPU than float32 in NCHW. ``save_every`` > 0 also writes ``last.pt`` every that
+    many steps (for long epochs); ``deterministic`` trades cuDNN autotuning for repeatable GPU runs
+    (CPU runs are always repeatable)."""
 
     seed: int = 0
-    amp: str = "none"
-    channels_last: bool = False
+    amp: str = "auto"
+    channels_last: bool = True
     device: str = "auto"
     deterministic: bool = True
     save_every: int = 0
@@ -131,8 +133,13 @@ def json_ready(obj: Any) -> Any:
     return obj
 
 
-def config_from_dict(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
-    """Build a (nested) frozen config dataclass from a dict; an unknown key is an error naming it."""
+def config_from_dict(cls: type, data: Mapping[str, Any], where: str = "", base: Any = None) -> Any:
+    """Build a (nested) frozen config dataclass from a dict; an unknown key is an error naming it.
+
+    Missing fields keep their defaults, and a partial nested section starts from the *parent's*
+    default for it (e.g. a segmenter's ``OptimConfig(optimizer="adamw")``), not from the section
+    class's own defaults.
+    """
     if not isinstance(data, Mapping):
         raise ValueError(f"config section {where or '(top)'} must be a JSON object, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -143,11 +150,12 @@ def config_from_dict(cls: type, data: Mapping[str, Any], where: str = "") -> Any
     for name, value in data.items():
         sub = _dataclass_type(cls, name)
         if sub is not None and value is not None:
-            value = config_from_dict(sub, value, f"{where}{name}.")
+            parent = getattr(base, name) if base is not None else _default(fields[name])
+            value = config_from_dict(sub, value, f"{where}{name}.", base=parent)
         elif isinstance(value, list) and isinstance(_default(fields[name]), tuple):
             value = tuple(value)
         kwargs[name] = value
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 def with_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
@@ -399,7 +407,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig,
 
 
 # ------------------------------------------------------------------------------------ precision
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on GPUs and CPUs with native bfloat16 (CUDA compute 8.0+, AVX512-BF16 or
+    AMX), ``fp16`` on older GPUs (with loss scaling), else ``none``; other values pass through."""
+    if amp != "auto":
+        return amp
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "bf16"
+    return "none"
+
+
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Autocast context for ``amp`` (``auto``, ``none``, ``bf16``, ``fp16``) on ``device``."""
+    amp = resolve_amp(amp, device)
     if amp == "none":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
@@ -583,7 +605,10 @@ class Trainer:
         self.model = model
         self.optimizer = build_optimizer(param_groups(model), optim)
         self.scheduler = build_scheduler(self.optimizer, schedule, self.sampler.batches)
-        self.scaler = torch.amp.GradScaler(info.device.type, enabled=run_cfg.amp == "fp16")
+        self.amp = resolve_amp(run_cfg.amp, info.device)
+        if run_cfg.amp == "auto":
+            dist.log_main(log, logging.INFO, "precision: %s (amp=auto on %s)", self.amp, info.device)
+        self.scaler = torch.amp.GradScaler(info.device.type, enabled=self.amp == "fp16")
         self.net: nn.Module = model
         if info.distributed:
             ids = [info.device.index] if info.device.type == "cuda" else None
@@ -664,7 +689,7 @@ class Trainer:
 
     def _step(self, batch: Any, epoch: int, step: int) -> float:
         batch = to_device(batch, self.info.device, self.run_cfg.channels_last)
-        with autocast(self.info.device, self.run_cfg.amp):
+        with autocast(self.info.device, self.amp):
             loss = self.loss_fn(self.net, batch)
         value = check_finite(loss, epoch, step)
         self.optimizer.zero_grad(set_to_none=True)
