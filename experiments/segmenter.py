@@ -5,11 +5,14 @@ Stages (all through the ``wsl`` API, as ``make demo`` runs them):
 
 1. scenes        ``wsl.data.synth.generate_scenes`` with the default ``SynthConfig`` (600 train / 200 val,
                  128 px, 6 classes)
-2. classifier    ``wsl.train.classifier.train_classifier(demo_config(...))`` (vgg_tiny + LSE, image tags only)
-3. pseudo-masks  ``wsl.cam.export_cams`` on the train and val splits (image tags select the classes)
+2. classifier    ``wsl.train.classifier.train_classifier`` with the demo's classifier config
+                 (``wsl.pipeline.demo_config().classifier``: vgg_tiny + LSE, image tags only)
+3. pseudo-masks  ``wsl.cam.export_cams`` on the train and val splits (image tags select the classes),
+                 and on val once more with the dense CRF (``DenseCRF()``, DeepLab's defaults)
 4. mask quality  ``wsl.segment.score_mask_dir``: pseudo-mask mIoU against the ground truth, on the train
                  images they were made from and on val
-5. segmenter     ``wsl.train.segmenter.train_segmenter(demo_config(spec, masks))`` on the train pseudo-masks
+5. segmenter     ``wsl.train.segmenter.train_segmenter`` with the demo's segmenter config (backbone started
+                 from the classifier) on the train pseudo-masks
 6. upper bound   the same configuration on the train ground-truth masks
 7. inference     ``wsl.segment.segment_dataset`` on val with multi-scale + flip (and the dense CRF)
 
@@ -42,9 +45,9 @@ from wsl.data.spec import build_dataset
 from wsl.data.synth import SynthConfig, generate_scenes
 from wsl.models import load_classifier
 from wsl.segment import load_for_inference, score_mask_dir, segment_dataset
-from wsl.train.classifier import demo_config as classifier_demo
+from wsl.pipeline import demo_config
 from wsl.train.classifier import train_classifier
-from wsl.train.segmenter import demo_config as segmenter_demo
+from wsl.train.engine import with_overrides
 from wsl.train.segmenter import train_segmenter
 from wsl.utils.io import atomic_write_json, atomic_write_text, read_jsonl
 
@@ -108,7 +111,8 @@ def main(argv: Any = None) -> int:
     stages("scenes", scenes / "synth.json",
            lambda: generate_scenes(scenes, SynthConfig(), overwrite=overwrite, progress=False))
 
-    cls_cfg = classifier_demo(spec)
+    demo = demo_config()  # the demo's trainers, so these numbers are what `make demo` gets
+    cls_cfg = with_overrides(demo.classifier, {"data.spec": spec})
     stages("classifier", work / "classifier" / "last.pt", lambda: train_classifier(
         cls_cfg, work / "classifier", overwrite=overwrite))
     classifier, classes = load_classifier(work / "classifier" / "last.pt")
@@ -118,16 +122,24 @@ def main(argv: Any = None) -> int:
         stages(f"cams_{split}", work / f"cams_{split}" / "manifest.json", lambda split=split: export_cams(
             classifier, classes, build_dataset(spec, split, classes=classes), work / f"cams_{split}", **cam_options))
 
-    quality: Dict[str, Any] = {}
-    for split in ("train", "val"):
-        gt = build_dataset(spec, split, classes=classes, masks=True)
-        labelled = score_mask_dir(gt, work / f"cams_{split}" / "masks")
-        full = score_mask_dir(gt, work / f"cams_{split}" / "masks", ignore_as_background=True)
-        quality[split] = {"miou_labelled_pixels": labelled["miou"], "coverage": labelled["coverage"],
-                          "miou_ignore_as_background": full["miou"], "iou_ignore_as_background": full["iou"]}
+    # The same val pseudo-masks refined by the dense CRF (DeepLab defaults): does it help? (issue #4)
+    stages("cams_val_crf", work / "cams_val_crf" / "manifest.json", lambda: export_cams(
+        classifier, classes, build_dataset(spec, "val", classes=classes), work / "cams_val_crf", crf=DenseCRF(),
+        **cam_options))
 
-    seg_pseudo_cfg = segmenter_demo(spec, masks=str(work / "cams_train"))
-    seg_gt_cfg = segmenter_demo(spec)
+    quality: Dict[str, Any] = {}
+    for name, split in (("train", "train"), ("val", "val"), ("val_crf", "val")):
+        gt = build_dataset(spec, split, classes=classes, masks=True)
+        masks = work / f"cams_{name}" / "masks"
+        labelled = score_mask_dir(gt, masks)
+        full = score_mask_dir(gt, masks, ignore_as_background=True)
+        quality[name] = {"miou_labelled_pixels": labelled["miou"], "coverage": labelled["coverage"],
+                         "miou_ignore_as_background": full["miou"], "iou_ignore_as_background": full["iou"]}
+
+    # Both segmenters start from the classifier's backbone, as the demo's does (FROM_CLASSIFIER).
+    seg_gt_cfg = with_overrides(demo.segmenter, {"data.spec": spec,
+                                                 "model.backbone_weights": str(work / "classifier" / "last.pt")})
+    seg_pseudo_cfg = with_overrides(seg_gt_cfg, {"data.masks": str(work / "cams_train")})
     stages("segmenter_pseudo", work / "seg_pseudo" / "best.pt",
            lambda: train_segmenter(seg_pseudo_cfg, work / "seg_pseudo", overwrite=overwrite))
     stages("segmenter_gt", work / "seg_gt" / "best.pt",
@@ -183,6 +195,13 @@ def verdict(r: Dict[str, Any]) -> str:
             f"{pct(seg / gt if gt else None)}% of the ground-truth-trained segmenter ({pct(gt)}).**")
 
 
+def crf_verdict(q: Dict[str, Any]) -> str:
+    """One sentence: does the dense CRF improve the val pseudo-masks?"""
+    plain, crf = q["val"]["miou_ignore_as_background"], q["val_crf"]["miou_ignore_as_background"]
+    return (f"**The dense CRF {'improves' if crf > plain else 'does not improve'} the val pseudo-masks: "
+            f"{pct(plain)} -> {pct(crf)} mIoU (ignore band counted as background).**")
+
+
 def report(r: Dict[str, Any]) -> str:
     q, sp, sg, inf = r["pseudo_masks"], r["segmenter_pseudo"], r["segmenter_gt"], r["segmenter_pseudo_val_inference"]
     s, seg = r["stage_seconds"], r["segmenter_config"]
@@ -193,12 +212,12 @@ def report(r: Dict[str, Any]) -> str:
         "",
         f"Data: default generated scenes ({r['dataset']['synth']['train']} train / {r['dataset']['synth']['val']} val, "
         f"{r['dataset']['synth']['size']} px, classes {', '.join(r['dataset']['classes'])}). Classifier: "
-        f"`wsl.train.classifier.demo_config` (val mAP {pct(r['classifier_final'])}). Pseudo-masks: `wsl cam` defaults "
+        f"the demo's (`wsl.pipeline.demo_config().classifier`, val mAP {pct(r['classifier_final'])}). Pseudo-masks: `wsl cam` defaults "
         f"(CAM threshold fg {r['cam_options']['pseudo_mask']['fg']} / bg {r['cam_options']['pseudo_mask']['bg']}, "
         "pixels in between = 255 ignore, no CRF).",
         "",
-        f"Segmenter (`wsl.train.segmenter.demo_config`): {seg['model']['name']} on {seg['model']['backbone']} "
-        "from scratch, "
+        f"Segmenter (the demo's, `wsl.pipeline.demo_config().segmenter`): {seg['model']['name']} on "
+        f"{seg['model']['backbone']} started from the classifier's backbone, "
         f"{seg['schedule']['epochs']} epochs, {seg['optim']['optimizer']} lr {seg['optim']['lr']} "
         f"({seg['schedule']['schedule']}), batch {seg['optim']['batch_size']}, {seg['data']['size']} px crops, "
         f"scale {tuple(seg['data']['scale'])}, flip.",
@@ -212,6 +231,10 @@ def report(r: Dict[str, Any]) -> str:
         f"| pseudo-masks, labelled pixels only (coverage train {pct(q['train']['coverage'])}%, val "
         f"{pct(q['val']['coverage'])}%) | {pct(q['train']['miou_labelled_pixels'])} | "
         f"{pct(q['val']['miou_labelled_pixels'])} |",
+        f"| pseudo-masks refined by the dense CRF, ignore band counted as background | | "
+        f"{pct(q['val_crf']['miou_ignore_as_background'])} |",
+        f"| same, labelled pixels only (coverage {pct(q['val_crf']['coverage'])}%) | | "
+        f"{pct(q['val_crf']['miou_labelled_pixels'])} |",
         f"| **segmenter trained on the pseudo-masks** (final epoch; best {pct(sp['best_val_miou'])} at epoch "
         f"{sp['best_epoch']}) | | **{pct(sp['final_val_miou'])}** |",
         f"| same, multi-scale (0.75, 1, 1.25) + flip | | {pct(inf['multiscale_flip'])} |",
@@ -220,6 +243,8 @@ def report(r: Dict[str, Any]) -> str:
         f"{pct(sg['final_val_miou'])} |",
         "",
         verdict(r),
+        "",
+        crf_verdict(q),
         "",
         "Pseudo-masks on val use the val images' tags (they are what `wsl cam` would give for a tagged image); "
         "the segmenter sees only pixels. A segmenter predicts every pixel, so compare it with the "

@@ -53,7 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from wsl.cam import CAMExtractor, argmax_points, cam_boxes, local_maxima, pseudo_masks
+from wsl.cam import (CAMExtractor, argmax_points, cam_boxes, local_maxima, normalize_cams, pseudo_masks,
+                     upsample_cams)
 from wsl.cam.export import ExportOptions, imagenet_normalizer
 from wsl.data.base import collate
 from wsl.data.spec import build_dataset
@@ -318,11 +319,16 @@ def phase_cam(s: Settings, device: torch.device, amp: Optional[torch.dtype] = No
         with autocast(device, amp):
             t = interleaved({"forward": lambda: forward(x), "cam": lambda: pipeline(x, positive)},
                             repeats=repeats, warmup=s.warmup, device=device)
-            # Where the extra time goes: each post-processing step on the same maps.
+            # Where the extra time goes: each step on the same maps (upsampling on the model's maps).
             cams = CAMExtractor(model)(x).cams
+            with torch.inference_mode():
+                maps = model.class_maps(x)
             opt = ExportOptions()
             parts = interleaved({
+                "forward": lambda: forward(x),
                 "extract (forward + upsample + normalise)": lambda: CAMExtractor(model)(x),
+                "upsample + normalise": lambda: normalize_cams(upsample_cams(
+                    maps, tuple(x.shape[-2:]), stride=model.stride, offset=model.offset)),
                 "argmax_points": lambda: argmax_points(cams),
                 "local_maxima": lambda: local_maxima(cams, min_distance=opt.peak_min_distance,
                                                      rel_threshold=opt.peak_threshold, top_k=opt.peak_top_k,
@@ -690,6 +696,34 @@ def phase_glibc(s: Settings, args: argparse.Namespace) -> Dict[str, Any]:
     return {"rows": rows, "info": {"tunables": GLIBC_TUNABLES, "peak_rss_mb": rss}}
 
 
+ROW_PHASE = {"1": "cam", "2": "rivals", "3": "train", "P": "precision", "4": "data", "5": "metrics", "M": "glibc",
+             "G": "cuda"}  # row id prefix -> phase, for results written before rows named their phase
+
+
+def row_phase(r: Dict[str, Any]) -> Optional[str]:
+    return r.get("phase") or ROW_PHASE.get(r["id"][:1])
+
+
+def merge_results(previous: Dict[str, Any], current: Dict[str, Any]) -> Dict[str, Any]:
+    """``previous`` with the phases ``current`` measured replaced (rows, RSS, times, skip notes); the
+    other phases keep their numbers, and ``runs`` says which command measured which phases."""
+    fresh = set(current["phases"]) | {k for k in current["skipped"] if k in PHASES}
+    order = {name: i for i, name in enumerate(PHASES)}
+    rows = [r for r in previous["rows"] if row_phase(r) not in fresh] + current["rows"]
+    rows.sort(key=lambda r: order.get(row_phase(r) or "", len(order)))  # stable within a phase
+    runs = previous.get("runs") or [{"command": previous["command"], "phases": list(previous["phases"]),
+                                     "load_start": previous["load_start"], "load_end": previous["load_end"]}]
+    runs = [{**r, "phases": [ph for ph in r["phases"] if ph not in fresh]} for r in runs]
+    runs = [r for r in runs if r["phases"]] + [{"command": current["command"], "phases": list(current["phases"]),
+                                               "load_start": current["load_start"], "load_end": current["load_end"]}]
+    phases = {name: ph for name, ph in previous["phases"].items() if name not in fresh}
+    phases.update(current["phases"])
+    skipped = {k: v for k, v in previous["skipped"].items() if k not in fresh}
+    skipped.update(current["skipped"])
+    return {**current, "rows": rows, "phases": dict(sorted(phases.items(), key=lambda kv: order.get(kv[0], 99))),
+            "skipped": skipped, "runs": runs}
+
+
 def machine() -> Dict[str, Any]:
     cpu, flags = platform.processor() or "unknown", set()
     with contextlib.suppress(OSError):
@@ -721,14 +755,19 @@ def _fmt_time(st: Dict[str, Any]) -> str:
 
 def markdown(result: Dict[str, Any]) -> str:
     m, st = result["machine"], result["settings"]
-    lines = ["# Speed: wsl against its floor and its rivals", "",
-             f"Command: `{result['command']}`", "",
+    runs = result.get("runs", [])
+    provenance = ([f"Command: `{result['command']}`", ""] if len(runs) < 2 else
+                  ["Merged from several runs (`--merge`), the load average given at their start and end:", ""]
+                  + [f"- `{r['command']}`: {', '.join(r['phases'])} (load {r['load_start']} -> {r['load_end']})"
+                     for r in runs] + [""])
+    lines = ["# Speed: wsl against its floor and its rivals", "", *provenance,
              f"Machine: {m['cpu']}, {m['cpus_usable']} usable of {m['cpus']} CPUs, torch {m['versions']['torch']} "
              f"({m['torch_threads']} threads, {m['cpu_capability']}, AMX {'yes' if m['amx'] else 'no'}, "
              f"avx512_bf16 {'yes' if m['avx512_bf16'] else 'no'}), Python {m['python']}, CUDA: "
              f"{m['cuda'] or 'none'}. GLIBC_TUNABLES in the parent: `{m['GLIBC_TUNABLES'] or 'unset'}`.", "",
-             f"Load average (1/5/15 min) at start {result['load_start']}, at end {result['load_end']}: "
-             "other processes shared the CPUs, so absolute times are inflated; the ratios compare "
+             ("Load average (1/5/15 min): see above" if len(runs) > 1 else
+              f"Load average (1/5/15 min) at start {result['load_start']}, at end {result['load_end']}")
+             + ": other processes shared the CPUs, so absolute times are inflated; the ratios compare "
              "interleaved runs under the same load.", "",
              f"Settings: {'SMOKE (tiny sizes, not a measurement)' if result['smoke'] else 'full'}; medians of "
              f"{st['repeats']} runs ({st['step_repeats']} for the training step, {st['heavy_repeats']} for "
@@ -778,6 +817,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="run phases in this process (peak RSS is then cumulative; default with --smoke)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice; smoke 1)")
     p.add_argument("--results", type=Path, default=REPO / "experiments" / "results", help="output directory")
+    p.add_argument("--merge", action="store_true",
+                   help="replace only the phases run now in an existing RESULTS/speed.json (e.g. with --only), "
+                        "keeping the others and noting which command measured what")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -829,7 +871,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             failed.append(name)
             result["skipped"][name] = f"FAILED: {type(e).__name__}: {e}"
             continue
-        result["rows"] += res["rows"]
+        result["rows"] += [{**r, "phase": name} for r in res["rows"]]
         result["skipped"].update(res.get("skipped", {}))
         result["phases"][name] = {"peak_rss_mb": rss, "wall_s": time.perf_counter() - t0,
                                   "cpu_s": _cpu_seconds() - c0,
@@ -839,6 +881,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "" if r["op"] is None else f"(target {r['op']} {r['target']:g}: "
                      f"{'pass' if r['passed'] else 'FAIL'})")
     result["load_end"] = [round(x, 2) for x in os.getloadavg()]
+    previous = args.results / "speed.json"
+    if args.merge and previous.is_file():
+        result = merge_results(json.loads(previous.read_text(encoding="utf-8")), result)
     args.results.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.results / "speed.json", result)
     atomic_write_text(args.results / "speed.md", markdown(result))

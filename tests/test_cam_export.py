@@ -50,7 +50,9 @@ def test_export_dataset_writes_every_file_in_its_format(val_set, tmp_path):
     assert manifest["counts"]["images"] == n and manifest["options"]["classes_from"] == "labels"
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert sorted(p.name for p in out.iterdir()) == ["boxes_coco.json", "cams", "localization.json",
-                                                     "manifest.json", "masks", "overlays"]
+                                                     "manifest.json", "masks", "options.json", "overlays",
+                                                     "records"]
+    assert json.loads((out / "options.json").read_text())["options"] == manifest["options"]
     ext = CAMExtractor(model, scales=(1.0, 0.75), flip=True)
     for i, ann in enumerate(val_set.annotations):
         with np.load(out / "cams" / f"{ann.id}.npz", allow_pickle=False) as z:
@@ -135,16 +137,16 @@ def test_refuses_a_non_empty_output_without_overwrite(image_dir, tmp_path):
 
 def test_a_failed_write_never_leaves_a_partial_file(image_dir, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = np.savez_compressed
+    real = np.lib.format.write_array
 
-    def flaky(file, **arrays):
+    def flaky(fp, array, **kw):
         calls["n"] += 1
-        if calls["n"] == 2:  # the second image: write half a file, then die
-            Path(file).write_bytes(b"PK\x03\x04 truncated")
+        if calls["n"] == 4:  # the second image's first array (cams, classes, scores per file): half, then die
+            fp.write(b"\x93NUMPY truncated")
             raise OSError("disk full")
-        real(file, **arrays)
+        real(fp, array, **kw)
 
-    monkeypatch.setattr(np, "savez_compressed", flaky)
+    monkeypatch.setattr(np.lib.format, "write_array", flaky)
     out = tmp_path / "o"
     with pytest.raises(OSError, match="disk full"):
         export_cams(_model(2), ["x", "y"], ImageFolderDataset(image_dir, ["x", "y"]), out, progress=False)
@@ -197,3 +199,121 @@ def test_coco_results_use_the_annotation_files_ids(scenes_root, tmp_path):
     dets = gt.loadRes(str(tmp_path / "o" / "boxes_coco.json"))  # refuses image ids it does not know
     assert set(dets.getImgIds()) <= set(gt.getImgIds())
     assert {d["category_id"] for d in results} <= set(gt.getCatIds())
+
+
+# ------------------------------------------------------------------------------------ interruption
+def _tree(root: Path) -> dict:
+    """Relative path -> bytes of every file under ``root``."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_files_are_byte_for_byte_reproducible(image_dir, tmp_path):
+    dataset = ImageFolderDataset(image_dir, ["x", "y"])
+    for name in ("a", "b"):
+        export_cams(_model(2), ["x", "y"], dataset, tmp_path / name, progress=False)
+    first, second = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    assert first == second and "cams/a.npz" in first  # no timestamps inside the .npz files
+
+
+def test_resume_recomputes_only_unfinished_images_and_matches_a_full_run(val_set, tmp_path, monkeypatch):
+    classes = val_set.classes
+    model = _model(len(classes)).eval()
+    kw = dict(batch_size=3, scales=(1.0, 0.75), progress=False)
+    export_cams(model, classes, val_set, tmp_path / "full", **kw)
+    out = tmp_path / "cut"
+    export_cams(model, classes, val_set, out, **kw)
+    ids = [a.id for a in val_set.annotations]
+    # What a kill leaves: the JSON files of the end missing, one image killed between its files, whole
+    # images missing, and the temporary file of a write in progress.
+    for name in ("manifest.json", "localization.json", "boxes_coco.json"):
+        (out / name).unlink()
+    (out / "masks" / f"{ids[2]}.png").unlink()
+    (out / "records" / f"{ids[2]}.json").unlink()
+    for i in (5, 6, 7):
+        for d, ext in (("cams", ".npz"), ("overlays", ".png"), ("masks", ".png"), ("records", ".json")):
+            (out / d / f"{ids[i]}{ext}").unlink()
+    (out / "cams" / f".{ids[6]}.k3x9.tmp.npz").write_bytes(b"PK\x03\x04 half")
+
+    import wsl.cam.export as export_module
+    written = []
+    real = export_module.save_cam_npz
+    monkeypatch.setattr(export_module, "save_cam_npz", lambda path, *a: (written.append(Path(path).stem), real(path, *a)))
+    manifest = export_cams(model, classes, val_set, out, resume=True, **kw)
+    assert sorted(written) == [ids[i] for i in (2, 5, 6, 7)]  # finished images are not written again
+    assert manifest["counts"]["images"] == len(val_set)
+    assert _tree(out) == _tree(tmp_path / "full")
+    # resuming a finished export rewrites nothing and changes nothing
+    written.clear()
+    export_cams(model, classes, val_set, out, resume=True, **kw)
+    assert written == [] and _tree(out) == _tree(tmp_path / "full")
+
+
+def test_resume_refuses_other_settings_and_foreign_directories(val_set, tmp_path):
+    classes = val_set.classes
+    model = _model(len(classes))
+    out = tmp_path / "o"
+    export_cams(model, classes, val_set, out, batch_size=4, progress=False)
+    with pytest.raises(DataError, match=r"options\.tau=0\.5 \(this run: 0\.3\)"):
+        export_cams(model, classes, val_set, out, batch_size=4, tau=0.3, resume=True, progress=False)
+    with pytest.raises(DataError, match=r"options\.batch_size=4 \(this run: 2\)"):
+        export_cams(model, classes, val_set, out, batch_size=2, resume=True, progress=False)
+    with pytest.raises(ValueError, match="exclude each other"):
+        export_cams(model, classes, val_set, out, resume=True, overwrite=True, progress=False)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="no options.json"):
+        export_cams(model, classes, val_set, foreign, resume=True, progress=False)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    # nothing to resume yet: a plain export
+    manifest = export_cams(model, classes, val_set, tmp_path / "new", resume=True, progress=False)
+    assert manifest["counts"]["images"] == len(val_set)
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_output(scenes_root, tmp_path):
+    """`wsl cam` killed with SIGKILL part-way (after a random number of images), then `--resume`."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    train = build_dataset(f"voc:{scenes_root}", "train")
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(ckpt, classifier_checkpoint(_model(len(train.classes)), train.classes))
+    args = ["-q", "cam", "--checkpoint", str(ckpt), "--data", f"voc:{scenes_root}", "--split", "train",
+            "--batch-size", "2", "--device", "cpu"]
+    assert cli_main([*args, "--out", str(tmp_path / "full")]) == 0
+    seed = random.randrange(2**32)
+    k = random.Random(seed).randint(1, len(train) // 2)  # images finished before the kill
+    out = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same threads, same floats
+    proc = subprocess.Popen([sys.executable, "-m", "wsl", *args, "--out", str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        while not (out / "records").is_dir() or sum(not p.name.startswith(".")
+                                                    for p in (out / "records").iterdir()) < k:
+            assert proc.poll() is None, f"wsl cam ended before the kill (seed {seed}): {proc.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, f"no progress within 120 s (seed {seed})"
+            time.sleep(0.002)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "manifest.json").exists(), f"the kill came too late (seed {seed}, k={k})"
+    assert cli_main([*args, "--out", str(out)]) == 1  # not empty: refused without --resume
+    assert cli_main([*args, "--out", str(out), "--resume"]) == 0
+    got, want = _tree(out), _tree(tmp_path / "full")
+    assert sorted(got) == sorted(want), f"seed {seed}, k={k}"
+    assert [name for name in want if got[name] != want[name]] == [], f"seed {seed}, k={k}"
+
+
+def test_ids_sharing_a_file_name_are_refused_before_anything_is_deleted(val_set, tmp_path):
+    val_set.annotations[1].id, val_set.annotations[2].id = "x/y", "x__y"
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(DataError, match="'x/y' and 'x__y' map to the same file name 'x__y'"):
+        export_cams(_model(len(val_set.classes)), val_set.classes, val_set, out, overwrite=True, progress=False)
+    assert (out / "keep.txt").read_text() == "precious"

@@ -4,8 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wsl.cam.postprocess import (argmax_points, background_scores, cam_boxes, combine_confident, local_maxima,
-                                 mask_settings, pseudo_masks)
+import torch.nn.functional as F
+
+from wsl.cam.postprocess import (_dilate, _separable_max_pool, argmax_points, background_scores, cam_boxes,
+                                 combine_confident, local_maxima, mask_settings, pseudo_masks)
 
 
 def _blob(h, w, cy, cx, sigma, peak=1.0):
@@ -183,3 +185,64 @@ def test_mask_settings_validation():
         mask_settings("grabcut")
     with pytest.raises(ValueError, match="positive"):
         pseudo_masks(torch.rand(1, 3, 4, 4), torch.tensor([[True, False]]))
+
+
+def test_local_maxima_are_the_full_window_maxima():
+    # reference: the (2d+1)^2 window max-pool, not the separable one, and every candidate kept
+    g = torch.Generator().manual_seed(3)
+    cams = torch.rand(2, 3, 5, 6, generator=g)
+    cams = F.interpolate(cams, size=(33, 41), mode="bicubic", align_corners=False)
+    cams[0, 1, 10:14, 10:14] = cams[0, 1].max()  # a plateau
+    select = torch.tensor([[True, True, False], [False, True, True]])
+    d = 3
+    pooled = F.max_pool2d(cams, kernel_size=2 * d + 1, stride=1, padding=d)
+    hi = cams.flatten(2).amax(-1)[..., None, None]
+    cand = (cams == pooled) & (cams > 0) & (cams >= 0.5 * hi) & select[..., None, None]
+    found = local_maxima(cams, min_distance=d, rel_threshold=0.5, select=select)
+    for i, pts in enumerate(found):
+        got = {(int(c), x, y) for c, (x, y) in zip(pts.labels.tolist(), pts.points.tolist())}
+        assert got <= {(int(c), int(x), int(y)) for c, y, x in torch.nonzero(cand[i]).tolist()}
+        for c in range(3):  # each candidate is kept or within d pixels (Chebyshev) of a kept better peak
+            kept = [(x, y) for cc, x, y in got if cc == c]
+            for y, x in torch.nonzero(cand[i, c]).tolist():
+                assert any(max(abs(x - kx), abs(y - ky)) <= d for kx, ky in kept)
+            assert all(max(abs(a[0] - b[0]), abs(a[1] - b[1])) > d for a in kept for b in kept if a != b)
+        assert set(pts.labels.tolist()) <= set(torch.nonzero(select[i]).flatten().tolist())
+
+
+def test_pseudo_masks_are_the_argmax_over_background_scores():
+    # the definition through background_scores (the CRF's unary scores): argmax over [background,
+    # positive classes], ties to the background then the lower class, strict and permissive merged
+    g = torch.Generator().manual_seed(5)
+    cams = torch.randint(-1, 6, (3, 4, 9, 11), generator=g).float() / 4  # ties, negatives, values above 1
+    cams[0, 1, 2, 3] = float("nan")
+    cams[1, 2, 4, 4] = float("inf")
+    positive = torch.rand(3, 4, generator=g) < 0.6
+    positive[2] = False
+
+    def labels(value, method):
+        scores = background_scores(cams, positive, method=method, value=value)
+        allowed = torch.cat([torch.ones(3, 1, dtype=torch.bool), positive], 1)[..., None, None]
+        return torch.where(allowed, scores, torch.tensor(float("-inf"))).argmax(1)
+
+    for method, fg, bg in (("threshold", 0.3, 0.05), ("threshold", 0.5, 0.5), ("psa", 4.0, 32.0), ("psa", 2.0, 2.0)):
+        expected = combine_confident(labels(fg, method), labels(bg, method))
+        assert torch.equal(pseudo_masks(cams, positive, method=method, fg=fg, bg=bg), expected), (method, fg, bg)
+
+
+def test_pseudo_masks_without_classes_are_background():
+    assert pseudo_masks(torch.zeros(2, 0, 3, 4), torch.zeros(2, 0, dtype=torch.bool)).eq(0).all()
+
+
+@pytest.mark.parametrize("d", [1, 3, 8])
+def test_window_max_paths_equal_the_full_max_pool(d):
+    # the CPU path (OpenCV dilation) and the other devices' path (two 1-D max-pools), both on the CPU here
+    g = torch.Generator().manual_seed(d)
+    maps = torch.randn(3, 13, 20, generator=g)
+    maps[0, :, 0] = float("-inf")  # every window still holds a finite value
+    full = F.max_pool2d(maps[:, None], kernel_size=2 * d + 1, stride=1, padding=d)[:, 0]
+    assert torch.equal(_dilate(maps, d), full) and torch.equal(_separable_max_pool(maps, d), full)
+    maps[0, :, :2 * d + 2] = float("-inf")  # windows of -inf only: OpenCV's border may read -FLT_MAX
+    assert (_dilate(maps, d)[0, :, 0] <= torch.finfo(torch.float32).min).all()
+    (pts,) = local_maxima(maps[None], min_distance=d, rel_threshold=0.0)
+    assert pts.points.numel() and (pts.points[pts.labels == 0, 0] >= 2 * d + 2).all()  # never a peak there

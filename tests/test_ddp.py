@@ -10,22 +10,14 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from wsl.train.classifier import DataConfig, ModelConfig, TrainConfig, evaluate_classifier, train_classifier
+from conftest import tiny_train_config
+from wsl.train.classifier import evaluate_classifier, train_classifier
 from wsl.train.engine import OptimConfig, RunConfig, RunDir, ScheduleConfig, Trainer
 from wsl.utils import dist
 from wsl.utils.io import load_checkpoint, read_jsonl
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two, and much faster on a busy machine
-    (idle OpenMP threads wait for descheduled peers at every op)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 class Blobs(torch.utils.data.Dataset):
@@ -58,13 +50,6 @@ def tiny_fit(out: Path, info: dist.DistInfo) -> None:
     trainer.fit()
 
 
-def classifier_config(root: Path) -> TrainConfig:
-    return TrainConfig(data=DataConfig(spec=f"voc:{root}", size=32, workers=0),
-                       model=ModelConfig(backbone="vgg_tiny", pooling="max"),
-                       optim=OptimConfig(lr=0.05, batch_size=8), schedule=ScheduleConfig(epochs=1),
-                       run=RunConfig(device="cpu"))
-
-
 def _worker(rank: int, world: int, port: int, out: str, scenes: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -72,7 +57,7 @@ def _worker(rank: int, world: int, port: int, out: str, scenes: str) -> None:
     info = dist.init_distributed("cpu")
     try:
         tiny_fit(Path(out) / "tiny", info)
-        train_classifier(classifier_config(Path(scenes)), Path(out) / "classifier")
+        train_classifier(tiny_train_config(Path(scenes), pooling="max", epochs=1), Path(out) / "classifier")
     finally:
         dist.cleanup()
 
@@ -105,7 +90,7 @@ def test_two_gloo_ranks_match_one_process(scenes_root, tmp_path):
 
     model, classes = load_classifier(run / "last.pt")
     val = build_dataset(f"voc:{scenes_root}", "val", classes=classes, transform=eval_transform(32))
-    cfg = classifier_config(scenes_root)
+    cfg = tiny_train_config(scenes_root, pooling="max", epochs=1)
     metrics = evaluate_classifier(model.eval(), val, device=torch.device("cpu"), batch_size=4, amp=cfg.run.amp,
                                   channels_last=cfg.run.channels_last)
     assert metrics["val_map"] == pytest.approx(records[0]["val_map"], abs=1e-6)

@@ -280,6 +280,23 @@ def test_pxap_agrees_with_reference_and_is_10x_faster():
     assert t_slow > 10 * t_fast, (t_slow, t_fast)
 
 
+@pytest.mark.parametrize("thresholds", [default_thresholds(), default_thresholds(0.05), np.array([0.0, 0.1, 0.15, 0.6]),
+                                        np.array([0.3])], ids=["wsol", "coarse", "uneven", "single"])
+def test_pxap_counts_are_exact_at_and_next_to_every_threshold(thresholds):
+    # scores on the edges, one float below and above them, outside [0, 1): where binning by a guess
+    # from the spacing would be off by one without the exact correction
+    edges = np.append(thresholds, [1.0, 2.0])
+    scores = np.concatenate([edges, np.nextafter(edges, -np.inf), np.nextafter(edges, np.inf), [-0.5, 0.9999999, 3.0]])
+    rng = np.random.default_rng(7)
+    norm = rng.permutation(np.concatenate([scores, rng.random(500)]))[None, :]
+    positive = rng.random(norm.shape) < 0.4
+    negative = ~positive & (rng.random(norm.shape) < 0.9)
+    ap = PixelAP(thresholds)
+    ap.update(norm, positive, negative)
+    assert ap.fg_ge[0].tolist() == [int((norm[positive] >= e).sum()) for e in edges]
+    assert ap.bg_ge[0].tolist() == [int((norm[negative] >= e).sum()) for e in edges]
+
+
 def test_pxap_without_positive_pixels_is_nan():
     ap = PixelAP(np.array([0.0, 0.5]))
     ap.update(np.ones((2, 2)), np.zeros((2, 2), bool), np.ones((2, 2), bool))

@@ -76,3 +76,31 @@ def test_markdown_report(smoke):
     for rid in RATIO_IDS:
         assert f"| {rid} |" in md
     assert result["machine"]["cpu"] in md and "Peak RSS" in md and "SMOKE" in md
+
+
+def test_merge_replaces_only_the_phases_run_again(smoke, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speed_script", SCRIPT)
+    speed = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "speed_script", speed)  # its dataclasses look their module up
+    spec.loader.exec_module(speed)
+    _, result, _ = smoke
+    old = json.loads(json.dumps(result))
+    for r in old["rows"]:
+        r.pop("phase")  # results written before rows named their phase
+        r["ratio"] = -1.0
+    old.update(command="python experiments/speed.py (full)", load_start=[9, 9, 9], load_end=[8, 8, 8])
+    new = json.loads(json.dumps(result))
+    new["rows"] = [r for r in new["rows"] if r["phase"] in ("cam", "metrics")]
+    new["phases"] = {k: v for k, v in new["phases"].items() if k in ("cam", "metrics")}
+    new["skipped"] = {}
+    merged = speed.merge_results(old, new)
+    assert [r["id"] for r in merged["rows"]] == [r["id"] for r in result["rows"]]  # phase order kept
+    for r in merged["rows"]:
+        assert (r["ratio"] == -1.0) == (speed.row_phase(r) not in ("cam", "metrics")), r["id"]
+    assert set(merged["phases"]) == set(result["phases"])
+    assert [(r["command"], r["phases"]) for r in merged["runs"]] == [
+        (old["command"], [p for p in result["phases"] if p not in ("cam", "metrics")]), (new["command"], ["cam", "metrics"])]
+    md = speed.markdown(merged)
+    assert "Merged from several runs" in md and old["command"] in md and "| 1a |" in md

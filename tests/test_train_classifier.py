@@ -9,36 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_train_config
 from wsl import cli
 from wsl.commands.train import build_config
 from wsl.errors import CheckpointError, OutputExistsError
 from wsl.models.backbones import BACKBONES
 from wsl.models.classifier import load_classifier
 from wsl.models.layers.pooling import POOLINGS
-from wsl.train.classifier import (DataConfig, ModelConfig, TrainConfig, demo_config, difficult_only,
-                                  evaluate_classifier, train_classifier)
-from wsl.train.engine import OptimConfig, RunConfig, ScheduleConfig, with_overrides
+from wsl.train.classifier import TrainConfig, demo_config, difficult_only, evaluate_classifier, train_classifier
+from wsl.train.engine import with_overrides
 from wsl.utils.io import load_checkpoint, read_jsonl
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two, and much faster on a busy machine
-    (idle OpenMP threads wait for descheduled peers at every op)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_config(root: Path, **overrides) -> TrainConfig:
-    cfg = TrainConfig(data=DataConfig(spec=f"voc:{root}", size=32, workers=0),
-                      model=ModelConfig(backbone="vgg_tiny", pooling="lse", pooling_kwargs={"beta": 4.0}),
-                      optim=OptimConfig(lr=0.05, batch_size=8), schedule=ScheduleConfig(epochs=2),
-                      run=RunConfig(device="cpu", seed=1))
-    return with_overrides(cfg, overrides)
+def tiny_config(root: Path) -> TrainConfig:
+    return tiny_train_config(root, pooling_kwargs={"beta": 4.0}, seed=1)
 
 
 @pytest.fixture(scope="module")

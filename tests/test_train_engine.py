@@ -17,16 +17,7 @@ from wsl.train.engine import (EpochSampler, OptimConfig, RunConfig, RunDir, Sche
                               Trainer, config_from_dict, derive_seed, diff_configs, lr_factor, with_overrides)
 from wsl.utils import dist
 from wsl.utils.io import load_checkpoint, save_checkpoint
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two, and much faster on a busy machine
-    (idle OpenMP threads wait for descheduled peers at every op)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------ tiny task

@@ -58,6 +58,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         if isinstance(e, KeyboardInterrupt):
             print("wsl: interrupted", file=sys.stderr)
             return 130
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"wsl {args.command}: error: {msg}", file=sys.stderr)
+        print(f"wsl {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 1
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of the error's message. An error raised in a DataLoader worker comes back
+    re-raised with the worker's traceback as its message ("Caught DataError in DataLoader worker
+    process 0. Original Traceback ..."): its last line is the original ``Type: message``, which is
+    what names the bad file."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0] and len(lines) > 1:
+        name = type(error).__qualname__
+        prefixes = (f"{type(error).__module__}.{name}:", f"{name}:")
+        for line in reversed(lines):
+            for prefix in prefixes:
+                if line.startswith(prefix):
+                    return line[len(prefix):].strip()
+        return lines[-1]
+    return lines[0]

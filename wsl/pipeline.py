@@ -42,8 +42,8 @@ import torch
 
 from wsl.data.synth import SynthConfig
 from wsl.train.classifier import TrainConfig
-from wsl.train.engine import (config_from_dict, config_to_dict, current_command,
-                              diff_configs, json_safe, with_overrides)
+from wsl.train.engine import (ConfigFile, config_from_file, current_command, diff_configs, json_safe, read_json,
+                              with_overrides)
 from wsl.train.segmenter import SegTrainConfig
 from wsl.utils.io import PathLike, atomic_write_json, atomic_write_text, prepare_output_dir, read_jsonl
 
@@ -178,10 +178,12 @@ class ReportSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class PipelineConfig:
+class PipelineConfig(ConfigFile):
     """Every stage's settings, written to ``OUT/config.json``. ``classifier`` and ``segmenter`` are the
     trainers' own configs (their ``data.spec``, splits and ``data.masks`` are set by the pipeline);
-    ``skip`` leaves out stages (``bench``, ``pseudo_masks``, ``segmenter``, ``segment``)."""
+    ``skip`` leaves out stages (``bench``, ``pseudo_masks``, ``segmenter``, ``segment``).
+    ``segmenter.model.backbone_weights = "classifier"`` starts the segmenter's backbone from the trained
+    classifier (:data:`FROM_CLASSIFIER`)."""
 
     data: DataSection = dataclasses.field(default_factory=DataSection)
     classifier: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -201,13 +203,10 @@ class PipelineConfig:
             needed_by = [s for s in SKIPPABLE[name] if s not in self.skip]
             if needed_by:
                 raise ValueError(f"skip: {needed_by[0]!r} needs {name!r}; skip both or neither")
-
-    def to_dict(self) -> Dict[str, Any]:
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "PipelineConfig":
-        return config_from_dict(cls, data)
+        seg, cls = self.segmenter.model, self.classifier.model
+        if seg.backbone_weights == FROM_CLASSIFIER and seg.backbone != cls.backbone:
+            raise ValueError(f"segmenter.model.backbone_weights={FROM_CLASSIFIER!r} needs the classifier's backbone "
+                             f"({cls.backbone!r}), but segmenter.model.backbone is {seg.backbone!r}")
 
     @classmethod
     def load(cls, path: PathLike) -> "PipelineConfig":
@@ -216,7 +215,7 @@ class PipelineConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"pipeline config not found: {path}")
-        data = _read_json(path)
+        data = read_json(path)
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a pipeline config is a JSON object with sections "
                              f"{', '.join(f.name for f in dataclasses.fields(cls))}")
@@ -226,18 +225,8 @@ class PipelineConfig:
                 ref = ref if ref.is_absolute() else path.parent / ref
                 if not ref.is_file():
                     raise FileNotFoundError(f"{path}: its {key} config {data[key]!r} is not a file ({ref})")
-                data[key] = _read_json(ref)
-        try:
-            return cls.from_dict(data)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from e
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+                data[key] = read_json(ref)
+        return config_from_file(cls, data, path)
 
 
 def _positive(name: str, value: int) -> None:
@@ -253,9 +242,14 @@ def _check_metrics(name: str, metrics: Sequence[str]) -> None:
         raise ValueError(f"{name}: unknown metric {unknown[0]!r}; known: {', '.join(METRICS.names())}")
 
 
+#: ``segmenter.model.backbone_weights`` value that starts the segmenter's backbone from the pipeline's
+#: own classifier (same backbone name), the weakly supervised analogue of ImageNet initialisation: the
+#: features that found the objects also start the segmenter.
+FROM_CLASSIFIER = "classifier"
+
 #: Epochs of the demo's trainers, fewer than the trainers' own CPU defaults (see :func:`demo_config`).
 DEMO_CLASSIFIER_EPOCHS = 6
-DEMO_SEGMENTER_EPOCHS = 4
+DEMO_SEGMENTER_EPOCHS = 12
 
 
 def demo_config(quick: bool = False) -> PipelineConfig:
@@ -272,12 +266,14 @@ def demo_config(quick: bool = False) -> PipelineConfig:
         return PipelineConfig(
             data=DataSection(synth=SynthConfig(train=48, val=16, size=64, num_classes=4)),
             classifier=with_overrides(TrainConfig(), {**tiny, "schedule.epochs": 2}),
-            segmenter=with_overrides(SegTrainConfig(), {**tiny, "schedule.epochs": 1}),
+            segmenter=with_overrides(SegTrainConfig(), {**tiny, "schedule.epochs": 1,
+                                                        "model.backbone_weights": FROM_CLASSIFIER}),
             report=ReportSection(examples=4))
     return PipelineConfig(
         data=DataSection(synth=SynthConfig()),
         classifier=with_overrides(TrainConfig(), {"schedule.epochs": DEMO_CLASSIFIER_EPOCHS}),
-        segmenter=with_overrides(SegTrainConfig(), {"schedule.epochs": DEMO_SEGMENTER_EPOCHS}),
+        segmenter=with_overrides(SegTrainConfig(), {"schedule.epochs": DEMO_SEGMENTER_EPOCHS,
+                                                    "model.backbone_weights": FROM_CLASSIFIER}),
     )
 
 
@@ -303,10 +299,12 @@ class _Context:
 
     @property
     def segmenter_config(self) -> SegTrainConfig:
-        d = self.config.data
-        return with_overrides(self.config.segmenter, {
-            "data.spec": self.spec, "data.train_split": d.train_split, "data.val_split": d.val_split,
-            "data.masks": str(self.dir("pseudo_masks"))})
+        d, seg = self.config.data, self.config.segmenter
+        overrides = {"data.spec": self.spec, "data.train_split": d.train_split, "data.val_split": d.val_split,
+                     "data.masks": str(self.dir("pseudo_masks"))}
+        if seg.model.backbone_weights == FROM_CLASSIFIER:
+            overrides["model.backbone_weights"] = str(self.dir("classifier") / "last.pt")
+        return with_overrides(seg, overrides)
 
     def dataset(self, split: str, classes: Sequence[str], masks: bool = False) -> Any:
         from wsl.data.spec import build_dataset
@@ -423,6 +421,7 @@ def _stage_pooling(ctx: _Context) -> Dict[str, Any]:
                      "best_val_map": best.get("val_map"), "best_epoch": best.get("epoch"),
                      "wall_s": round(sum(r.get("seconds", 0.0) for r in records) + time.perf_counter() - t0, 1),
                      "run_dir": str(run_dir), "bench_dir": str(bench_dir),
+                     "load_average": round(os.getloadavg()[0], 1),  # wall times depend on other jobs
                      "localization": {k: v for k, v in localization.items() if "/" not in k}})
         bench_dirs.append(bench_dir)
     atomic_write_text(out / "compare.md", "# Pooling heads on " + ctx.config.data.val_split + "\n\n"
@@ -542,7 +541,7 @@ def _check_resume(out: Path, config: PipelineConfig) -> None:
             raise ValueError(f"cannot resume {out}: no config.json there (not a pipeline output); "
                              "pass --overwrite to start again")
         return
-    saved = _read_json(saved_path)
+    saved = read_json(saved_path)
     diffs = [d for d in diff_configs(saved, config.to_dict()) if d[0].rsplit(".", 1)[-1] not in RESUMABLE_CHANGES]
     if diffs:
         key, old, new = diffs[0]

@@ -59,28 +59,35 @@ def _pick(record: Dict[str, Any], keys: Sequence[str]) -> Dict[str, Any]:
     return {k: record.get(k) for k in keys if k in record}
 
 
+def _training_summary(run_dir: Path, monitor: str, per_class: str) -> Optional[Dict[str, Any]]:
+    """The last epoch's loss and metrics of a training run, with its best ``monitor`` value and epoch
+    (None when the run has no metrics yet)."""
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    if not records:
+        return None
+    best = max(records, key=lambda r: r.get(monitor) or -1.0)
+    return {**_pick(records[-1], ("epoch", "train_loss", "val_loss", monitor, per_class)),
+            f"best_{monitor}": best.get(monitor), "best_epoch": best.get("epoch")}
+
+
 def collect_results(pipeline_dir: PathLike) -> Dict[str, Any]:
     """The headline numbers of a pipeline run, by stage (absent stages are left out)."""
     from wsl.pipeline import STAGES, read_stage
 
     out = Path(pipeline_dir)
     res: Dict[str, Any] = {"stages": {s: r for s in STAGES if (r := read_stage(out, s)) is not None}}
-    records = read_jsonl(out / "classifier" / "metrics.jsonl")
-    if records:
-        best = max(records, key=lambda r: r.get("val_map") or -1.0)
-        res["classifier"] = {**_pick(records[-1], ("epoch", "train_loss", "val_loss", "val_map", "val_ap")),
-                             "best_val_map": best.get("val_map"), "best_epoch": best.get("epoch")}
+    classifier = _training_summary(out / "classifier", "val_map", "val_ap")
+    if classifier:
+        res["classifier"] = classifier
     bench = _json(out / "bench" / "metrics.json")
     if bench:
         res["bench"] = bench
     quality = _json(out / "pseudo_masks" / "quality.json")
     if quality:
         res["pseudo_masks"] = quality
-    records = read_jsonl(out / "segmenter" / "metrics.jsonl")
-    if records:
-        best = max(records, key=lambda r: r.get("val_miou") or -1.0)
-        res["segmenter"] = {**_pick(records[-1], ("epoch", "train_loss", "val_loss", "val_miou", "val_iou")),
-                            "best_val_miou": best.get("val_miou"), "best_epoch": best.get("epoch")}
+    segmenter = _training_summary(out / "segmenter", "val_miou", "val_iou")
+    if segmenter:
+        res["segmenter"] = segmenter
     segment = _json(out / "segment" / "metrics.json")
     if segment:
         res["segment"] = _pick(segment, ("miou", "pixel_accuracy", "iou", "images"))
@@ -416,20 +423,10 @@ def segmenter_figure(results: Dict[str, Any], classes: Sequence[str], path: Path
     if len(series) < 2:
         return None
     names = ["background", *classes, "mean"]
-    fig = _figure(max(6.0, 0.75 * len(names) + 2), 3.6)
-    ax = fig.add_subplot()
-    width = 0.8 / len(series)
-    x = np.arange(len(names))
-    for k, (label, iou, miou) in enumerate(series):
-        vals = [iou.get(n) for n in names[:-1]] + [miou]
-        ax.bar(x - 0.4 + (k + 0.5) * width, [100 * v if v is not None else 0 for v in vals], width, label=label)
-    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("IoU (%)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("Segmenter vs the pseudo-masks it was trained on", fontsize=10)
-    return _save(fig, path)
+    bars = [(label, [iou.get(n) for n in names[:-1]] + [miou]) for label, iou, miou in series]
+    return _percent_bars(path, names, bars, size=(max(6.0, 0.75 * len(names) + 2), 3.6), ylabel="IoU (%)",
+                         title="Segmenter vs the pseudo-masks it was trained on",
+                         tick_kw={"rotation": 30, "ha": "right", "fontsize": 8})
 
 
 def load_pooling_results(out: Path, fallback: Optional[PathLike]) -> Tuple[Optional[Dict[str, Any]], str]:
@@ -464,18 +461,27 @@ def pooling_figure(data: Dict[str, Any], path: Path) -> Path:
         vals = [r.get("localization", {}).get(key) for r in heads]
         if any(v is not None for v in vals):
             series.append((key, vals))
-    fig = _figure(max(5.0, 1.1 * len(heads) + 2), 3.4)
+    return _percent_bars(path, [r["head"] for r in heads], series, size=(max(5.0, 1.1 * len(heads) + 2), 3.4),
+                         ylabel="%", title="Pooling heads (val)")
+
+
+def _percent_bars(path: Path, names: Sequence[str], series: Sequence[Tuple[str, Sequence[Optional[float]]]], *,
+                  size: Tuple[float, float], ylabel: str, title: str,
+                  tick_kw: Optional[Dict[str, Any]] = None) -> Path:
+    """Grouped vertical bars: one group per name, one bar per ``(label, values)`` series, values in
+    [0, 1] drawn as percentages (a missing value as an empty bar)."""
+    fig = _figure(*size)
     ax = fig.add_subplot()
     width = 0.8 / len(series)
-    x = np.arange(len(heads))
+    x = np.arange(len(names))
     for k, (label, vals) in enumerate(series):
         ax.bar(x - 0.4 + (k + 0.5) * width, [100 * v if v is not None else 0 for v in vals], width, label=label)
-    ax.set_xticks(x, [r["head"] for r in heads])
+    ax.set_xticks(x, list(names), **(tick_kw or {}))
     ax.set_ylim(0, 100)
-    ax.set_ylabel("%")
+    ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title("Pooling heads (val)", fontsize=10)
+    ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
 

@@ -2,14 +2,16 @@
 
 Output layout (``out_dir``)::
 
-    manifest.json         counts, options, class names, library versions, this layout
+    options.json          what the outputs depend on (written first; --resume checks it)
     cams/ID.npz           the CAMs of one image (format below)
     overlays/ID.png       image | one heatmap panel per positive (or predicted) class, with box and peak
     masks/ID.png          pseudo-mask, VOC palette PNG (0 background, c+1 class c, 255 ignore)
+    records/ID.json       one image's entry of localization.json and its boxes_coco.json entries
     localization.json     per image: size, classes used, scores, argmax points, local maxima, boxes
     boxes_coco.json       all boxes in COCO results format: image_id, category_id, bbox [x,y,w,h], score
+    manifest.json         counts, options, class names, library versions, this layout (written last)
 
-``ID.npz`` format (``np.savez_compressed``; read with ``np.load(path)``):
+``ID.npz`` format (read with ``np.load(path)``; :mod:`wsl.cam.files`):
 
 - ``cams``: float16 ``(C, H, W)``, one map per class of ``classes`` at the image's resolution, higher =
   more of the class. ``wsl cam`` stores maps normalised per map to [0, 1] (ReLU, then divided by the
@@ -18,15 +20,22 @@ Output layout (``out_dir``)::
 - ``classes``: str array ``(C,)``, the class names, in the order of ``cams``.
 - ``scores``: float32 ``(C,)``, image-level class scores (logits; ``sigmoid`` gives probabilities).
 
-``ID`` is the dataset's image id with ``/`` and ``\\`` replaced by ``__``.
+``ID`` is the dataset's image id with ``/`` and ``\\`` replaced by ``__`` (:func:`wsl.cam.files.file_stem`).
 
 Coordinates follow docs/design.md: points are integer pixel indices ``(x, y)``; boxes are ``xyxy`` in
 pixel-edge coordinates with x2/y2 exclusive, so the COCO ``[x, y, w, h]`` is ``[x1, y1, x2-x1, y2-y1]``.
-Every file is written atomically: an interrupted export never leaves a truncated file under its name.
+
+Interruption. Every file is written atomically and reproducibly (:mod:`wsl.cam.files`); an image's
+record is written after its other files, and the manifest after everything. ``resume=True``
+(``wsl cam --resume``) continues a killed export: it checks ``options.json``, deletes the temporary
+files a kill left behind and recomputes only the batches holding an unfinished image. Batches are
+planned from the whole dataset either way, so every image is computed in the same batch as in an
+uninterrupted run and the finished directory is byte-for-byte the same.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import platform
 from collections import defaultdict
@@ -43,12 +52,13 @@ from tqdm import tqdm
 
 import wsl
 from wsl.cam.crf import DenseCRF, crf_pseudo_masks
-from wsl.cam.extract import CAMExtractor, select_classes
+from wsl.cam.extract import CAMExtractor, _model_device, select_classes
 from wsl.cam.postprocess import BOX_MODES, argmax_points, cam_boxes, local_maxima, mask_settings, pseudo_masks
+from wsl.cam.files import (IMAGE_DIRS, OPTIONS_FILE, file_stem, open_output_dir, save_cam_npz, save_palette_png,
+                           save_rgb_png)
 from wsl.data.base import WSLDataset, make_annotation
-from wsl.data.classes import VOC_PALETTE
 from wsl.errors import DataError
-from wsl.utils.io import PathLike, atomic_path, atomic_write_json, prepare_output_dir
+from wsl.utils.io import PathLike, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +81,6 @@ class ImageFolderDataset(WSLDataset):
         if not files:
             raise DataError(f"{root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
         super().__init__(classes, [make_annotation(p.stem, p, len(classes)) for p in files], source=root)
-
-
-def file_stem(image_id: str) -> str:
-    """File name (without extension) for an image id: path separators become ``__``."""
-    stem = str(image_id).replace("/", "__").replace("\\", "__")
-    if stem in ("", ".", ".."):
-        raise DataError(f"image id {image_id!r} cannot name a file")
-    return stem
 
 
 def coco_ids(dataset: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:
@@ -147,28 +149,6 @@ def overlay_panels(image: np.ndarray, cams: np.ndarray, titles: Sequence[str],
     for p in panels[1:]:
         out += [gap, p]
     return np.concatenate(out, axis=1)
-
-
-def save_palette_png(path: PathLike, mask: np.ndarray) -> None:
-    """Write a uint8 class-index mask as a VOC palette PNG, atomically."""
-    im = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="P")
-    im.putpalette(VOC_PALETTE.flatten().tolist())
-    with atomic_path(path) as tmp:
-        im.save(tmp, format="PNG")
-
-
-def save_rgb_png(path: PathLike, rgb: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG")
-
-
-def save_cam_npz(path: PathLike, cams: np.ndarray, classes: Sequence[str], scores: np.ndarray) -> None:
-    """Write one ``ID.npz`` (module docstring) atomically; values beyond float16's range are clipped."""
-    finfo = np.finfo(np.float16)
-    with atomic_path(path) as tmp:
-        np.savez_compressed(tmp, cams=np.clip(cams, finfo.min, finfo.max).astype(np.float16),
-                            classes=np.asarray(list(classes), dtype=str),
-                            scores=np.asarray(scores, dtype=np.float32))
 
 
 @contextlib.contextmanager
@@ -252,19 +232,37 @@ class ExportOptions:
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
 
 
-class _Writer:
-    """Turns batches of samples into files, and collects what goes into the JSON files at the end."""
+class _Stems(dict):
+    """Dataset index -> file stem, refusing two image ids that would share a file."""
 
-    def __init__(self, out: Path, extractor: CAMExtractor, classes: List[str], options: ExportOptions,
-                 crf: Optional[DenseCRF], normalizer: Callable[[Tensor], Tensor], labelled: bool,
-                 label_map: Optional[np.ndarray], ids: Tuple[Dict[str, Any], Dict[str, Any]]) -> None:
-        self.out, self.classes, self.opt, self.crf, self.normalizer = out, classes, options, crf, normalizer
-        self.extractor = extractor
+    def __init__(self) -> None:
+        super().__init__()
+        self.owner: Dict[str, str] = {}
+
+    def add(self, index: int, image_id: str) -> str:
+        stem = file_stem(image_id)
+        if self.owner.setdefault(stem, image_id) != image_id:
+            raise DataError(f"image ids {self.owner[stem]!r} and {image_id!r} map to the same file name {stem!r}")
+        self[index] = stem
+        return stem
+
+
+class _Writer:
+    """Turns batches of samples into files: per image the CAMs, overlay, mask and (last) its record;
+    at the end the JSON files assembled from the records of every image."""
+
+    def __init__(self, out: Path, stems: _Stems, extractor: CAMExtractor, classes: List[str],
+                 options: ExportOptions, crf: Optional[DenseCRF], normalizer: Callable[[Tensor], Tensor],
+                 labelled: bool, label_map: Optional[np.ndarray], ids: Tuple[Dict[str, Any], Dict[str, Any]]) -> None:
+        self.out, self.stems, self.classes, self.opt, self.crf = out, stems, classes, options, crf
+        self.extractor, self.normalizer = extractor, normalizer
         self.labelled, self.label_map, self.ids = labelled, label_map, ids
-        self.records: Dict[int, Dict[str, Any]] = {}
-        self.coco: List[Tuple[int, Dict[str, Any]]] = []
-        self.counts = {"images": 0, "points": 0, "peaks": 0, "boxes": 0, "masks": 0, "overlays": 0}
-        self.stems: Dict[str, str] = {}
+
+    def paths(self, stem: str) -> List[Path]:
+        return [self.out / d / f"{stem}{ext}" for d, ext in zip(IMAGE_DIRS, (".npz", ".png", ".png", ".json"))]
+
+    def complete(self, stem: str) -> bool:
+        return all(p.is_file() for p in self.paths(stem))
 
     def _selection(self, samples: List[Dict[str, Any]], scores: Tensor) -> Tensor:
         if not self.labelled:
@@ -278,7 +276,8 @@ class _Writer:
                 labels[i, torch.from_numpy(self.label_map)] = lab
         return select_classes(labels=labels).to(scores.device)
 
-    def batch(self, samples: List[Dict[str, Any]]) -> None:
+    def batch(self, indices: List[int], samples: List[Dict[str, Any]]) -> None:
+        """Compute one batch and write the files of its images that are not complete yet."""
         opt, classes = self.opt, self.classes
         images = torch.stack([s["image"] for s in samples])
         if images.dtype != torch.uint8:
@@ -302,20 +301,19 @@ class _Writer:
         probs, scores = torch.sigmoid(scores).cpu(), scores.cpu()
         cams_np, masks_np = cams.cpu().numpy(), masks.cpu().numpy()
         selection, points, values = selection.cpu(), points.cpu(), values.cpu()
-        for i, s in enumerate(samples):
+        for i, (index, s) in enumerate(zip(indices, samples)):
             image_id = str(s["id"])
-            stem = file_stem(image_id)
-            if self.stems.setdefault(stem, image_id) != image_id:
-                raise DataError(f"image ids {self.stems[stem]!r} and {image_id!r} map to the same file name {stem!r}")
-            index = int(s.get("index", len(self.records)))
+            stem = self.stems.add(index, image_id)
+            if self.complete(stem):  # finished before an interruption (the batch is recomputed whole)
+                continue
             chosen = torch.nonzero(selection[i]).flatten().tolist()
-            box_list, panel_boxes = [], defaultdict(list)
+            box_list, panel_boxes, coco = [], defaultdict(list), []
             b = boxes[i]
             for box, k, peak in zip(b.boxes.tolist(), b.labels.tolist(), b.scores.tolist()):
                 score = float(probs[i, k]) * peak
                 box_list.append({"class": classes[k], "class_index": k, "bbox": box, "score": score, "peak": peak})
                 panel_boxes[k].append(box)
-                self.coco.append((index, _coco_entry(image_id, classes[k], k, box, score, self.ids)))
+                coco.append(_coco_entry(image_id, classes[k], k, box, score, self.ids))
             xy = {k: (int(points[i, k, 0]), int(points[i, k, 1])) for k in chosen}
             point_list = [{"class": classes[k], "class_index": k, "x": xy[k][0], "y": xy[k][1],
                            "value": float(values[i, k])} for k in chosen]
@@ -323,48 +321,76 @@ class _Writer:
             peak_list = [{"class": classes[k], "class_index": k, "x": x, "y": y, "value": v}
                          for (x, y), k, v in zip(p.points.tolist(), p.labels.tolist(), p.scores.tolist())]
             h, w = cams_np.shape[-2:]
-            self.records[index] = {
+            record = {
                 "id": image_id, "file": stem, "height": h, "width": w, "classes": [classes[k] for k in chosen],
                 "scores": {name: float(scores[i, k]) for k, name in enumerate(classes)},
                 "points": point_list, "peaks": peak_list, "boxes": box_list}
-            save_cam_npz(self.out / "cams" / f"{stem}.npz", cams_np[i], classes, scores[i].numpy())
+            npz, overlay, mask, record_path = self.paths(stem)
+            save_cam_npz(npz, cams_np[i], classes, scores[i].numpy())
             titles = [f"{classes[k]} {float(probs[i, k]):.2f}" for k in chosen]
             panels = overlay_panels(images[i].permute(1, 2, 0).numpy(), cams_np[i, chosen], titles,
                                     boxes=[panel_boxes[k] for k in chosen], points=[xy[k] for k in chosen])
-            save_rgb_png(self.out / "overlays" / f"{stem}.png", panels)
-            save_palette_png(self.out / "masks" / f"{stem}.png", masks_np[i])
-            for key, n in (("images", 1), ("overlays", 1), ("masks", 1), ("points", len(point_list)),
-                           ("peaks", len(peak_list)), ("boxes", len(box_list))):
-                self.counts[key] += n
+            save_rgb_png(overlay, panels)
+            save_palette_png(mask, masks_np[i])
+            atomic_write_json(record_path, {"localization": record, "coco": coco})  # last: marks the image done
 
-    def finish(self, dataset: Any, batch_size: int) -> Dict[str, Any]:
-        atomic_write_json(self.out / "localization.json",
-                          {"classes": self.classes, "images": [self.records[i] for i in sorted(self.records)]})
-        atomic_write_json(self.out / "boxes_coco.json", [c for _, c in sorted(self.coco, key=lambda t: t[0])])
-        crf = self.crf
+    def _records(self, n: int) -> List[Dict[str, Any]]:
+        records = []
+        for i in range(n):
+            path = self.paths(self.stems[i])[-1]
+            try:
+                records.append(json.loads(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError) as e:
+                raise DataError(f"{path}: unreadable image record ({e}); rerun `wsl cam` with --overwrite") from e
+        return records
+
+    def finish(self, n: int, run_info: Dict[str, Any]) -> Dict[str, Any]:
+        records = self._records(n)
+        loc = [r["localization"] for r in records]
+        atomic_write_json(self.out / "localization.json", {"classes": self.classes, "images": loc})
+        atomic_write_json(self.out / "boxes_coco.json", [c for r in records for c in r["coco"]])
+        counts = {"images": n, "points": sum(len(r["points"]) for r in loc), "peaks": sum(len(r["peaks"]) for r in loc),
+                  "boxes": sum(len(r["boxes"]) for r in loc), "masks": n, "overlays": n}
         manifest = {
-            "format": FORMAT,
-            "classes": self.classes,
-            "counts": self.counts,
-            "options": {
-                **asdict(self.opt), "scales": list(self.opt.scales), "normalize": "max",
-                "classes_from": "labels" if self.labelled else "predicted",
-                "box_score": "sigmoid(class score) * CAM peak in the box",
-                "crf": None if crf is None else {
-                    "iterations": crf.iterations, "pos_w": crf.pos_w, "pos_xy_std": crf.pos_xy_std,
-                    "bi_w": crf.bi_w, "bi_xy_std": crf.bi_xy_std, "bi_rgb_std": crf.bi_rgb_std,
-                    "max_pixels": crf.max_pixels, "filter": crf.filter},
-                "batch_size": batch_size,
-            },
+            "format": run_info["format"],
+            "classes": run_info["classes"],
+            "counts": counts,
+            "options": run_info["options"],
             "files": {"cams": "cams/{id}.npz", "overlays": "overlays/{id}.png", "masks": "masks/{id}.png",
+                      "records": "records/{id}.json", "options": OPTIONS_FILE,
                       "localization": "localization.json", "boxes_coco": "boxes_coco.json"},
             "npz": {"cams": "float16 (C, H, W), per-map max-normalised", "classes": "str (C,)",
                     "scores": "float32 (C,) logits"},
-            "dataset": str(getattr(dataset, "source", None) or type(dataset).__name__),
-            "versions": _versions(),
+            "dataset": run_info["dataset"],
+            "versions": run_info["versions"],
         }
         atomic_write_json(self.out / "manifest.json", manifest)
         return manifest
+
+
+def _run_info(options: ExportOptions, classes: List[str], crf: Optional[DenseCRF], labelled: bool,
+              batch_size: int, dataset: Any, device: Optional[torch.device]) -> Dict[str, Any]:
+    """Everything the output files depend on (``options.json``; the manifest repeats most). Batch size
+    and device are in it because they change the floating-point results."""
+    info = {
+        "format": FORMAT,
+        "classes": classes,
+        "options": {
+            **asdict(options), "scales": list(options.scales), "normalize": "max",
+            "classes_from": "labels" if labelled else "predicted",
+            "box_score": "sigmoid(class score) * CAM peak in the box",
+            "crf": None if crf is None else {
+                "iterations": crf.iterations, "pos_w": crf.pos_w, "pos_xy_std": crf.pos_xy_std,
+                "bi_w": crf.bi_w, "bi_xy_std": crf.bi_xy_std, "bi_rgb_std": crf.bi_rgb_std,
+                "max_pixels": crf.max_pixels, "filter": crf.filter},
+            "batch_size": batch_size,
+            "device": "cpu" if device is None else device.type,
+        },
+        "dataset": str(getattr(dataset, "source", None) or type(dataset).__name__),
+        "images": len(dataset),
+        "versions": _versions(),
+    }
+    return json.loads(json.dumps(info))  # as it reads back from options.json
 
 
 def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir: PathLike, *,
@@ -373,7 +399,7 @@ def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir:
                 mask_bg: Optional[float] = None, crf: Optional[DenseCRF] = None, use_labels: bool = True,
                 peak_min_distance: int = 8, peak_top_k: int = 5, peak_threshold: float = 0.5,
                 normalizer: Callable[[Tensor], Tensor] = imagenet_normalizer, num_workers: int = 0,
-                overwrite: bool = False, progress: bool = True) -> Dict[str, Any]:
+                overwrite: bool = False, resume: bool = False, progress: bool = True) -> Dict[str, Any]:
     """Export CAMs, overlays, points, boxes and pseudo-masks of every image of ``dataset``.
 
     ``dataset`` yields samples ``{"image": uint8 (3,H,W), "id": str, "labels": (C_ds,)}`` (a
@@ -387,7 +413,8 @@ def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir:
     ``sigmoid(class score) * CAM peak in the box``. Pseudo-masks: ``mask_method``, ``mask_fg``,
     ``mask_bg`` of :func:`wsl.cam.postprocess.pseudo_masks`, refined by ``crf`` when given
     (:func:`wsl.cam.crf.crf_pseudo_masks`). Local maxima: ``peak_*`` of
-    :func:`wsl.cam.postprocess.local_maxima`. Refuses a non-empty ``out_dir`` unless ``overwrite``.
+    :func:`wsl.cam.postprocess.local_maxima`. Refuses a non-empty ``out_dir`` unless ``overwrite``,
+    or ``resume`` to finish an interrupted export with the same settings (module docstring).
     Returns the manifest (also written to ``out_dir/manifest.json``). File formats: module docstring.
     """
     classes = [str(c) for c in classes]
@@ -395,29 +422,43 @@ def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir:
         raise ValueError("export_cams: empty class list")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: --resume finishes an export, "
+                         "--overwrite starts it again")
+    anns = getattr(dataset, "annotations", None)
+    if resume and anns is None:
+        raise ValueError(f"resume needs a dataset with annotations (image ids without loading the images); "
+                         f"{type(dataset).__name__} has none")
     options = ExportOptions(scales=tuple(scales), flip=bool(flip), tau=tau, box_mode=box_mode,
                             mask_method=mask_method, mask_fg=mask_fg, mask_bg=mask_bg,
                             peak_min_distance=peak_min_distance, peak_top_k=peak_top_k,
                             peak_threshold=peak_threshold)
     extractor = CAMExtractor(model, scales=options.scales, flip=options.flip, normalize="max")
     labelled = bool(use_labels) and getattr(dataset, "has_labels", True)
-    # Everything that can refuse the inputs runs before prepare_output_dir may empty out_dir.
+    # Everything that can refuse the inputs runs before open_output_dir may empty out_dir.
     writer_args = (extractor, classes, options, crf, normalizer, labelled,
                    _label_map(dataset, classes) if labelled else None, coco_ids(dataset))
-    out = prepare_output_dir(out_dir, overwrite)
-    for sub in ("cams", "overlays", "masks"):
-        (out / sub).mkdir()
-    writer = _Writer(out, *writer_args)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=_size_batches(dataset, batch_size),
-                                         collate_fn=list, num_workers=num_workers)
-    with _eval_mode(model), tqdm(total=len(dataset), desc="wsl cam", unit="img", disable=not progress) as bar:
-        for samples in loader:
-            by_shape: Dict[Tuple[int, ...], List[Dict[str, Any]]] = defaultdict(list)
-            for s in samples:  # a transform may have changed sizes: stack only equal shapes
-                by_shape[tuple(s["image"].shape)].append(s)
+    run_info = _run_info(options, classes, crf, labelled, batch_size, dataset, _model_device(model))
+    stems = _Stems()
+    for i, ann in enumerate(anns or ()):  # else learnt from the samples
+        stems.add(i, str(ann.id))
+    out = open_output_dir(out_dir, run_info, overwrite=overwrite, resume=resume)
+    writer = _Writer(out, stems, *writer_args)
+    plan = _size_batches(dataset, batch_size)  # the whole dataset's, also when resuming (module docstring)
+    todo = [b for b in plan if not all(writer.complete(writer.stems[i]) for i in b)] if resume else plan
+    done = len(dataset) - sum(len(b) for b in todo)
+    if resume:
+        logger.info("resuming %s: %d of %d images already exported", out, done, len(dataset))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=todo, collate_fn=list, num_workers=num_workers)
+    with _eval_mode(model), tqdm(total=len(dataset), initial=done, desc="wsl cam", unit="img",
+                                 disable=not progress) as bar:
+        for indices, samples in zip(todo, loader):
+            by_shape: Dict[Tuple[int, ...], List[Tuple[int, Dict[str, Any]]]] = defaultdict(list)
+            for i, s in zip(indices, samples):  # a transform may have changed sizes: stack only equal shapes
+                by_shape[tuple(s["image"].shape)].append((i, s))
             for group in by_shape.values():
-                writer.batch(group)
+                writer.batch([i for i, _ in group], [s for _, s in group])
                 bar.update(len(group))
-    manifest = writer.finish(dataset, batch_size)
-    logger.info("wrote CAMs of %d images to %s (%d boxes)", writer.counts["images"], out, writer.counts["boxes"])
+    manifest = writer.finish(len(dataset), run_info)
+    logger.info("wrote CAMs of %d images to %s (%d boxes)", len(dataset), out, manifest["counts"]["boxes"])
     return manifest

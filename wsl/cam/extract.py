@@ -85,8 +85,10 @@ def upsample_cams(maps: Tensor, image_size: Tuple[int, int], *, stride: Union[Nu
     gy = _axis_coords(H, in_h, h, sy, oy, maps.device)
     gx = _axis_coords(W, in_w, w, sx, ox, maps.device)
     grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)  # (H, W, 2) as (x, y)
-    return F.grid_sample(maps.float(), grid.expand(n, H, W, 2), mode="bilinear", padding_mode="border",
-                         align_corners=False)
+    # All maps share one grid: as the channels of a single image, the sampling weights are computed once.
+    c = maps.shape[1]
+    return F.grid_sample(maps.float().reshape(1, n * c, h, w), grid[None], mode="bilinear", padding_mode="border",
+                         align_corners=False).view(n, c, H, W)
 
 
 def normalize_cams(cams: Tensor, mode: str = "max", eps: float = 1e-12) -> Tensor:
@@ -102,14 +104,19 @@ def normalize_cams(cams: Tensor, mode: str = "max", eps: float = 1e-12) -> Tenso
     if mode == "none":
         return cams
     flat = cams.flatten(-2)
+    # One new tensor, then in-place steps: the values of where(ok, x / d, 0) in fewer passes.
     if mode == "max":
-        flat = flat.clamp_min(0)
-        peak = flat.amax(-1, keepdim=True)
-        out = torch.where(peak > eps, flat / peak.clamp_min(eps), torch.zeros_like(flat))
+        out = flat.clamp_min(0)
+        peak = out.amax(-1, keepdim=True)
+        ok = peak > eps
+        out.div_(peak.clamp_min(eps))
     else:
         lo, hi = flat.aminmax(dim=-1, keepdim=True)
         rng = hi - lo
-        out = torch.where(rng > eps, (flat - lo) / rng.clamp_min(eps), torch.zeros_like(flat))
+        ok = rng > eps
+        out = (flat - lo).div_(rng.clamp_min(eps))
+    rows = out.view(-1, out.shape[-1])
+    rows[~ok.view(-1)] = 0.0  # only the maps without signal (a masked_fill_ over every pixel is slower)
     return out.view_as(cams)
 
 
@@ -175,8 +182,8 @@ class CAMExtractor:
         if device is not None:
             images = images.to(device)
         n, _, H, W = images.shape
-        total_maps: Tensor = torch.zeros((), device=images.device)
-        total_scores: Tensor = torch.zeros((), device=images.device)
+        total_maps: Optional[Tensor] = None
+        total_scores: Optional[Tensor] = None
         count = 0
         with torch.inference_mode():
             for s in self.scales:
@@ -192,10 +199,15 @@ class CAMExtractor:
                 if self.flip:
                     up = up[:n] + up[n:].flip(-1)
                     scores = scores[:n] + scores[n:]
-                total_maps = total_maps + up
-                total_scores = total_scores + scores
+                # In place: the maps are the largest tensors here. "+ 0.0" keeps the sums exactly
+                # those of 0 + up + ... (it turns -0.0 into 0.0).
+                total_maps = up.add_(0.0) if total_maps is None else total_maps.add_(up)
+                total_scores = scores + 0.0 if total_scores is None else total_scores.add_(scores)
                 count += 2 if self.flip else 1
-            return CAMOutput(cams=total_maps / count, scores=total_scores / count)
+            if count > 1:  # x / 1 == x: a single pass needs no division
+                total_maps.div_(count)
+                total_scores.div_(count)
+            return CAMOutput(cams=total_maps, scores=total_scores)
 
     def __call__(self, images: Tensor) -> CAMOutput:
         out = self.raw(images)

@@ -24,7 +24,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                      help="a folder of images (no labels: the predicted classes are used)")
     p.add_argument("--split", help="split of --data (e.g. train, val)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    mode.add_argument("--resume", action="store_true",
+                      help="finish an interrupted export in --out (same settings): images already written "
+                           "are skipped, the result is identical to an uninterrupted run")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
                    help="input scales to average (default: 1.0)")
     p.add_argument("--flip", action="store_true", help="also average the maps of mirrored images")
@@ -68,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         model, classes, dataset, args.out, batch_size=args.batch_size, scales=args.scales, flip=args.flip,
         tau=args.tau, box_mode=args.box_mode, mask_method=args.mask_method, mask_fg=args.mask_fg,
         mask_bg=args.mask_bg, crf=crf, use_labels=not args.predicted, num_workers=args.workers,
-        overwrite=args.overwrite, progress=not getattr(args, "quiet", False))
+        overwrite=args.overwrite, resume=args.resume, progress=not getattr(args, "quiet", False))
     c = manifest["counts"]
     logger.info("wsl cam: %d images, %d boxes, %d points -> %s", c["images"], c["boxes"], c["points"], args.out)
     return 0

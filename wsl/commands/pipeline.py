@@ -10,9 +10,8 @@ The config (:class:`wsl.pipeline.PipelineConfig`) has the sections ``data`` (``s
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -33,27 +32,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def parse_overrides(items: List[str]) -> Dict[str, Any]:
-    """``["a.b=2", "c=voc:x"]`` -> ``{"a.b": 2, "c": "voc:x"}`` (JSON values, else strings)."""
-    out: Dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
+    from wsl.commands._flags import parse_kv
     from wsl.pipeline import PipelineConfig, format_summary, run_pipeline
     from wsl.train.engine import with_overrides
 
     config = PipelineConfig.load(args.config)
-    if args.overrides:
-        config = with_overrides(config, parse_overrides(args.overrides))
+    if args.overrides:  # "a.b=2" -> {"a.b": 2}: dotted field names, JSON values (else strings)
+        config = with_overrides(config, parse_kv(args.overrides, "--set"))
     summary = run_pipeline(config, args.out, overwrite=args.overwrite, resume=args.resume,
                            stop_after=args.stop_after, progress=not getattr(args, "quiet", False))
     print(format_summary(summary))

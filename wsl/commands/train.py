@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import shlex
-import sys
-from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
-from wsl.train.engine import AMP_MODES, OPTIMIZERS, SCHEDULES, with_overrides
-
-log = logging.getLogger(__name__)
+from wsl.commands._flags import add_run_flags, add_skip_bad_flag, run_trainer, trainer_config
+from wsl.train.engine import AMP_MODES, OPTIMIZERS, SCHEDULES
 
 # flag dest -> dotted config field
 FIELDS = {
     "data": "data.spec", "train_split": "data.train_split", "val_split": "data.val_split",
-    "size": "data.size", "workers": "data.workers",
+    "size": "data.size", "workers": "data.workers", "skip_bad_images": "data.skip_bad",
     "backbone": "model.backbone", "pooling": "model.pooling", "maps_per_class": "model.maps_per_class",
     "weights": "model.weights",
     "epochs": "schedule.epochs", "schedule": "schedule.schedule", "warmup": "schedule.warmup_epochs",
@@ -50,16 +44,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser("train", help="train a classifier from image-level tags", description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE", help="JSON training config (flags override its fields)")
-    p.add_argument("--out", metavar="DIR", required=True, help="run directory (checkpoints, metrics, curves)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_run_flags(p)
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="SPEC", help="dataset: voc:DIR, synth:DIR, coco:JSON:IMAGES or tags:FILE")
     g.add_argument("--train-split", metavar="NAME", help=d("train_split"))
     g.add_argument("--val-split", metavar="NAME", help=d("val_split"))
     g.add_argument("--size", type=int, metavar="PX", help=d("size", "training crop and validation size"))
     g.add_argument("--workers", type=int, metavar="N", help=d("workers", "DataLoader worker processes"))
+    add_skip_bad_flag(g)
     g = p.add_argument_group("model")
     g.add_argument("--backbone", choices=BACKBONES.names(), help=d("backbone"))
     g.add_argument("--pooling", choices=POOLINGS.names(), help=d("pooling"))
@@ -85,52 +77,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def parse_kv(items: List[str]) -> Dict[str, Any]:
-    """``["beta=5", "learnable=true"]`` -> ``{"beta": 5, "learnable": True}`` (JSON values, else strings)."""
-    out: Dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--pooling-kw expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def build_config(args: argparse.Namespace) -> Any:
     """The run's TrainConfig: base file (or the resumed run's config.json) plus the flags given."""
     from wsl.train.classifier import TrainConfig
 
-    resumed_cfg = Path(args.out) / "config.json"
-    if args.config:
-        config = TrainConfig.load(args.config)
-    elif args.resume and resumed_cfg.is_file():
-        config = TrainConfig.load(resumed_cfg)
-    else:
-        config = TrainConfig()
-    overrides = {field: getattr(args, dest) for dest, field in FIELDS.items() if getattr(args, dest) is not None}
-    if args.pooling_kw:
-        overrides["model.pooling_kwargs"] = parse_kv(args.pooling_kw)
-    elif args.pooling is not None and args.pooling != config.model.pooling:
-        overrides["model.pooling_kwargs"] = {}  # the file's kwargs belong to the file's head
-    return with_overrides(config, overrides)
+    return trainer_config(args, TrainConfig, FIELDS, kv_dest="pooling_kw", kv_field="model.pooling_kwargs",
+                          owner_dest="pooling")
 
 
 def run(args: argparse.Namespace) -> int:
     from wsl.train.classifier import train_classifier
-    from wsl.utils import dist
 
-    config = build_config(args)
-    command = shlex.join(["wsl", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("wsl", "__main__.py") else None
-    final = train_classifier(config, args.out, resume=args.resume, overwrite=args.overwrite, command=command)
-    if dist.is_main():
-        best = final.get("best_val_map")
-        log.info("done: val mAP %s (best %s at epoch %s); run in %s",
-                 _pct(final.get("val_map")), _pct(best), final.get("best_epoch"), args.out)
-    return 0
-
-
-def _pct(v: Any) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"
+    return run_trainer(args, build_config(args), train_classifier, metric="val_map", label="val mAP")

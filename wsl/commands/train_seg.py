@@ -11,21 +11,15 @@ overrides the matching field. Multi-GPU: ``torchrun --nproc_per_node N -m wsl tr
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import shlex
-import sys
-from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
-from wsl.train.engine import AMP_MODES, OPTIMIZERS, SCHEDULES, with_overrides
-
-log = logging.getLogger(__name__)
+from wsl.commands._flags import add_run_flags, add_skip_bad_flag, run_trainer, trainer_config
+from wsl.train.engine import AMP_MODES, OPTIMIZERS, SCHEDULES
 
 # flag dest -> dotted config field
 FIELDS = {
     "data": "data.spec", "masks": "data.masks", "train_split": "data.train_split", "val_split": "data.val_split",
-    "size": "data.size", "workers": "data.workers",
+    "size": "data.size", "workers": "data.workers", "skip_bad_images": "data.skip_bad",
     "model": "model.name", "backbone": "model.backbone", "backbone_weights": "model.backbone_weights",
     "weights": "model.weights",
     "epochs": "schedule.epochs", "schedule": "schedule.schedule", "warmup": "schedule.warmup_epochs",
@@ -41,10 +35,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train-seg", help="train a segmenter from pseudo-masks (or ground truth)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE", help="JSON training config (flags override its fields)")
-    p.add_argument("--out", metavar="DIR", required=True, help="run directory (checkpoints, metrics, curves)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_run_flags(p)
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="SPEC", help="dataset: voc:DIR, synth:DIR, coco:JSON:IMAGES")
     g.add_argument("--masks", metavar="DIR", help="pseudo-mask folder (ID.png); default: ground-truth masks")
@@ -52,6 +43,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--val-split", metavar="NAME", help="split with ground-truth masks for validation mIoU")
     g.add_argument("--size", type=int, metavar="PX", help="training crop size; validation images fit in it")
     g.add_argument("--workers", type=int, metavar="N", help="DataLoader worker processes")
+    add_skip_bad_flag(g)
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=SEGMENTERS.names(), help="segmenter")
     g.add_argument("--backbone", choices=BACKBONES.names(), help="backbone of the segmenter")
@@ -77,51 +69,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return p
 
 
-def parse_options(items: List[str]) -> Dict[str, Any]:
-    """``["upsampling=bilinear", "dropout=0.3"]`` -> dict (JSON values, else strings)."""
-    out: Dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--option expects KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def build_config(args: argparse.Namespace) -> Any:
     """The run's SegTrainConfig: base file (or the resumed run's config.json) plus the flags given."""
     from wsl.train.segmenter import SegTrainConfig
 
-    resumed_cfg = Path(args.out) / "config.json"
-    if args.config:
-        config = SegTrainConfig.load(args.config)
-    elif args.resume and resumed_cfg.is_file():
-        config = SegTrainConfig.load(resumed_cfg)
-    else:
-        config = SegTrainConfig()
-    overrides = {field: getattr(args, dest) for dest, field in FIELDS.items() if getattr(args, dest) is not None}
-    if args.option:
-        overrides["model.options"] = parse_options(args.option)
-    elif args.model is not None and args.model != config.model.name:
-        overrides["model.options"] = {}  # the file's options belong to the file's segmenter
-    return with_overrides(config, overrides)
+    return trainer_config(args, SegTrainConfig, FIELDS, kv_dest="option", kv_field="model.options",
+                          owner_dest="model")
 
 
 def run(args: argparse.Namespace) -> int:
     from wsl.train.segmenter import train_segmenter
-    from wsl.utils import dist
 
-    config = build_config(args)
-    command = shlex.join(["wsl", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("wsl", "__main__.py") else None
-    final = train_segmenter(config, args.out, resume=args.resume, overwrite=args.overwrite, command=command)
-    if dist.is_main():
-        log.info("done: val mIoU %s (best %s at epoch %s); run in %s", _pct(final.get("val_miou")),
-                 _pct(final.get("best_val_miou")), final.get("best_epoch"), args.out)
-    return 0
-
-
-def _pct(v: Any) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"
+    return run_trainer(args, build_config(args), train_segmenter, metric="val_miou", label="val mIoU")

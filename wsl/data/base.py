@@ -11,7 +11,9 @@ pixel-edge coordinates (0-based, x2/y2 exclusive).
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -56,11 +58,12 @@ def make_annotation(id: str, image_path: Path, num_classes: int, boxes: Sequence
 
 
 def resolve_classes(found: Iterable[str], classes: Optional[Sequence[str]], default: Sequence[str],
-                    source: Any) -> List[str]:
+                    source: Any, where: Optional[Dict[str, str]] = None) -> List[str]:
     """The dataset's class list: ``classes`` when given (e.g. a model's), else ``default``.
 
     Every name in ``found`` (the tags/object names of the data) must be in it; otherwise a
-    :class:`DataError` names the source, the unknown names and the known ones.
+    :class:`DataError` names the source, the unknown names and the known ones, plus the file (and
+    line) where the first unknown name is used when ``where`` maps names to such places.
     """
     names = list(classes) if classes is not None else list(default)
     if not names:
@@ -70,8 +73,9 @@ def resolve_classes(found: Iterable[str], classes: Optional[Sequence[str]], defa
         raise DataError(f"{source}: duplicate class names {dupes} in the class list")
     unknown = sorted(set(found) - set(names))
     if unknown:
+        at = f" ({unknown[0]!r} is used in {where[unknown[0]]})" if where and unknown[0] in where else ""
         raise DataError(f"{source}: unknown class(es) {', '.join(map(repr, unknown))}; "
-                        f"known: {', '.join(names)}")
+                        f"known: {', '.join(names)}{at}")
     return names
 
 
@@ -123,6 +127,7 @@ class WSLDataset(torch.utils.data.Dataset):
         self.masks = bool(masks)
         self.transform = transform
         self.source = source
+        self.skipped: List[Tuple[Path, str]] = []  # filled by skip_unreadable
         check_annotations(self.annotations, source)
         file_classes = list(mask_classes) if mask_classes is not None else self.classes
         self._num_mask_ids = len(file_classes)
@@ -175,6 +180,39 @@ class WSLDataset(torch.utils.data.Dataset):
             raise DataError(f"{ann.image_path}: image is {img.shape[0]}x{img.shape[1]} (HxW) but its "
                             f"annotation says {ann.size[0]}x{ann.size[1]}")
         return img
+
+    def skip_unreadable(self, threads: Optional[int] = None) -> List[Tuple[Path, str]]:
+        """Decode every image once and drop the ones that cannot be used; returns (and keeps in
+        ``self.skipped``) ``(path, reason)`` of each dropped image.
+
+        Unusable: missing, empty, truncated, not an image, over PIL's decompression-bomb limit, or of
+        another size than its annotation says. For large web-crawled sets where a few broken files
+        should not stop a run; checking them all up front (not when a worker meets one) keeps the
+        sample list, and so the seeded data order and ``--resume``, the same from run to run.
+        Decoding runs in ``threads`` threads (PIL releases the GIL while it decodes).
+        """
+        def problem(i: int) -> Optional[str]:
+            try:
+                self.load_image(i)
+            except (DataError, FileNotFoundError) as e:
+                return str(e)
+            return None
+
+        workers = threads or min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            problems = list(pool.map(problem, range(len(self))))
+        skipped = [(a.image_path, p) for a, p in zip(self.annotations, problems) if p is not None]
+        if len(skipped) == len(self.annotations):
+            raise DataError(f"{self.source}: none of its {len(skipped)} images is readable "
+                            f"(first: {skipped[0][1]})")
+        self.annotations = [a for a, p in zip(self.annotations, problems) if p is None]
+        self.skipped = skipped
+        if skipped:
+            logger.warning("%s: skipped %d of %d images that cannot be read (first: %s)", self.source,
+                           len(skipped), len(skipped) + len(self.annotations), skipped[0][1])
+            for _, reason in skipped:
+                logger.debug("skipped %s", reason)
+        return skipped
 
     def raw_sample(self, i: int) -> Dict[str, Any]:
         """The sample before ``transform``: uint8 image, annotation tensors, optional mask."""

@@ -77,7 +77,8 @@ class COCODataset(WSLDataset):
         self._cat_to_index: Dict[int, int] = {c["id"]: index[c["name"]] for c in cats if c["name"] in index}
 
         annotations: List[Annotation] = []
-        self._image_ids: List[int] = []
+        # Keyed by sample id, not position, so skip_unreadable() can drop samples.
+        self._image_ids: Dict[str, int] = {}
         for img in sorted(self.coco.dataset["images"], key=lambda im: im["id"]):
             boxes, labels, crowd = [], [], []
             for a in self.coco.imgToAnns.get(img["id"], []):
@@ -89,13 +90,13 @@ class COCODataset(WSLDataset):
             size = (int(img["height"]), int(img["width"])) if img.get("height") and img.get("width") else None
             annotations.append(make_annotation(Path(name).stem, self.image_dir / name, len(names), boxes,
                                                labels, crowd, size=size))
-            self._image_ids.append(img["id"])
+            self._image_ids[annotations[-1].id] = img["id"]
         super().__init__(names, annotations, masks=masks, transform=transform, source=self.ann_json)
         logger.debug("COCO %s: %d images, %d classes", self.ann_json, len(self), self.num_classes)
 
     def load_mask(self, i: int) -> Optional[np.ndarray]:
         """Class-index mask rasterised from the instances of image ``i`` (crowd regions -> 255)."""
-        img = self.coco.imgs[self._image_ids[i]]
+        img = self.coco.imgs[self._image_ids[self.annotations[i].id]]
         h, w = int(img["height"]), int(img["width"])
         mask = np.zeros((h, w), np.uint8)
         anns = sorted(self.coco.imgToAnns.get(img["id"], []), key=lambda a: -float(a.get("area", 0)))

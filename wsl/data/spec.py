@@ -28,8 +28,21 @@ EXAMPLES = "voc:data/VOC, synth:data/scenes, coco:ANN.json:IMAGES, tags:tags.txt
 
 
 def build_dataset(spec: str, split: str, *, classes: Optional[Sequence[str]] = None, masks: bool = False,
-                  transform: Optional[Callable] = None) -> WSLDataset:
-    """Build the dataset named by ``spec`` (table in the module docstring)."""
+                  transform: Optional[Callable] = None, skip_bad: bool = False) -> WSLDataset:
+    """Build the dataset named by ``spec`` (table in the module docstring).
+
+    ``skip_bad`` decodes every image now and drops the unreadable ones, logging how many
+    (:meth:`~wsl.data.base.WSLDataset.skip_unreadable`; the list is in ``dataset.skipped``); without
+    it a bad image raises a :class:`DataError` naming the file when it is first read.
+    """
+    dataset = _build(spec, split, classes=classes, masks=masks, transform=transform)
+    if skip_bad:
+        dataset.skip_unreadable()
+    return dataset
+
+
+def _build(spec: str, split: str, *, classes: Optional[Sequence[str]], masks: bool,
+           transform: Optional[Callable]) -> WSLDataset:
     scheme, sep, rest = str(spec).partition(":")
     if not sep or scheme not in SCHEMES:
         raise DataError(f"unknown dataset spec {spec!r}: scheme must be one of {', '.join(SCHEMES)} "

@@ -1,12 +1,16 @@
 """Generated cluttered scenes written in the real PASCAL VOC 2012 and COCO layouts.
 
-Each image holds 1-4 coloured, textured, rotated shapes (the classes: shape is the only cue, colour is
-random) on a textured background with distractor strokes and ellipses that belong to no class. Objects
-are drawn in order, so later ones occlude earlier ones; masks and boxes describe what stays visible,
-and objects may be cut by the image border (``truncated``). Tiny or mostly hidden objects are marked
-``difficult`` as in VOC. The ``context_bias`` knob puts class 0 on one particular background ("waves")
-that rarely appears otherwise, the co-occurrence that makes CAMs fire on context (the boat-on-water
-effect discussed by Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016).
+Each image holds 1-4 coloured, textured, rotated shapes (the classes) on a textured background with
+distractor strokes and ellipses that belong to no class. Objects are drawn in order, so later ones
+occlude earlier ones; masks and boxes describe what stays visible, and objects may be cut by the image
+border (``truncated``). Tiny or mostly hidden objects are marked ``difficult`` as in VOC. An object
+takes a hue from its class's own hue band with probability ``class_colour`` (1 by default), as real
+classes have typical appearances; distractors and backgrounds take any hue, so colour alone does not
+tell an object from clutter (with ``class_colour=0`` shape is the only cue, which the demo's small
+network trained from scratch needs far longer to learn: ~0.44 val mAP after 6 epochs, against 0.97).
+The ``context_bias`` knob puts class 0 on one particular background ("waves") that rarely appears
+otherwise, the co-occurrence that makes CAMs fire on context (the boat-on-water effect discussed by
+Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016).
 
 Output under ``out_dir``::
 
@@ -146,6 +150,9 @@ class SynthConfig:
                                      f"'{CONTEXT_BACKGROUND}' background")
     context_leak: float = _knob(0.03, f"probability that any other image gets the "
                                       f"'{CONTEXT_BACKGROUND}' background")
+    class_colour: float = _knob(1.0, "probability that an object's hue comes from its class's own hue "
+                                     "band (else any hue); 0 leaves shape as the only cue, which a small "
+                                     "network trained from scratch needs far longer to learn")
     noise: float = _knob(4.0, "std of the Gaussian pixel noise (0-255 scale)")
     boundary: int = _knob(1, "pixels on each side of object boundaries marked 255 (ignore) in the "
                              "masks, as VOC does; 0 disables")
@@ -169,7 +176,7 @@ class SynthConfig:
         need(0 < self.min_scale <= self.max_scale <= 1,
              f"min_scale={self.min_scale}, max_scale={self.max_scale}: need 0 < min <= max <= 1")
         for name in ("max_truncation", "min_visible", "difficult_area", "difficult_visible",
-                     "context_bias", "context_leak", "segmented_fraction"):
+                     "context_bias", "context_leak", "segmented_fraction", "class_colour"):
             need(0 <= getattr(self, name) <= 1, f"{name}={getattr(self, name)}: use 0..1")
         need(self.max_truncation < 1, f"max_truncation={self.max_truncation}: must be < 1")
         need(self.max_distractors >= 0, f"max_distractors={self.max_distractors}: must be >= 0")
@@ -212,6 +219,19 @@ class _Object:
 def _colour(rng: np.random.Generator, sat: Tuple[float, float], val: Tuple[float, float]) -> np.ndarray:
     rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(*sat), rng.uniform(*val))
     return np.asarray(rgb, dtype=np.float32) * 255.0
+
+
+def _object_colour(rng: np.random.Generator, cls: int, cfg: SynthConfig) -> Any:
+    """A colour sampler for one object: its class's hue band (+-0.03 around ``cls / num_classes``) with
+    probability ``class_colour``, else any hue; saturated and bright either way."""
+    hue = (cls / cfg.num_classes + rng.uniform(-0.03, 0.03)) % 1.0 if rng.random() < cfg.class_colour else None
+
+    def draw() -> np.ndarray:
+        if hue is None:
+            return _colour(rng, (0.55, 1.0), (0.5, 1.0))
+        return np.asarray(colorsys.hsv_to_rgb(hue, rng.uniform(0.55, 1.0), rng.uniform(0.5, 1.0)),
+                          dtype=np.float32) * 255.0
+    return draw
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
@@ -363,11 +383,12 @@ def render_scene(cfg: SynthConfig, split: str, index: int) -> Scene:
     _distractors(rng, img, cfg)
     for o in objects:  # whole shapes in order: later ones paint over earlier ones (occlusion)
         under = img[o.inside].mean(0)
-        colour = _colour(rng, (0.55, 1.0), (0.5, 1.0))
+        draw = _object_colour(rng, o.cls, cfg)
+        colour = draw()
         for _ in range(8):  # keep objects distinguishable from what lies under them
             if np.linalg.norm(colour - under) >= 70:
                 break
-            colour = _colour(rng, (0.55, 1.0), (0.5, 1.0))
+            colour = draw()
         img[o.inside] = _object_texture(rng, colour, h, w)[o.inside]
     if cfg.noise > 0:
         img += rng.normal(0, cfg.noise, img.shape).astype(np.float32)

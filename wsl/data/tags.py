@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from wsl.data.base import WSLDataset, make_annotation, resolve_classes
 from wsl.data.voc import read_class_list
@@ -59,7 +59,11 @@ class TagsDataset(WSLDataset):
         header, entries = parse_tags_file(self.file)
         if not entries:
             raise DataError(f"{self.file}: empty split (no 'image_path<TAB>tags' lines)")
-        found = {t for _, _, tags in entries for t in tags}
+        where: Dict[str, str] = {}
+        for n, _, tags in entries:
+            for t in tags:
+                where.setdefault(t, f"{self.file}:{n}")
+        found = set(where)
         sibling = self.file.parent / "classes.txt"
         if header is not None:
             default, src = header, f"{self.file}:1 ('# classes:' header)"
@@ -68,9 +72,9 @@ class TagsDataset(WSLDataset):
         else:
             default, src = sorted(found), self.file
         if classes is None:
-            names = resolve_classes(found, None, default, src)
+            names = resolve_classes(found, None, default, src, where)
         else:
-            names = resolve_classes(found, classes, default, f"{self.file} (with the given class list)")
+            names = resolve_classes(found, classes, default, f"{self.file} (with the given class list)", where)
         index = {c: i for i, c in enumerate(names)}
         annotations = []
         for _, image, tags in entries:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from wsl.data.base import Annotation, WSLDataset, make_annotation, resolve_classes
 from wsl.data.classes import VOC_CLASSES
@@ -115,10 +115,13 @@ class VOCDataset(WSLDataset):
         for image_id in ids:
             names, boxes, difficult, size = parse_voc_xml(self.root / "Annotations" / f"{image_id}.xml")
             parsed.append((image_id, names, boxes, difficult, size))
-        found = {n for p in parsed for n in p[1]}
+        where: Dict[str, str] = {}
+        for image_id, names, *_ in parsed:
+            for n in names:
+                where.setdefault(n, str(self.root / "Annotations" / f"{image_id}.xml"))
         source = class_file if class_file.is_file() else listing
         unknown_src = source if classes is None else f"{listing} (with the given class list)"
-        names_ = resolve_classes(found, classes, file_classes, unknown_src)
+        names_ = resolve_classes(set(where), classes, file_classes, unknown_src, where)
         index = {c: i for i, c in enumerate(names_)}
         annotations: List[Annotation] = []
         for image_id, names, boxes, difficult, size in parsed:

@@ -465,8 +465,9 @@ class PixelAP:
 
     A pixel is predicted positive at ``t`` when its normalised score is ``>= t``. wsolevaluation's
     ``MaskEvaluator`` histograms the scores with edges ``thresholds + [1, 2, 3]`` and reverse-cumsums
-    them; here each map's scores are sorted once and ``searchsorted`` gives the same cumulative counts
-    ``#(score >= edge)`` directly (scores below the first threshold are left out, as by the histogram).
+    them; here every pixel gets its bin ``b = #(edges <= score)`` and one ``np.bincount`` over
+    ``(bin, positive, negative)`` keys gives both histograms, whose reverse cumulative sums are the
+    counts ``#(score >= edge)`` (scores below the first threshold are left out, as by the histogram).
     With ``tp``, ``fp`` counted from the highest edge down,
     ``PxAP = sum_i precision_i * (recall_i - recall_{i-1})`` over the edges with a prediction.
     """
@@ -476,15 +477,45 @@ class PixelAP:
         self.edges = np.append(self.thresholds, [1.0, 2.0])
         self.fg_ge = np.zeros((num_classes, len(self.edges)), dtype=np.int64)
         self.bg_ge = np.zeros((num_classes, len(self.edges)), dtype=np.int64)
+        # Bins are found by a guess and exact comparisons against the edges padded with -inf in front
+        # and NaN behind (no comparison with NaN is true, so no score moves past the last bin).
+        self._padded = np.concatenate([[-np.inf], self.edges, [np.nan]])
+        t = self.thresholds
+        step = (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else 0.0
+        # Evenly spaced thresholds (wsolevaluation's 0:0.001:1) give a guess off by at most one bin.
+        self._step = step if step > 0 and np.allclose(np.diff(t), step, rtol=1e-6, atol=0.0) else None
 
-    def _count_ge(self, scores: np.ndarray) -> np.ndarray:
-        s = np.sort(scores, axis=None)
-        return s.size - np.searchsorted(s, self.edges, side="left")
+    def _bins(self, scores: np.ndarray) -> np.ndarray:
+        """``#(edges <= score)`` per score, in ``[0, len(edges)]``, exactly as ``np.searchsorted(edges,
+        scores, side="right")`` (NaN counts as above every edge, as it sorts last)."""
+        e = len(self.edges)
+        if self._step is None:
+            return np.searchsorted(self.edges, scores, side="right")
+        # fmin maps NaN to the top bin; the clip keeps -inf/inf finite before the integer cast.
+        guess = np.maximum(np.fmin((scores - self.thresholds[0]) * (1.0 / self._step), e), -1.0)
+        b = np.floor(guess).astype(np.int64) + 1
+        np.clip(b, 0, e, out=b)
+        while True:  # float rounding puts a guess at most a bin or so away: one or two passes
+            up = self._padded.take(b + 1) <= scores
+            down = self._padded.take(b) > scores
+            if not (up.any() or down.any()):
+                return b
+            b += up
+            b -= down
 
     def update(self, norm: np.ndarray, positive: np.ndarray, negative: np.ndarray, class_id: int = 0) -> None:
         """Add one map: ``positive``/``negative`` bool masks (ground truth; other pixels are ignored)."""
-        self.fg_ge[class_id] += self._count_ge(norm[positive])
-        self.bg_ge[class_id] += self._count_ge(norm[negative])
+        e = len(self.edges)
+        norm = np.asarray(norm, dtype=np.float64)
+        # key = 4 * bin + [positive] + 2 [negative]: one pass counts both histograms (a pixel in both
+        # masks counts in both) without gathering the masked scores.
+        key = self._bins(norm) * 4
+        key += np.asarray(positive, dtype=bool)
+        key += 2 * np.asarray(negative, dtype=bool)
+        hist = np.bincount(key.ravel(), minlength=4 * (e + 1)).reshape(e + 1, 4)
+        for total, h in ((self.fg_ge, hist[:, 1] + hist[:, 3]), (self.bg_ge, hist[:, 2] + hist[:, 3])):
+            # #(score >= edges[j]) = #(bin > j): the reverse cumulative sum from bin j + 1 up
+            total[class_id] += np.cumsum(h[::-1])[::-1][1:]
 
     @staticmethod
     def _curve(fg_ge: np.ndarray, bg_ge: np.ndarray) -> Tuple[float, np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Dict, List, Mapping, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -114,3 +114,24 @@ def check_tensors(state: Mapping[str, Any], label: str) -> None:
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{label}: 'model' entry {bad[0]!r} is not a tensor")
+
+
+def restore_model(source: Union[str, os.PathLike, Mapping[str, Any]], kind: str, config_cls: Type,
+                  build: Callable[[Any], nn.Module], *, background: bool,
+                  expect_classes: Union[None, int, Sequence[str]], expect_config: Any,
+                  map_location: Any) -> Tuple[nn.Module, List[str]]:
+    """The loaders' common path: read a ``kind`` checkpoint, rebuild its config, check that its class
+    list fits the config's ``num_classes`` (plus one output for the ``background`` of segmenters) and
+    the caller's expectations, then build the model (``build(config)``) and load the weights. Every
+    failure is one :class:`CheckpointError` line naming ``source``."""
+    ckpt, label = read_checkpoint(source, kind, map_location)
+    config = parse_config(config_cls, ckpt["config"], label)
+    classes = [str(c) for c in ckpt["classes"]]
+    if len(classes) + int(background) != config.num_classes:
+        raise CheckpointError(f"{label}: lists {len(classes)} classes but its config has "
+                              f"num_classes={config.num_classes}{' (background + classes)' if background else ''}")
+    check_expectations(label, config, classes, expect_classes=expect_classes, expect_config=expect_config)
+    check_tensors(ckpt["model"], label)
+    model = build(config)
+    load_state(model, ckpt["model"], label)
+    return model, classes

@@ -13,10 +13,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from wsl.errors import CheckpointError
 from wsl.models.backbones import BACKBONES
-from wsl.models.checkpoint import (check_expectations, check_tensors, load_state, make_checkpoint,
-                                   parse_config, read_checkpoint, unwrap)
+from wsl.models.checkpoint import make_checkpoint, restore_model, unwrap
 from wsl.models.layers.pooling import POOLINGS
 
 KIND = "wsl.classifier"
@@ -129,17 +127,8 @@ def load_classifier(source: Union[str, os.PathLike, Mapping[str, Any]], *,
     ``expect_config`` (a config, or a dict of the fields to compare, e.g. ``{"backbone": "vgg16"}``)
     do not match. The model is returned in training mode, like any new module.
     """
-    ckpt, label = read_checkpoint(source, KIND, map_location)
-    config = parse_config(ClassifierConfig, ckpt["config"], label)
-    classes = [str(c) for c in ckpt["classes"]]
-    if len(classes) != config.num_classes:
-        raise CheckpointError(f"{label}: lists {len(classes)} classes but its config has "
-                              f"num_classes={config.num_classes}")
-    check_expectations(label, config, classes, expect_classes=expect_classes, expect_config=expect_config)
-    check_tensors(ckpt["model"], label)
-    model = WSLClassifier(config)
-    load_state(model, ckpt["model"], label)
-    return model, classes
+    return restore_model(source, KIND, ClassifierConfig, WSLClassifier, background=False,  # type: ignore[return-value]
+                         expect_classes=expect_classes, expect_config=expect_config, map_location=map_location)
 
 
 # Alias kept for callers that name the loader after the checkpoint.

@@ -13,9 +13,7 @@ objects of class ``c`` are 'difficult' are left out of class ``c``'s AP.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,35 +22,22 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
-from wsl.train.engine import (OptimConfig, RunConfig, RunDir, ScheduleConfig, Trainer, autocast,
-                              check_resume_config, config_from_dict, config_to_dict, current_command,
-                              data_loader, json_safe, load_resume_checkpoint, seed_everything, to_device)
+from wsl.train.engine import (BaseDataConfig, ConfigFile, OptimConfig, RunConfig, ScheduleConfig, Trainer,
+                              autocast, backbone_head_groups, check_resume_config, data_loader, seed_everything,
+                              start_run, to_device)
 from wsl.utils import dist
 from wsl.utils.io import PathLike
 
 log = logging.getLogger(__name__)
 
+
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(BaseDataConfig):
     """Which data and how it is augmented. ``spec`` is a dataset spec (``voc:DIR``, ``coco:JSON:DIR``,
     ``tags:FILE``, ``synth:DIR``); training images are randomly rescaled by a factor in ``scale``,
-    cropped to ``size`` and flipped; validation images are resized to ``size``."""
-
-    spec: str = ""
-    train_split: str = "train"
-    val_split: str = "val"
-    size: int = 128
-    scale: Tuple[float, float] = (0.7, 1.3)
-    workers: int = 1
-
-    def __post_init__(self) -> None:
-        if self.size < 16:
-            raise ValueError(f"data.size must be >= 16 pixels, got {self.size}")
-        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
-            raise ValueError(f"data.scale must be (low, high) with 0 < low <= high, got {self.scale}")
-        if self.workers < 0:
-            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
-        object.__setattr__(self, "scale", tuple(float(s) for s in self.scale))
+    cropped to ``size`` (>= 16) and flipped; validation images are resized to ``size``. ``skip_bad``
+    checks every image before training and leaves out (and counts) the unreadable ones. Fields and
+    checks: :class:`~wsl.train.engine.BaseDataConfig`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +52,7 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(ConfigFile):
     """One training run, written to ``config.json`` in the run directory.
 
     The defaults are the CPU demo on generated scenes (narrow VGG from scratch, 128 px); the paper
@@ -83,27 +68,6 @@ class TrainConfig:
     schedule: ScheduleConfig = dataclasses.field(
         default_factory=lambda: ScheduleConfig(epochs=15, warmup_epochs=0.3))
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "TrainConfig":
-        return config_from_dict(cls, data)
-
-    @classmethod
-    def load(cls, path: PathLike) -> "TrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        try:
-            return cls.from_dict(data)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from e
 
 
 def demo_config(spec: str) -> TrainConfig:
@@ -177,14 +141,9 @@ def evaluate_classifier(model: nn.Module, dataset: Any, *, device: torch.device,
 
 
 def param_groups(model: nn.Module, backbone_lr_mult: float, pretrained: bool) -> List[Dict[str, Any]]:
-    """Backbone and head parameter groups; a pretrained backbone learns ``backbone_lr_mult`` times
-    slower than the freshly initialised head, so fine-tuning does not wash out its features."""
-    backbone, head = [], []
-    for name, p in model.named_parameters():
-        (backbone if name.startswith("backbone.") else head).append(p)
-    mult = backbone_lr_mult if pretrained else 1.0
-    return [{"params": backbone, "lr_mult": mult, "name": "backbone"},
-            {"params": head, "lr_mult": 1.0, "name": "head"}]
+    """Backbone and head parameter groups of a :class:`~wsl.models.WSLClassifier`
+    (:func:`~wsl.train.engine.backbone_head_groups`)."""
+    return backbone_head_groups(model, backbone_lr_mult, pretrained, prefix="backbone.")
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -204,19 +163,14 @@ def train_classifier(config: TrainConfig, out_dir: PathLike, *, resume: bool = F
 
     if not config.data.spec:
         raise ValueError("no training data: pass --data SPEC (e.g. voc:data/VOC2012) or a --config file")
-    created_group = not dist.is_initialized()
-    info = dist.init_distributed(config.run.device)
-    try:
-        run, resumable = RunDir.open(Path(out_dir), resume=resume, overwrite=overwrite)
-        ckpt = load_resume_checkpoint(run) if resumable else None
-        cfg_dict = config.to_dict()
-        if ckpt is not None:
-            check_resume_config(ckpt.get("train_config", {}), cfg_dict, run.last)
+    with start_run(config, out_dir, resume=resume, overwrite=overwrite) as start:
+        info, ckpt, cfg_dict = start.info, start.checkpoint, start.config
         d = config.data
-        train_set = build_dataset(d.spec, d.train_split,
-                                  transform=train_transform(d.size, scale_range=d.scale))
+        train_set = build_dataset(d.spec, d.train_split, transform=train_transform(d.size, scale_range=d.scale),
+                                  skip_bad=d.skip_bad)
         classes = list(train_set.classes)
-        val_set = build_dataset(d.spec, d.val_split, classes=classes, transform=eval_transform(d.size))
+        val_set = build_dataset(d.spec, d.val_split, classes=classes, transform=eval_transform(d.size),
+                                skip_bad=d.skip_bad)
         dist.log_main(log, logging.INFO, "training on %s (%d images), validating on %s (%d images), %d classes",
                       d.train_split, len(train_set), d.val_split, len(val_set), len(classes))
 
@@ -241,17 +195,9 @@ def train_classifier(config: TrainConfig, out_dir: PathLike, *, resume: bool = F
             evaluate=lambda net: evaluate_classifier(net, val_set, device=info.device, amp=config.run.amp,
                                                      channels_last=config.run.channels_last, loader=val_loader),
             payload=payload, optim=config.optim, schedule=config.schedule, run_cfg=config.run,
-            workers=d.workers, run=run, info=info, monitor="val_map",
+            workers=d.workers, run=start.run, info=info, monitor="val_map",
             curves=(("train_loss", "train loss"), ("val_map", "val mAP")))
-        if ckpt is not None:
-            trainer.load_state_dict(ckpt["train_state"])
-            dist.log_main(log, logging.INFO, "resuming %s at epoch %d, step %d", run.last,
-                          trainer.epoch + 1, trainer.step_in_epoch)
-        run.write_start(cfg_dict, command or current_command(), resumed=ckpt is not None)
-        return json_safe(trainer.fit())
-    finally:
-        if created_group:
-            dist.cleanup()
+        return start.fit(trainer, command)
 
 
 __all__ = ["DataConfig", "ModelConfig", "TrainConfig", "demo_config", "train_classifier", "evaluate_classifier",

@@ -24,7 +24,7 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 import numpy as np
 import torch
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from wsl.errors import CheckpointError, NumericalError, OutputExistsError
 from wsl.utils import dist
-from wsl.utils.io import (append_jsonl, atomic_path, atomic_write_json, atomic_write_text,
+from wsl.utils.io import (PathLike, append_jsonl, atomic_path, atomic_write_json, atomic_write_text,
                           load_checkpoint, prepare_output_dir, read_jsonl, save_checkpoint)
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,32 @@ class RunConfig:
             raise ValueError(f"run.save_every must be >= 0, got {self.save_every}")
 
 
+@dataclasses.dataclass(frozen=True)
+class BaseDataConfig:
+    """The data fields every trainer has (each trainer's subclass documents them and may add its own):
+    dataset ``spec``, the two splits, the crop ``size`` (at least ``MIN_SIZE`` pixels), the random
+    rescale range ``scale``, DataLoader ``workers`` and ``skip_bad``."""
+
+    MIN_SIZE = 16  # not a field (no annotation): the smallest crop the task's models accept
+
+    spec: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    size: int = 128
+    scale: Tuple[float, float] = (0.7, 1.3)
+    workers: int = 1
+    skip_bad: bool = False
+
+    def __post_init__(self) -> None:
+        if self.size < self.MIN_SIZE:
+            raise ValueError(f"data.size must be >= {self.MIN_SIZE} pixels, got {self.size}")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"data.scale must be (low, high) with 0 < low <= high, got {self.scale}")
+        if self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
+        object.__setattr__(self, "scale", tuple(float(s) for s in self.scale))
+
+
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
@@ -156,6 +182,45 @@ def config_from_dict(cls: type, data: Mapping[str, Any], where: str = "", base: 
             value = tuple(value)
         kwargs[name] = value
     return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in ``path``; invalid JSON is a ValueError naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def config_from_file(cls: type, data: Any, path: Path) -> Any:
+    """:func:`config_from_dict` on what ``path`` held, its errors prefixed with the file's name."""
+    try:
+        return config_from_dict(cls, data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+C = TypeVar("C", bound="ConfigFile")
+
+
+class ConfigFile:
+    """Mixin of the top-level run configs (frozen dataclasses): ``to_dict`` is what ``config.json``
+    holds, ``from_dict`` / ``load`` read it back (see :func:`config_from_dict` for the rules)."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls: Type[C], data: Mapping[str, Any]) -> C:
+        return config_from_dict(cls, data)
+
+    @classmethod
+    def load(cls: Type[C], path: PathLike) -> C:
+        """Read a JSON config file; a missing file, bad JSON or a bad field raise naming the file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        return config_from_file(cls, read_json(path), path)
 
 
 def with_overrides(cfg: Any, overrides: Mapping[str, Any]) -> Any:
@@ -367,6 +432,19 @@ def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> 
 
 
 # --------------------------------------------------------------------------------- optimiser, lr
+def backbone_head_groups(model: nn.Module, backbone_lr_mult: float, pretrained: bool, *,
+                         prefix: str = "backbone.") -> List[Dict[str, Any]]:
+    """Two parameter groups: the parameters named ``prefix*`` (the backbone) and the rest (the head).
+    A pretrained backbone learns ``backbone_lr_mult`` times slower than the freshly initialised head,
+    so fine-tuning does not wash out its features (DeepLab: the classifier at 10x the base rate)."""
+    backbone, head = [], []
+    for name, p in model.named_parameters():
+        (backbone if name.startswith(prefix) else head).append(p)
+    mult = backbone_lr_mult if pretrained else 1.0
+    return [{"params": backbone, "lr_mult": mult, "name": "backbone"},
+            {"params": head, "lr_mult": 1.0, "name": "head"}]
+
+
 def build_optimizer(param_groups: List[Dict[str, Any]], cfg: OptimConfig) -> torch.optim.Optimizer:
     """SGD with momentum or AdamW. Each group may carry ``lr_mult``; weight decay is skipped for 1-D
     parameters (biases, norms, learnable pooling temperatures), where it only pulls them to zero."""
@@ -467,7 +545,8 @@ class RunDir:
 
         Fresh runs need an empty (or missing) directory unless ``overwrite``. ``resume`` without a
         checkpoint starts fresh when the directory holds nothing but files of a run killed before its
-        first checkpoint. All ranks check; rank 0 alone changes the directory.
+        first ``last.pt`` (``best.pt`` included: it is written just before). All ranks check; rank 0
+        alone changes the directory.
         """
         if resume and overwrite:
             raise ValueError("--resume and --overwrite contradict each other; pass one")
@@ -476,8 +555,11 @@ class RunDir:
         if p.exists() and not p.is_dir():
             raise OutputExistsError(f"output path exists and is not a directory: {p}")
         content = sorted(q.name for q in p.iterdir()) if p.is_dir() else []
+        # Temporary files of atomic writes a killed run left behind: never results, never resumed from.
+        stale = [name for name in content if _is_atomic_temp(name)]
+        content = [name for name in content if name not in stale]
         resumable = resume and run.last.is_file()
-        if resume and not resumable and set(content) - set(RUN_FILES):
+        if resume and not resumable and set(content) - {*RUN_FILES, run.best.name}:
             raise CheckpointError(f"cannot resume: {run.last} not found; pass --overwrite to start again")
         if not resume and content and not overwrite:
             raise OutputExistsError(f"output directory is not empty: {p} "
@@ -485,6 +567,9 @@ class RunDir:
         dist.barrier()  # every rank has looked before rank 0 changes anything
         if dist.is_main() and not resumable:
             prepare_output_dir(p, overwrite=True)
+        elif dist.is_main():
+            for name in stale:  # a checkpoint-sized file per kill would otherwise pile up
+                (p / name).unlink(missing_ok=True)
         dist.barrier()
         return run, resumable
 
@@ -532,6 +617,11 @@ class RunDir:
             fig.savefig(tmp, dpi=100)
 
 
+def _is_atomic_temp(name: str) -> bool:
+    """Whether ``name`` is a temporary file of :func:`wsl.utils.io.atomic_path` (``.STEM.XXXX.tmpSUFFIX``)."""
+    return name.startswith(".") and ".tmp" in name
+
+
 def json_safe(obj: Any) -> Any:
     """NaN/inf (a class without positives has no AP) become ``null``: strict JSON has no NaN."""
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -559,6 +649,48 @@ def load_resume_checkpoint(run: RunDir) -> Dict[str, Any]:
         raise CheckpointError(f"{run.last}: not a training checkpoint (no train_state); "
                               "pass --overwrite to start again")
     return ckpt
+
+
+@dataclasses.dataclass
+class RunStart:
+    """A training run whose directory is open: the process group (``info``), the run directory, the
+    checkpoint to continue (``None``: a fresh run) and the run's configuration as ``config.json``
+    holds it."""
+
+    info: dist.DistInfo
+    run: RunDir
+    checkpoint: Optional[Dict[str, Any]]
+    config: Dict[str, Any]
+
+    def fit(self, trainer: "Trainer", command: Optional[str] = None) -> Dict[str, Any]:
+        """Continue ``trainer`` from the checkpoint's training state (the task has loaded the weights),
+        write ``config.json`` / ``command.txt`` and train; returns :meth:`Trainer.fit`'s metrics."""
+        if self.checkpoint is not None:
+            trainer.load_state_dict(self.checkpoint["train_state"])
+            dist.log_main(log, logging.INFO, "resuming %s at epoch %d, step %d", self.run.last,
+                          trainer.epoch + 1, trainer.step_in_epoch)
+        self.run.write_start(self.config, command or current_command(), resumed=self.checkpoint is not None)
+        return json_safe(trainer.fit())
+
+
+@contextlib.contextmanager
+def start_run(config: ConfigFile, out_dir: PathLike, *, resume: bool, overwrite: bool) -> Iterator[RunStart]:
+    """Join the process group (starting one, and destroying it on exit, when none is running) and open
+    ``out_dir`` (:meth:`RunDir.open`). With ``resume`` and a ``last.pt`` there, the checkpoint is
+    loaded and refused when it was trained with another configuration (:func:`check_resume_config`).
+    ``config`` is a run config with ``run.device`` and ``to_dict``."""
+    created_group = not dist.is_initialized()
+    info = dist.init_distributed(config.run.device)  # type: ignore[attr-defined]
+    try:
+        run, resumable = RunDir.open(Path(out_dir), resume=resume, overwrite=overwrite)
+        ckpt = load_resume_checkpoint(run) if resumable else None
+        cfg_dict = config.to_dict()
+        if ckpt is not None:
+            check_resume_config(ckpt.get("train_config", {}), cfg_dict, run.last)
+        yield RunStart(info=info, run=run, checkpoint=ckpt, config=cfg_dict)
+    finally:
+        if created_group:
+            dist.cleanup()
 
 
 
@@ -720,13 +852,16 @@ class Trainer:
         if improved:
             self.best = {"epoch": epoch + 1, self.monitor: score}
         self.epoch, self.step_in_epoch = epoch + 1, 0
-        self.run.append_metrics(record)  # before last.pt: a resume drops lines the checkpoint lacks
-        self._save_last()
+        # last.pt commits the epoch, so everything derived from it is written first: a run killed in
+        # between redoes the epoch on --resume and rewrites the same metrics line (truncated first),
+        # curves and best.pt; the other order would leave them stale for good.
+        self.run.append_metrics(record)
+        self.run.plot_curves(self.curves)
         if improved and dist.is_main():
             payload = self.payload_fn(self.model)
             payload.update(epoch=epoch + 1, metrics=json_safe({self.monitor: score}))
             save_checkpoint(self.run.best, payload)
-        self.run.plot_curves(self.curves)
+        self._save_last()
         dist.log_main(log, logging.INFO, "epoch %d/%d: train loss %.4f, %s %s%s, %.1f s (%.0f img/s)",
                       epoch + 1, self.schedule_cfg.epochs, record["train_loss"], self.monitor,
                       "n/a" if score is None else f"{score:.4f}", " (best)" if improved else "",

@@ -38,9 +38,8 @@ from torch.utils.data import Dataset, Subset
 
 from wsl.data.classes import IGNORE_INDEX
 from wsl.errors import DataError
-from wsl.train.engine import (OptimConfig, RunConfig, RunDir, ScheduleConfig, Trainer, config_from_dict,
-                              config_to_dict, current_command, json_safe, load_resume_checkpoint,
-                              seed_everything)
+from wsl.train.engine import (BaseDataConfig, ConfigFile, OptimConfig, RunConfig, ScheduleConfig, Trainer,
+                              backbone_head_groups, seed_everything, start_run)
 from wsl.utils import dist
 from wsl.utils.io import PathLike
 
@@ -49,28 +48,17 @@ log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------- config
 @dataclasses.dataclass(frozen=True)
-class SegDataConfig:
+class SegDataConfig(BaseDataConfig):
     """Training data. ``masks``: a directory of pseudo-mask PNGs (None: the dataset's ground-truth
     masks, i.e. the fully supervised upper bound). Training images are rescaled by a random factor in
-    ``scale`` relative to fitting in ``size``, cropped to ``size`` (padding: mean colour / 255 in the
-    mask) and flipped; validation runs on whole images scaled to fit in ``size``."""
+    ``scale`` relative to fitting in ``size``, cropped to ``size`` (>= 32; padding: mean colour / 255
+    in the mask) and flipped; validation runs on whole images scaled to fit in ``size``. ``skip_bad``
+    checks every image before training and leaves out (and counts) the unreadable ones. The shared
+    fields and checks: :class:`~wsl.train.engine.BaseDataConfig`."""
 
-    spec: str = ""
+    MIN_SIZE = 32
+
     masks: Optional[str] = None
-    train_split: str = "train"
-    val_split: str = "val"
-    size: int = 128
-    scale: Tuple[float, float] = (0.7, 1.3)
-    workers: int = 1
-
-    def __post_init__(self) -> None:
-        if self.size < 32:
-            raise ValueError(f"data.size must be >= 32 pixels, got {self.size}")
-        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
-            raise ValueError(f"data.scale must be (low, high) with 0 < low <= high, got {self.scale}")
-        if self.workers < 0:
-            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
-        object.__setattr__(self, "scale", tuple(float(s) for s in self.scale))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +75,7 @@ class SegModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class SegTrainConfig:
+class SegTrainConfig(ConfigFile):
     """One segmenter training run, written to ``config.json`` in the run directory.
 
     The defaults are the CPU demo on generated scenes: DeepLab-LargeFOV on the narrow VGG from scratch,
@@ -104,25 +92,6 @@ class SegTrainConfig:
         default_factory=lambda: OptimConfig(optimizer="adamw", lr=1e-3, batch_size=16))
     schedule: ScheduleConfig = dataclasses.field(default_factory=lambda: ScheduleConfig(epochs=10, schedule="poly"))
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return config_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> "SegTrainConfig":
-        return config_from_dict(cls, data)
-
-    @classmethod
-    def load(cls, path: PathLike) -> "SegTrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
-        try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from e
 
 
 def demo_config(spec: str, masks: Optional[str] = None) -> SegTrainConfig:
@@ -259,14 +228,9 @@ def evaluate_segmenter(model: nn.Module, dataset: Any, *, input_size: Optional[i
 
 
 def param_groups(model: nn.Module, backbone_lr_mult: float, pretrained: bool) -> List[Dict[str, Any]]:
-    """Backbone and head groups; a pretrained backbone learns ``backbone_lr_mult`` times slower than the
-    new head (DeepLab: the classifier at 10x the base rate)."""
-    backbone, head = [], []
-    for name, p in model.named_parameters():
-        (backbone if name.startswith("net.backbone.") else head).append(p)
-    mult = backbone_lr_mult if pretrained else 1.0
-    return [{"params": backbone, "lr_mult": mult, "name": "backbone"},
-            {"params": head, "lr_mult": 1.0, "name": "head"}]
+    """Backbone and head groups of a :class:`~wsl.models.WSLSegmenter` (whose network is ``net``;
+    :func:`~wsl.train.engine.backbone_head_groups`)."""
+    return backbone_head_groups(model, backbone_lr_mult, pretrained, prefix="net.backbone.")
 
 
 def build_model(cfg: SegModelConfig, num_classes: int) -> nn.Module:
@@ -284,8 +248,8 @@ def training_set(d: SegDataConfig) -> Any:
 
     transform = train_transform(d.size, scale_range=d.scale)
     if d.masks is None:
-        return build_dataset(d.spec, d.train_split, masks=True, transform=transform)
-    return PseudoMaskDataset(build_dataset(d.spec, d.train_split), d.masks, transform=transform)
+        return build_dataset(d.spec, d.train_split, masks=True, transform=transform, skip_bad=d.skip_bad)
+    return PseudoMaskDataset(build_dataset(d.spec, d.train_split, skip_bad=d.skip_bad), d.masks, transform=transform)
 
 
 def _collate(batch: Sequence[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
@@ -306,22 +270,15 @@ def train_segmenter(config: SegTrainConfig, out_dir: PathLike, *, resume: bool =
     """
     from wsl.data.spec import build_dataset
     from wsl.models import load_segmenter, segmenter_checkpoint
-    from wsl.train.classifier import check_resume_config
 
     if not config.data.spec:
         raise ValueError("no training data: pass --data SPEC (e.g. synth:runs/demo/scenes) or a --config file")
-    created_group = not dist.is_initialized()
-    info = dist.init_distributed(config.run.device)
-    try:
-        run, resumable = RunDir.open(Path(out_dir), resume=resume, overwrite=overwrite)
-        ckpt = load_resume_checkpoint(run) if resumable else None
-        cfg_dict = config.to_dict()
-        if ckpt is not None:
-            check_resume_config(ckpt.get("train_config", {}), cfg_dict, run.last)
+    with start_run(config, out_dir, resume=resume, overwrite=overwrite) as start:
+        info, ckpt, cfg_dict = start.info, start.checkpoint, start.config
         d = config.data
         train_set = training_set(d)
         classes = list(train_set.classes)
-        val_set = build_dataset(d.spec, d.val_split, classes=classes, masks=True)
+        val_set = build_dataset(d.spec, d.val_split, classes=classes, masks=True, skip_bad=d.skip_bad)
         dist.log_main(log, logging.INFO, "training on %s (%d images, %s), validating on %s (%d images), "
                       "%d classes + background", d.train_split, len(train_set),
                       "ground-truth masks" if d.masks is None else f"pseudo-masks from {d.masks}", d.val_split,
@@ -345,17 +302,9 @@ def train_segmenter(config: SegTrainConfig, out_dir: PathLike, *, resume: bool =
             evaluate=lambda net: evaluate_segmenter(net, val_set, input_size=d.size, batch_size=eval_batch,
                                                     workers=d.workers, amp=config.run.amp),
             payload=payload, optim=config.optim, schedule=config.schedule, run_cfg=config.run,
-            workers=d.workers, run=run, info=info, monitor="val_miou",
+            workers=d.workers, run=start.run, info=info, monitor="val_miou",
             curves=(("train_loss", "train loss"), ("val_miou", "val mIoU")))
-        if ckpt is not None:
-            trainer.load_state_dict(ckpt["train_state"])
-            dist.log_main(log, logging.INFO, "resuming %s at epoch %d, step %d", run.last,
-                          trainer.epoch + 1, trainer.step_in_epoch)
-        run.write_start(cfg_dict, command or current_command(), resumed=ckpt is not None)
-        return json_safe(trainer.fit())
-    finally:
-        if created_group:
-            dist.cleanup()
+        return start.fit(trainer, command)
 
 
 __all__ = ["SegDataConfig", "SegModelConfig", "SegTrainConfig", "demo_config", "PseudoMaskDataset",

@@ -139,6 +139,9 @@ def read_image(path: PathLike) -> np.ndarray:
             return _to_rgb_array(im)
     except UnidentifiedImageError as e:
         raise DataError(f"{path}: not an image file PIL can read") from e
+    except Image.DecompressionBombError as e:  # not an OSError
+        raise DataError(f"{path}: {e} (resize the image, or raise PIL.Image.MAX_IMAGE_PIXELS if the file is "
+                        "trusted)") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: unreadable image ({e})") from e
 

@@ -118,7 +118,10 @@ class LSEPool(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         flat = _flat(z)
         beta = self.beta.to(flat.dtype)
-        return (torch.logsumexp(beta * flat, dim=-1) - math.log(flat.shape[-1])) / beta
+        # Shift by the (constant) max so beta * (z - max) <= 0: the value and both gradients are those
+        # of the plain formula, but beta * z can no longer overflow for a huge beta.
+        top = flat.amax(dim=-1, keepdim=True).detach()
+        return top.squeeze(-1) + (torch.logsumexp(beta * (flat - top), dim=-1) - math.log(flat.shape[-1])) / beta
 
     def extra_repr(self) -> str:
         return f"beta={self.beta.item():.4g}, learnable={self.learnable}"

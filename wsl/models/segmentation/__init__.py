@@ -16,10 +16,8 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from wsl.errors import CheckpointError
 from wsl.models.backbones import BACKBONES
-from wsl.models.checkpoint import (check_expectations, check_tensors, load_state, make_checkpoint,
-                                   parse_config, read_checkpoint, unwrap)
+from wsl.models.checkpoint import make_checkpoint, restore_model, unwrap
 from wsl.models.segmentation.deeplab import DeepLabLargeFOV
 from wsl.models.segmentation.fcn import FCN, bilinear_kernel
 from wsl.models.weights import load_matching, load_weights
@@ -168,17 +166,8 @@ def load_segmenter(source: Union[str, os.PathLike, Mapping[str, Any]], *,
     """Rebuild a segmenter from a checkpoint (``weights_only=True``). ``expect_classes`` is the
     foreground class count or names; mismatches and other kinds raise one-line
     :class:`~wsl.errors.CheckpointError`. Returns ``(model, foreground classes)`` in training mode."""
-    ckpt, label = read_checkpoint(source, KIND, map_location)
-    config = parse_config(SegmenterConfig, ckpt["config"], label)
-    classes = [str(c) for c in ckpt["classes"]]
-    if len(classes) + 1 != config.num_classes:
-        raise CheckpointError(f"{label}: lists {len(classes)} classes but its config has "
-                              f"num_classes={config.num_classes} (background + classes)")
-    check_expectations(label, config, classes, expect_classes=expect_classes, expect_config=expect_config)
-    check_tensors(ckpt["model"], label)
-    model = WSLSegmenter(config)
-    load_state(model, ckpt["model"], label)
-    return model, classes
+    return restore_model(source, KIND, SegmenterConfig, WSLSegmenter, background=True,  # type: ignore[return-value]
+                         expect_classes=expect_classes, expect_config=expect_config, map_location=map_location)
 
 
 __all__ = ["SEGMENTERS", "SegmenterConfig", "WSLSegmenter", "FCN", "DeepLabLargeFOV", "bilinear_kernel",

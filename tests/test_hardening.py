@@ -1,0 +1,645 @@
+"""Hardening (issue #8): bad images, bad labels, untrusted checkpoints, killed runs, existing outputs,
+numerical corner cases and one-line CLI errors. One section per item of the issue; every bad file is
+made here, from a copy of the tiny generated scenes (``scenes_root``) or from scratch."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, List, Tuple
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CHILD_ENV, kill_wsl_at, tiny_train_config, train_state
+from wsl import cli
+from wsl.data.spec import build_dataset
+from wsl.data.tags import TagsDataset
+from wsl.data.transforms import train_transform
+from wsl.errors import DataError, NumericalError
+from wsl.models import (POOLINGS, build_classifier, build_segmenter, classifier_checkpoint,
+                        segmenter_checkpoint)
+from wsl.models.layers.pooling import LSEPool
+from wsl.train import engine
+from wsl.train.classifier import DataConfig, TrainConfig, train_classifier
+from wsl.train.engine import OptimConfig, RunConfig, RunDir, ScheduleConfig
+from wsl.train.segmenter import SegDataConfig, SegModelConfig, SegTrainConfig, train_segmenter
+from wsl.utils.io import load_checkpoint, read_image, read_jsonl, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def voc(scenes_root, tmp_path) -> Path:
+    """A private copy of the scenes' VOC2012 folder, free to corrupt."""
+    dst = tmp_path / "data" / "VOCdevkit" / "VOC2012"
+    shutil.copytree(scenes_root / "VOCdevkit" / "VOC2012", dst)
+    return dst
+
+
+def run_cli(argv: List[str], capsys) -> Tuple[int, List[str]]:
+    """``wsl -q ARGV`` in this process: exit code and the non-empty stderr lines."""
+    code = cli.main(["-q", *argv])
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def assert_one_line_error(code: int, err: List[str], command: str, *needles: str) -> str:
+    assert code == 1, err
+    assert len(err) == 1, err
+    assert err[0].startswith(f"wsl {command}: error: "), err
+    for needle in needles:
+        assert needle in err[0], err[0]
+    return err[0]
+
+
+# ----------------------------------------------------------------------------------------- images
+def _gradient(h: int, w: int) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x * 255 // (w - 1), y * 255 // (h - 1), (x + y) * 255 // (h + w - 2)], -1).astype(np.uint8)
+
+
+def _rgba(path: Path) -> np.ndarray:
+    rgb = _gradient(24, 32)
+    alpha = np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (24, 1))  # fully transparent on the left
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(path)
+    return rgb  # alpha is dropped, the colours stay
+
+
+def _gray(path: Path) -> np.ndarray:
+    g = _gradient(24, 32)[..., 0]
+    Image.fromarray(g, "L").save(path)
+    return np.repeat(g[..., None], 3, axis=2)
+
+
+def _bilevel(path: Path) -> np.ndarray:
+    bits = _gradient(24, 32)[..., 0] > 100
+    Image.fromarray(bits).save(path)
+    return np.repeat(np.where(bits, 255, 0).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def _palette(path: Path) -> np.ndarray:
+    rgb = (_gradient(24, 32) // 64 * 64).astype(np.uint8)  # few colours: the palette holds them exactly
+    im = Image.fromarray(rgb).quantize(colors=64, method=Image.Quantize.FASTOCTREE)
+    im.save(path)
+    return np.asarray(im.convert("RGB"))
+
+
+def _cmyk(path: Path) -> np.ndarray:
+    im = Image.new("CMYK", (32, 24), (0, 255, 255, 0))  # red
+    im.paste((255, 0, 0, 0), (0, 0, 16, 24))  # cyan left half (8x8-block aligned)
+    im.paste((0, 0, 0, 200), (16, 16, 32, 24))  # dark grey corner
+    im.save(path, quality=100, subsampling=0)
+    return np.asarray(im.convert("RGB"))
+
+
+def _sixteen_bit(path: Path) -> np.ndarray:
+    values = np.linspace(0, 65535, 24 * 32).round().astype(np.uint16).reshape(24, 32)
+    im = Image.fromarray(values)
+    assert im.mode == "I;16"
+    im.save(path)
+    return np.repeat(np.round(values / 257.0).astype(np.uint8)[..., None], 3, axis=2)
+
+
+def _truncated(path: Path) -> None:
+    Image.fromarray(_gradient(64, 64)).save(path, quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _not_an_image(path: Path) -> None:
+    path.write_text("<html>404 not found</html>\n")
+
+
+# name -> (writer, error regex or None, max abs difference to the expected pixels)
+IMAGE_CASES = {
+    "rgba.png": (_rgba, None, 0),
+    "gray.png": (_gray, None, 0),
+    "bilevel.png": (_bilevel, None, 0),
+    "palette.png": (_palette, None, 0),
+    "cmyk.jpg": (_cmyk, None, 3),  # JPEG: lossy, but flat areas come back almost exactly
+    "sixteen_bit.png": (_sixteen_bit, None, 0),
+    # PIL words truncation by where the file ends: in the scan data or in the headers before it
+    "truncated.jpg": (_truncated, r"unreadable image \((image file is truncated|truncated file read)", None),
+    "empty.jpg": (_empty, r"empty image file \(0 bytes\)", None),
+    "not_an_image.jpg": (_not_an_image, "not an image file PIL can read", None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_CASES))
+def test_image_is_read_as_rgb_uint8_or_refused_naming_the_file(name, tmp_path):
+    writer, error, tolerance = IMAGE_CASES[name]
+    path = tmp_path / name
+    expected = writer(path)
+    if error is None:
+        img = read_image(path)
+        assert img.dtype == np.uint8 and img.shape == (24, 32, 3)
+        diff = np.abs(img.astype(int) - expected.astype(int)).max()
+        assert diff <= tolerance, f"{name}: off by {diff}"
+    else:
+        with pytest.raises(DataError) as exc:
+            read_image(path)
+        msg = str(exc.value)
+        assert msg.startswith(f"{path}: ") and re.search(error, msg, re.IGNORECASE) and "\n" not in msg
+
+
+def test_image_far_larger_than_the_training_size_is_read_and_scaled(tmp_path):
+    big = np.zeros((2000, 3000, 3), np.uint8)
+    big[:, 1500:] = (200, 30, 30)
+    Image.fromarray(big).save(tmp_path / "big.jpg", quality=90)
+    (tmp_path / "tags.txt").write_text("big.jpg\tbig\n")
+    ds = TagsDataset(tmp_path / "tags.txt", transform=train_transform(32))
+    sample = ds[0]
+    assert sample["image"].shape == (3, 32, 32) and torch.isfinite(sample["image"]).all()
+    assert ds.load_image(0).shape == (2000, 3000, 3)
+
+
+def test_decompression_bomb_is_refused_naming_the_file(tmp_path, monkeypatch):
+    # PIL refuses images over 2x MAX_IMAGE_PIXELS (a 1000 px limit stands in for 179 Mpx here)
+    Image.fromarray(_gradient(100, 100)).save(tmp_path / "bomb.png")
+    (tmp_path / "tags.txt").write_text("bomb.png\tbig\n")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    ds = TagsDataset(tmp_path / "tags.txt")
+    with pytest.raises(DataError, match=r"bomb\.png: Image size \(10000 pixels\) exceeds limit.*MAX_IMAGE_PIXELS"):
+        ds[0]
+
+
+def _break_images(voc: Path, ids: List[str]) -> List[Path]:
+    writers = [_truncated, _empty, _not_an_image]
+    paths = [voc / "JPEGImages" / f"{i}.jpg" for i in ids]
+    for k, path in enumerate(paths):
+        writers[k % len(writers)](path)
+    return paths
+
+
+def test_skip_bad_images_drops_and_counts_them(voc, caplog):
+    spec = f"voc:{voc}"
+    ids = build_dataset(spec, "train").ids
+    bad = _break_images(voc, [ids[1], ids[5], ids[9]])
+    plain = build_dataset(spec, "train")
+    with pytest.raises(DataError, match=f"^{re.escape(str(bad[0]))}: unreadable image"):
+        [plain[i] for i in range(len(plain))]
+
+    with caplog.at_level("WARNING", logger="wsl.data.base"):
+        ds = build_dataset(spec, "train", skip_bad=True)
+    assert len(ds) == len(ids) - 3 and [p for p, _ in ds.skipped] == bad
+    assert all(reason.startswith(f"{path}: ") for path, reason in ds.skipped)
+    assert f"skipped 3 of {len(ids)} images that cannot be read" in caplog.text
+    assert set(ds.ids) == set(ids) - {ids[1], ids[5], ids[9]}
+    assert all(ds[i]["image"].shape == (3, 64, 64) for i in range(len(ds)))
+
+    for path in (voc / "JPEGImages").glob("train_*.jpg"):
+        _empty(path)
+    with pytest.raises(DataError, match=f"none of its {len(ids)} images is readable"):
+        build_dataset(spec, "train", skip_bad=True)
+
+
+def test_skip_bad_images_keeps_coco_masks_with_their_images(scenes_root, tmp_path):
+    images = tmp_path / "JPEGImages"
+    shutil.copytree(scenes_root / "VOCdevkit" / "VOC2012" / "JPEGImages", images)
+    spec = f"coco:{scenes_root / 'coco' / 'instances_val.json'}:{images}"
+    full = build_dataset(spec, "val", masks=True)
+    _empty(images / f"{full.ids[0]}.jpg")
+    ds = build_dataset(spec, "val", masks=True, skip_bad=True)
+    assert ds.ids == full.ids[1:]
+    for i, image_id in enumerate(ds.ids):
+        np.testing.assert_array_equal(ds.load_mask(i), full.load_mask(full.ids.index(image_id)))
+
+
+@pytest.mark.skipif("skip_bad" not in DataConfig.__dataclass_fields__,
+                    reason="needs DataConfig.skip_bad (wsl/train/classifier.py, see the issue #8 report)")
+def test_cli_skip_bad_images_trains_on_the_rest(voc, tmp_path, caplog):
+    ids = build_dataset(f"voc:{voc}", "train").ids
+    _break_images(voc, ids[:2])
+    argv = ["train", "--data", f"voc:{voc}", "--size", "32", "--batch-size", "4", "--epochs", "1",
+            "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "run")]
+    with caplog.at_level("WARNING"):
+        assert cli.main(["-q", *argv, "--skip-bad-images"]) == 0
+    assert f"skipped 2 of {len(ids)} images" in caplog.text
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["skip_bad"] is True
+
+
+def test_bad_image_met_in_a_worker_is_one_line_naming_it(voc, tmp_path, capsys):
+    """DataLoader workers re-raise with the worker's traceback as the message: the CLI digs out the
+    original line, so the user still reads which file is broken."""
+    ids = build_dataset(f"voc:{voc}", "train").ids
+    bad = voc / "JPEGImages" / f"{ids[3]}.jpg"
+    _truncated(bad)
+    argv = ["train", "--data", f"voc:{voc}", "--size", "32", "--batch-size", "16", "--epochs", "1",
+            "--workers", "1", "--device", "cpu", "--out", str(tmp_path / "run")]
+    code, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, "train", f"{bad}: unreadable image (")
+    assert "Caught DataError" not in err[0] and "Traceback" not in err[0]
+
+
+# ----------------------------------------------------------------------------------------- labels
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def _first_id(voc: Path, listing: str = "Main/train.txt") -> str:
+    return (voc / "ImageSets" / listing).read_text().split()[0]
+
+
+def unknown_class(voc: Path) -> Tuple[List[str], str]:
+    xml = voc / "Annotations" / f"{_first_id(voc)}.xml"
+    name = xml.read_text().split("<name>")[1].split("</name>")[0]
+    _edit(xml, f"<name>{name}</name>", "<name>zebra</name>")
+    return ["train"], f"unknown class(es) 'zebra'; known: disc, square, triangle, star ('zebra' is used in {xml})"
+
+
+def empty_tag_list(voc: Path) -> Tuple[List[str], str]:
+    tags = voc / "tags.txt"
+    tags.write_text(f"# classes: disc square\nJPEGImages/{_first_id(voc)}.jpg\tdisc\nJPEGImages/x.jpg\t \n")
+    return ["train", "--data", f"tags:{tags}"], f"{tags}:3: empty tag list for 'JPEGImages/x.jpg'"
+
+
+def duplicate_ids(voc: Path) -> Tuple[List[str], str]:
+    listing = voc / "ImageSets" / "Main" / "train.txt"
+    first = _first_id(voc)
+    listing.write_text(listing.read_text() + f"{first}\n")
+    return ["train"], f"{listing}: duplicate image id(s) {first}; ids must be unique"
+
+
+def missing_annotation(voc: Path) -> Tuple[List[str], str]:
+    xml = voc / "Annotations" / f"{_first_id(voc)}.xml"
+    xml.unlink()
+    return ["train"], f"annotation not found: {xml}"
+
+
+def mask_id_outside_classes(voc: Path) -> Tuple[List[str], str]:
+    png = voc / "SegmentationClass" / f"{_first_id(voc, 'Segmentation/train.txt')}.png"
+    with Image.open(png) as im:
+        arr, palette = np.asarray(im).copy(), im.getpalette()
+    arr[:3, :3] = 9  # 4 classes: valid ids are 0, 1..4 and 255
+    bad = Image.fromarray(arr, "P")
+    bad.putpalette(palette)
+    bad.save(png)
+    return ["train-seg"], f"{png}: mask ids [9] exceed the 4 classes of the class list (valid: 0, 1..4, 255)"
+
+
+@pytest.mark.parametrize("corrupt", [unknown_class, empty_tag_list, duplicate_ids, missing_annotation,
+                                     mask_id_outside_classes], ids=lambda f: f.__name__)
+def test_label_problem_is_one_line_naming_the_file(corrupt, voc, tmp_path, capsys):
+    command, message = corrupt(voc)
+    argv = [*command, "--size", "32", "--batch-size", "4", "--epochs", "1", "--workers", "0", "--device", "cpu",
+            "--out", str(tmp_path / "run")]
+    if "--data" not in argv:
+        argv += ["--data", f"voc:{voc}"]
+    code, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, command[0], message)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+class RunsCode:
+    """Unpickling this calls ``open(marker, "w")``: a stand-in for arbitrary code in a checkpoint."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def checkpoints(scenes_root, tmp_path_factory):
+    """Untrained checkpoints: classifier and segmenter of the scenes' 4 classes, a classifier of 3
+    classes with another pooling head, and a pickle that would create ``pwned`` when loaded."""
+    d = tmp_path_factory.mktemp("ckpt")
+    classes = build_dataset(f"voc:{scenes_root}", "train").classes
+    torch.manual_seed(0)
+    clf = build_classifier(backbone="vgg_tiny", num_classes=4, pooling="lse")
+    save_checkpoint(d / "clf.pt", classifier_checkpoint(clf, classes))
+    other = build_classifier(backbone="vgg_tiny", num_classes=3, pooling="max")
+    save_checkpoint(d / "clf3.pt", classifier_checkpoint(other, classes[:3]))
+    seg = build_segmenter("deeplab_largefov", num_classes=5, backbone="vgg_tiny")
+    save_checkpoint(d / "seg.pt", segmenter_checkpoint(seg, classes, input_size=64))
+    torch.save({"kind": "wsl.classifier", "config": {}, "classes": [], "model": RunsCode(str(d / "pwned"))},
+               d / "evil.pt")
+    return d
+
+
+def _evil_argv(name: str, ckpt: Path, data: str, out: Path) -> List[str]:
+    train = ["--data", data, "--size", "32", "--batch-size", "4", "--epochs", "1", "--workers", "0",
+             "--device", "cpu", "--out", str(out)]
+    return {
+        "cam": ["cam", "--checkpoint", str(ckpt / "evil.pt"), "--data", data, "--split", "val", "--out", str(out)],
+        "bench": ["bench", "--checkpoint", str(ckpt / "evil.pt"), "--data", data, "--split", "val", "--out", str(out)],
+        "segment": ["segment", "--checkpoint", str(ckpt / "evil.pt"), "--data", data, "--split", "val",
+                    "--out", str(out)],
+        "train --weights": ["train", "--weights", str(ckpt / "evil.pt"), *train],
+        "train-seg --weights": ["train-seg", "--weights", str(ckpt / "evil.pt"), *train],
+        "train-seg --backbone-weights": ["train-seg", "--backbone-weights", str(ckpt / "evil.pt"), *train],
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["cam", "bench", "segment", "train --weights", "train-seg --weights",
+                                  "train-seg --backbone-weights"])
+def test_pickle_that_runs_code_is_refused_everywhere(name, checkpoints, scenes_root, tmp_path, capsys):
+    code, err = run_cli(_evil_argv(name, checkpoints, f"voc:{scenes_root}", tmp_path / "out"), capsys)
+    assert_one_line_error(code, err, name.split()[0], f"{checkpoints / 'evil.pt'}: refused to load")
+    assert not (checkpoints / "pwned").exists()
+
+
+def test_resume_refuses_a_pickle_that_runs_code(checkpoints, scenes_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(checkpoints / "evil.pt", run / "last.pt")
+    code, err = run_cli(["train", "--data", f"voc:{scenes_root}", "--device", "cpu", "--out", str(run),
+                         "--resume"], capsys)
+    assert_one_line_error(code, err, "train", f"{run / 'last.pt'}: refused to load")
+    assert not (checkpoints / "pwned").exists()
+
+
+def test_checkpoint_of_another_model_is_refused_saying_what_it_holds(checkpoints, scenes_root, tmp_path, capsys):
+    data = f"voc:{scenes_root}"
+    code, err = run_cli(["cam", "--checkpoint", str(checkpoints / "seg.pt"), "--data", data, "--split", "val",
+                         "--out", str(tmp_path / "cam")], capsys)
+    assert_one_line_error(code, err, "cam", f"{checkpoints / 'seg.pt'}: holds a segmenter, expected a classifier")
+    code, err = run_cli(["segment", "--checkpoint", str(checkpoints / "clf.pt"), "--data", data, "--split", "val",
+                         "--out", str(tmp_path / "seg")], capsys)
+    assert_one_line_error(code, err, "segment", "holds a classifier, expected a segmenter")
+
+    # a run's last.pt whose model is not the one its config (and data) make: 3 classes, max pooling
+    cfg = TrainConfig(data=DataConfig(spec=data, size=32, workers=0), optim=OptimConfig(batch_size=4),
+                      schedule=ScheduleConfig(epochs=1), run=RunConfig(device="cpu"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    ckpt = load_checkpoint(checkpoints / "clf3.pt")
+    save_checkpoint(run / "last.pt", {**ckpt, "train_config": cfg.to_dict(), "train_state": {}})
+    code, err = run_cli(["train", "--out", str(run), "--resume"], capsys)
+    line = assert_one_line_error(code, err, "train", "made for another model: ")
+    assert "pooling='max' (expected 'lse')" in line
+    assert "3 classes [disc, square, triangle] (expected 4: [disc, square, triangle, star])" in line
+
+
+# ----------------------------------------------------------------------------------- interruption
+# Runs are killed (kill_wsl_at) a random 0-40 ms after the chosen checkpoint, so the kill lands
+# anywhere in a step, a validation or a checkpoint write.
+def assert_nothing_half_written(out: Path) -> None:
+    """Every file under its final name is complete (temporary ``.NAME.*.tmp*`` files may remain)."""
+    for f in out.iterdir():
+        if f.name.startswith("."):
+            continue
+        if f.suffix == ".pt":
+            assert "model" in load_checkpoint(f)  # a truncated file raises CheckpointError
+        elif f.suffix == ".json":
+            json.loads(f.read_text())
+        elif f.suffix == ".jsonl":
+            [json.loads(line) for line in f.read_text().splitlines()]
+        elif f.suffix == ".png":
+            with Image.open(f) as im:
+                im.load()
+
+
+def assert_same_run(got: Path, want: Path, monitor: str) -> None:
+    for name in ("last.pt", "best.pt"):
+        a, b = load_checkpoint(got / name), load_checkpoint(want / name)
+        assert a.get("epoch") == b.get("epoch"), name
+        for key, tensor in b["model"].items():
+            torch.testing.assert_close(a["model"][key], tensor, rtol=0, atol=1e-6, msg=f"{name}: {key}")
+    ra, rb = read_jsonl(got / "metrics.jsonl"), read_jsonl(want / "metrics.jsonl")
+    assert [r["epoch"] for r in ra] == [r["epoch"] for r in rb]
+    for a, b in zip(ra, rb):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+        assert a[monitor] == pytest.approx(b[monitor], abs=1e-6)
+    assert (got / "curves.png").is_file()
+    assert not [f.name for f in got.iterdir() if f.name.startswith(".")], "temporary files left behind"
+
+
+def _kill_seed() -> int:
+    """A new kill schedule per run (set WSL_KILL_SEED to replay one); failures print the seed."""
+    return int(os.environ.get("WSL_KILL_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def seg_config(root: Path) -> SegTrainConfig:
+    return SegTrainConfig(data=SegDataConfig(spec=f"voc:{root}", size=64, workers=0),
+                          model=SegModelConfig(name="deeplab_largefov", backbone="vgg_tiny"),
+                          optim=OptimConfig(lr=0.02, batch_size=4),  # 16 images: 4 steps per epoch
+                          schedule=ScheduleConfig(epochs=2, schedule="poly"),
+                          run=RunConfig(device="cpu", seed=5, save_every=1))
+
+
+def clf_config(root: Path, *, save_every: int = 1) -> TrainConfig:
+    return tiny_train_config(root, batch_size=4, seed=4, save_every=save_every)
+
+
+@pytest.fixture(scope="module")
+def seg_reference(scenes_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "seg"
+    train_segmenter(seg_config(scenes_root), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def clf_reference(scenes_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "clf"
+    train_classifier(clf_config(scenes_root), out)
+    return out
+
+
+# every state last.pt passes through before the end (2 epochs of 4 steps, a checkpoint per step)
+MID_RUN = [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2)]
+
+
+def test_train_seg_killed_twice_at_random_points_resumes_to_the_same_run(seg_reference, scenes_root, tmp_path,
+                                                                           capsys):
+    seed = _kill_seed()
+    rng = random.Random(seed)
+    cfg_file = tmp_path / "seg.json"
+    cfg_file.write_text(json.dumps(seg_config(scenes_root).to_dict()))
+    out = tmp_path / "run"
+    argv = ["train-seg", "--config", str(cfg_file), "--out", str(out)]
+    first = rng.choice([None, *MID_RUN[:4]])  # None: during start-up or the first steps
+    kill_wsl_at(argv, out, first, delay=rng.uniform(0.0, 0.04), why=f"seed {seed}, first kill at {first}")
+    assert_nothing_half_written(out)
+    done = train_state(out / "last.pt") or (0, 0)
+    second = rng.choice([s for s in MID_RUN if s > done] or [MID_RUN[-1]])
+    kill_wsl_at([*argv, "--resume"], out, second, delay=rng.uniform(0.0, 0.04),
+                why=f"seed {seed}, second kill at {second}")
+    assert_nothing_half_written(out)
+    assert cli.main(["-q", *argv, "--resume"]) == 0, capsys.readouterr().err
+    assert_same_run(out, seg_reference, "val_miou")
+
+
+def test_train_killed_at_a_random_point_resumes_to_the_same_run(clf_reference, scenes_root, tmp_path, capsys):
+    seed = _kill_seed()
+    rng = random.Random(seed)
+    cfg_file = tmp_path / "clf.json"
+    cfg_file.write_text(json.dumps(clf_config(scenes_root).to_dict()))
+    out = tmp_path / "run"
+    argv = ["train", "--config", str(cfg_file), "--out", str(out)]
+    target = rng.choice([None, *MID_RUN])
+    kill_wsl_at(argv, out, target, delay=rng.uniform(0.0, 0.04), why=f"seed {seed}, kill at {target}")
+    assert_nothing_half_written(out)
+    assert cli.main(["-q", *argv, "--resume"]) == 0, capsys.readouterr().err
+    assert_same_run(out, clf_reference, "val_map")
+
+
+class Killed(BaseException):
+    """Process death at a chosen point (BaseException: nothing in the library catches it)."""
+
+
+@pytest.fixture(scope="module")
+def epoch_reference(scenes_root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "epochs"
+    train_classifier(clf_config(scenes_root, save_every=0), out)
+    return out
+
+
+@pytest.mark.parametrize("victim,nth", [("metrics.jsonl", "last"), ("curves.png", "last"), ("best.pt", "last"),
+                                        ("last.pt", "last"), ("last.pt", "first")])
+def test_killed_just_before_a_run_file_write_resumes_to_the_same_run(victim, nth, epoch_reference, scenes_root,
+                                                                     tmp_path, monkeypatch):
+    """Death just before the first or last write of a run file (too short a moment for a timed SIGKILL
+    to hit): after --resume, every file is the uninterrupted run's, best.pt and curves included."""
+    records = read_jsonl(epoch_reference / "metrics.jsonl")
+    scores = [r["val_map"] for r in records]
+    count = {"metrics.jsonl": len(records), "curves.png": len(records), "last.pt": len(records),
+             "best.pt": sum(s > max(scores[:i], default=-1.0) for i, s in enumerate(scores))}[victim]
+    fatal = count if nth == "last" else 1
+    calls = []
+
+    def lethal(real: Callable) -> Callable:
+        def wrapper(*args, **kwargs):
+            target = next((a for a in args if isinstance(a, Path)), None)
+            if victim.endswith(".pt") and (target is None or target.name != victim):
+                return real(*args, **kwargs)  # the other checkpoint
+            calls.append(victim)
+            if len(calls) == fatal:
+                raise Killed(f"before write {fatal} of {victim}")
+            return real(*args, **kwargs)
+        return wrapper
+
+    if victim == "metrics.jsonl":
+        monkeypatch.setattr(RunDir, "append_metrics", lethal(RunDir.append_metrics))
+    elif victim == "curves.png":
+        monkeypatch.setattr(RunDir, "plot_curves", lethal(RunDir.plot_curves))
+    else:
+        monkeypatch.setattr(engine, "save_checkpoint", lethal(engine.save_checkpoint))
+    out = tmp_path / "run"
+    cfg = clf_config(scenes_root, save_every=0)
+    with pytest.raises(Killed):
+        train_classifier(cfg, out)
+    monkeypatch.undo()
+    train_classifier(cfg, out, resume=True)
+    assert_same_run(out, epoch_reference, "val_map")
+    with Image.open(out / "curves.png") as a, Image.open(epoch_reference / "curves.png") as b:
+        diff = np.abs(np.asarray(a.convert("L"), float) - np.asarray(b.convert("L"), float))
+    assert diff.mean() < 0.5, "curves.png is not the uninterrupted run's"
+
+
+# ---------------------------------------------------------------------------------------- outputs
+def _outputs_argv(command: str, ckpt: Path, data: str, out: Path) -> List[str]:
+    train = ["--data", data, "--size", "32", "--batch-size", "4", "--epochs", "1", "--workers", "0", "--device", "cpu"]
+    return {
+        "synth": ["synth", "--train", "2", "--val", "2"],
+        "train": ["train", *train],
+        "train-seg": ["train-seg", *train],
+        "cam": ["cam", "--checkpoint", str(ckpt / "clf.pt"), "--data", data, "--split", "val", "--device", "cpu"],
+        "bench": ["bench", "--checkpoint", str(ckpt / "clf.pt"), "--data", data, "--split", "val", "--device", "cpu"],
+        "segment": ["segment", "--checkpoint", str(ckpt / "seg.pt"), "--data", data, "--split", "val",
+                    "--device", "cpu"],
+        "demo": ["demo", "--quick"],
+        "pipeline": ["pipeline", "--config", str(ROOT / "experiments" / "configs" / "pipeline_demo.json")],
+    }[command] + ["--out", str(out)]
+
+
+@pytest.mark.parametrize("command", ["synth", "train", "train-seg", "cam", "bench", "segment", "demo", "pipeline"])
+def test_no_command_overwrites_results_without_overwrite(command, checkpoints, scenes_root, tmp_path, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier results\n")
+    code, err = run_cli(_outputs_argv(command, checkpoints, f"voc:{scenes_root}", out), capsys)
+    assert_one_line_error(code, err, command, f"output directory is not empty: {out}", "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "earlier results\n"
+
+
+def test_overwrite_replaces_results(tmp_path, capsys):
+    out = tmp_path / "scenes"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier results\n")
+    code, _ = run_cli(["synth", "--train", "2", "--val", "2", "--size", "32", "--out", str(out), "--overwrite"], capsys)
+    assert code == 0 and not (out / "keep.txt").exists() and (out / "VOCdevkit").is_dir()
+
+
+# --------------------------------------------------------------------------------------- numerics
+@pytest.mark.parametrize("beta", [1e3, 1e6, 1e12, 1e30, 1e38])
+def test_lse_with_very_large_beta_is_the_max_with_finite_gradients(beta):
+    torch.manual_seed(0)
+    z = (torch.randn(2, 3, 5, 5) * 10).requires_grad_()
+    pool = LSEPool(beta=beta, learnable=True)
+    out = pool(z)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(z.grad).all() and torch.isfinite(pool.log_beta.grad)
+    torch.testing.assert_close(out, z.amax(dim=(2, 3)), atol=0.01, rtol=0)
+
+
+@pytest.mark.parametrize("name", POOLINGS.names())
+@pytest.mark.parametrize("value", [0.0, -3.5, 1e4])
+def test_pooling_of_all_zero_or_constant_maps_is_finite_and_exact(name, value):
+    maps = torch.full((2, 3, 7, 7), value, requires_grad=True)
+    pool = POOLINGS.build(name)
+    out = pool(maps)
+    out.sum().backward()
+    # max, avg and lse of a constant are the constant; top-k/WILDCAT add the negative evidence term
+    # (alpha = 1 by default): max + min = 2c
+    expected = value * (2.0 if name in ("topk", "wildcat") else 1.0)
+    torch.testing.assert_close(out, torch.full((2, 3), expected), rtol=1e-6, atol=1e-3)
+    assert torch.isfinite(maps.grad).all()
+
+
+def test_cam_post_processing_of_all_zero_and_constant_maps():
+    """A flat map says nothing about where the object is: no box, no point, no NaN from 0/0."""
+    from wsl.cam.extract import normalize_cams
+    from wsl.cam.postprocess import cam_boxes, local_maxima, pseudo_masks
+
+    flat = torch.zeros(1, 2, 16, 16)
+    flat[0, 1] = 5.0  # class 0 all zero, class 1 constant
+    for mode in ("max", "minmax"):
+        assert torch.isfinite(normalize_cams(flat, mode)).all()
+    assert normalize_cams(flat, "minmax").abs().sum() == 0
+    cams = normalize_cams(flat, "max")
+    assert cam_boxes(cams)[0].boxes.shape == (0, 4)
+    assert local_maxima(cams)[0].points.shape == (0, 2)
+    masks = pseudo_masks(torch.zeros(1, 2, 16, 16), torch.tensor([[True, True]]))
+    assert masks.dtype == torch.uint8 and masks.shape == (1, 16, 16) and (masks == 0).all()
+
+
+def test_nan_loss_stops_with_one_line_naming_the_step(scenes_root, tmp_path, capsys):
+    # a learning rate of 1e30 sends the weights to inf after the first step
+    argv = ["train", "--data", f"voc:{scenes_root}", "--size", "32", "--batch-size", "4", "--epochs", "1",
+            "--workers", "0", "--device", "cpu", "--optimizer", "sgd", "--lr", "1e30", "--out", str(tmp_path / "r")]
+    code, err = run_cli(argv, capsys)
+    line = assert_one_line_error(code, err, "train", "training diverged: loss is nan at epoch 1, step 2")
+    assert "lower --lr" in line
+    assert not (tmp_path / "r" / "last.pt").exists()
+    with pytest.raises(NumericalError, match="at epoch 1, step 2"):
+        cli.main(["--debug", *argv[:-1], str(tmp_path / "debug")])
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def test_user_error_exits_1_with_one_line_and_a_traceback_only_with_debug(tmp_path):
+    missing = tmp_path / "nowhere"
+    argv = ["train", "--data", f"voc:{missing}", "--device", "cpu", "--out", str(tmp_path / "run")]
+    proc = subprocess.run([sys.executable, "-m", "wsl", *argv], env=CHILD_ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"wsl train: error: dataset directory not found: {missing}"]
+    with pytest.raises(FileNotFoundError, match="dataset directory not found"):  # --debug: raised, so traced
+        cli.main(["--debug", *argv])

@@ -1,0 +1,95 @@
+"""Protocol settings and the per-image record that every metric reads."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from wsl.metrics.localization import (IOU_THRESHOLDS, POINT_TOLERANCE, POINTING_TOLERANCE, box_sweep,
+                                      check_thresholds, default_thresholds, normalize_map, peaks)
+
+RANK_BY = ("map", "score")
+CORLOC_THRESHOLD = 0.2  # Zhou et al. CVPR 2016: keep the regions above 20% of the map's maximum
+MASK_THRESHOLD = 0.3  # background score of the pseudo-masks (wsl.cam's confident-foreground CAM value)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Protocol knobs (defaults are the papers'); saved to ``config.json`` beside the results."""
+
+    thresholds: Tuple[float, ...] = tuple(default_thresholds().tolist())
+    iou_thresholds: Tuple[float, ...] = IOU_THRESHOLDS
+    point_tolerance: float = POINT_TOLERANCE
+    pointing_tolerance: float = POINTING_TOLERANCE
+    corloc_threshold: float = CORLOC_THRESHOLD
+    mask_threshold: float = MASK_THRESHOLD
+    rank_by: str = "score"
+    connectivity: int = 8
+
+    def __post_init__(self) -> None:
+        check_thresholds(self.thresholds)
+        if self.rank_by not in RANK_BY:
+            raise ValueError(f"rank_by must be one of {', '.join(RANK_BY)}, got {self.rank_by!r}")
+        if not 0.0 <= self.corloc_threshold < 1.0 or not 0.0 <= self.mask_threshold <= 1.0:
+            raise ValueError("corloc_threshold must be in [0, 1) and mask_threshold in [0, 1]")
+        if self.connectivity not in (4, 8):
+            raise ValueError(f"connectivity must be 4 or 8, got {self.connectivity}")
+
+    @cached_property
+    def sweep(self) -> np.ndarray:
+        """The CAM thresholds plus the CorLoc threshold last (one sweep serves both)."""
+        return np.append(np.asarray(self.thresholds), self.corloc_threshold)
+
+
+class ImageRecord:
+    """One image's CAMs and annotation, with the derived quantities metrics share (computed once).
+
+    ``present``: tagged classes; ``difficult_only``: present classes all of whose boxes are difficult
+    (ignored by every metric); ``localizable``: present classes with a non-difficult box, the
+    (image, class) pairs that box and point metrics score.
+    """
+
+    def __init__(self, index: int, ann, cams: np.ndarray, scores: Optional[np.ndarray],
+                 mask: Optional[np.ndarray], settings: BenchSettings) -> None:
+        self.index, self.ann, self.cams, self.scores, self.mask = index, ann, cams, scores, mask
+        self.settings = settings
+        c = cams.shape[0]
+        self.present = np.asarray(ann.labels).reshape(-1)[:c] > 0.5
+        labels = np.asarray(ann.box_labels, dtype=np.int64).reshape(-1)
+        difficult = np.asarray(ann.difficult, dtype=bool).reshape(-1)
+        has_box, has_plain = np.zeros(c, bool), np.zeros(c, bool)
+        has_box[labels] = True
+        has_plain[labels[~difficult]] = True
+        self.difficult_only = self.present & has_box & ~has_plain
+        self.localizable = self.present & has_plain
+        self._boxes = np.asarray(ann.boxes, dtype=np.float64).reshape(-1, 4)
+        self._labels = labels
+        self._norm: Dict[int, np.ndarray] = {}
+        self._sweep: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+        self._peaks: Optional[Tuple[np.ndarray, np.ndarray]] = None
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return self.cams.shape[1], self.cams.shape[2]
+
+    def boxes(self, c: int) -> np.ndarray:
+        return self._boxes[self._labels == c]
+
+    def norm(self, c: int) -> np.ndarray:
+        if c not in self._norm:
+            self._norm[c] = normalize_map(self.cams[c])
+        return self._norm[c]
+
+    def sweep(self, c: int) -> Tuple[np.ndarray, np.ndarray]:
+        """IoU curves (largest component, best component) over ``settings.sweep``."""
+        if c not in self._sweep:
+            self._sweep[c] = box_sweep(self.norm(c), self.boxes(c), self.settings.sweep, self.settings.connectivity)
+        return self._sweep[c]
+
+    @property
+    def peaks(self) -> Tuple[np.ndarray, np.ndarray]:
+        if self._peaks is None:
+            self._peaks = peaks(self.cams)
+        return self._peaks

@@ -1,0 +1,130 @@
+"""The benchmark loop: stream a dataset once, feed every metric, collect and write the results."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from wsl.bench.metrics import METRIC_ORDER, METRICS
+from wsl.bench.record import BenchSettings, ImageRecord
+from wsl.bench.report import write_report
+from wsl.bench.sources import CamItem
+from wsl.errors import DataError
+from wsl.metrics.localization import check_thresholds
+
+logger = logging.getLogger(__name__)
+
+
+def _has_masks(dataset) -> bool:
+    """VOC-style datasets name mask files; COCO rasterises polygons on demand, so ask for one."""
+    if any(a.mask_path is not None for a in dataset.annotations):
+        return True
+    return len(dataset) > 0 and dataset.load_mask(0) is not None
+
+
+def _select_metrics(metrics: Optional[Sequence[str]], dataset) -> List[str]:
+    has = {"boxes": any(len(a.boxes) for a in dataset.annotations), "masks": _has_masks(dataset)}
+    names = [n for n in METRIC_ORDER if n in METRICS] + [n for n in METRICS.names() if n not in METRIC_ORDER]
+    if metrics is None:
+        chosen = [n for n in names if all(has[r] for r in METRICS.get(n).requires)]
+        skipped = sorted(set(names) - set(chosen))
+        if skipped:
+            logger.info("skipping %s: the dataset has no %s", ", ".join(skipped),
+                        " or ".join(r for r in ("boxes", "masks") if not has[r]))
+        return chosen
+    for n in metrics:
+        METRICS.get(n)  # unknown names raise with the known ones
+        missing = [r for r in METRICS.get(n).requires if not has[r]]
+        if missing:
+            raise DataError(f"metric {n!r} needs {' and '.join(missing)}, which {dataset!r} does not have")
+    return [n for n in names if n in set(metrics)]
+
+
+def _check_item(item: Any, ann, num_classes: int, mask: Optional[np.ndarray]) -> CamItem:
+    if not isinstance(item, tuple) or len(item) != 2:
+        raise DataError(f"image {ann.id!r}: a CAM source must yield (cams, scores) pairs")
+    cams, scores = np.asarray(item[0]), item[1]
+    if cams.ndim != 3 or cams.shape[0] != num_classes:
+        raise DataError(f"image {ann.id!r}: cams have shape {cams.shape}, expected ({num_classes}, H, W)")
+    hw = tuple(cams.shape[1:])
+    size = tuple(ann.size) if ann.size is not None else (mask.shape if mask is not None else None)
+    if size is not None and hw != tuple(size):
+        raise DataError(f"image {ann.id!r}: cams are {hw[0]}x{hw[1]} but the image is {size[0]}x{size[1]}; "
+                        "CAMs must be at image resolution")
+    if mask is not None and mask.shape != hw:
+        raise DataError(f"{ann.mask_path}: mask is {mask.shape[0]}x{mask.shape[1]} but the CAMs of image "
+                        f"{ann.id!r} are {hw[0]}x{hw[1]}")
+    if scores is not None:
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        if scores.shape != (num_classes,) or not np.isfinite(scores).all():
+            raise DataError(f"image {ann.id!r}: scores must be {num_classes} finite numbers, got shape "
+                            f"{scores.shape}{'' if np.isfinite(scores).all() else ' with NaN/inf'}")
+    return cams.astype(np.float32, copy=False), scores
+
+
+def evaluate(source, dataset, *, metrics: Optional[Sequence[str]] = None,
+             thresholds: Optional[Sequence[float]] = None, out_dir=None, settings: Optional[BenchSettings] = None,
+             progress: bool = False, info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Score every image of ``dataset`` with the CAMs of ``source`` and return the flat metrics dict.
+
+    ``source`` yields ``(cams, scores)`` per dataset index, in order: :class:`NpzCamSource`,
+    :class:`ModelCamSource` (anything with ``iter_cams(dataset)``) or any iterable of pairs.
+    ``metrics``: names from ``METRICS`` (default: all the dataset supports). ``thresholds``: the CAM
+    threshold sweep (default ``0:0.001:1``, wsolevaluation's), overriding ``settings.thresholds``;
+    ``settings``: the other protocol knobs (:class:`BenchSettings`). With ``out_dir`` the results are
+    written there (metrics.json, report.md, config.json and plots; see :func:`write_report`), with
+    ``info`` (e.g. the command line) added to config.json. ``progress`` shows a tqdm bar.
+    """
+    settings = settings or BenchSettings()
+    if thresholds is not None:
+        settings = replace(settings, thresholds=tuple(check_thresholds(thresholds).tolist()))
+    classes = list(dataset.classes)
+    names = _select_metrics(metrics, dataset)
+    meters = [METRICS.build(n, classes=classes, settings=settings) for n in names]
+    want_masks = any(m.uses_masks for m in meters)
+    t_source = t_score = 0.0
+    bad_maps = 0
+    start = time.perf_counter()
+    stream = iter(source.iter_cams(dataset) if hasattr(source, "iter_cams") else source)
+    anns = dataset.annotations
+    if progress:
+        from tqdm import tqdm
+
+        anns = tqdm(anns, desc="bench", unit="img")
+    for i, ann in enumerate(anns):
+        t0 = time.perf_counter()
+        try:
+            item = next(stream)
+        except StopIteration:
+            raise DataError(f"the CAM source ended after {i} images but the dataset has {len(dataset)}") from None
+        mask = dataset.load_mask(i) if want_masks else None
+        t1 = time.perf_counter()
+        cams, scores = _check_item(item, ann, len(classes), mask)
+        if not np.isfinite(cams).all():
+            bad_maps += 1
+        rec = ImageRecord(i, ann, cams, scores, mask, settings)
+        for m in meters:
+            m.update(rec)
+        t_source, t_score = t_source + t1 - t0, t_score + time.perf_counter() - t1
+    if bad_maps:
+        logger.warning("%d image(s) had NaN/inf in their CAMs; those maps count as flat (no localization)", bad_maps)
+    results = {n: m.result() for n, m in zip(names, meters)}
+    flat: Dict[str, Any] = {}
+    for r in results.values():
+        flat.update(r.values)
+    flat["num_images"] = len(dataset)
+    for r in results.values():
+        for metric, values in r.per_class.items():
+            for cname, v in values.items():
+                flat[f"per_class/{metric}/{cname}"] = v
+    timing = {"total_s": time.perf_counter() - start, "source_s": t_source, "scoring_s": t_score}
+    logger.info("scored %d images in %.1f s (%.1f s reading/computing CAMs and masks, %.1f s metrics)",
+                len(dataset), timing["total_s"], t_source, t_score)
+    if out_dir is not None:
+        write_report(out_dir, flat, results, classes, settings=settings, timing=timing,
+                     info={"source": source.describe() if hasattr(source, "describe") else type(source).__name__,
+                           "dataset": repr(dataset), "metrics": names, **(info or {})})
+    return flat

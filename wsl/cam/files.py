@@ -1,0 +1,141 @@
+"""The files of a ``wsl cam`` export, named and written in one place (read back by ``wsl bench``).
+
+``ID.npz`` (docs/design.md, "CAM files"): ``cams`` float16 ``(C, H, W)`` at image resolution, higher =
+more of the class; ``classes`` str ``(C,)``; ``scores`` float32 ``(C,)`` image-level class scores
+(optional for other tools). ``ID`` is the image id with ``/`` and ``\\`` replaced by ``__``
+(:func:`file_stem`), so ids with folders name flat files.
+
+Every writer here is atomic (``wsl.utils.io.atomic_path``): an interrupted export never leaves a
+truncated file under its final name. Files are also byte-for-byte reproducible: the same arrays give
+the same bytes on every run (``np.savez_compressed`` would stamp each member with the current time),
+which is what lets ``wsl cam --resume`` finish an export exactly as an uninterrupted run would.
+:func:`open_output_dir` prepares the output folder: fresh, or for a resume checked against its
+``options.json`` and cleared of the temporaries a kill left behind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+from wsl.data.classes import VOC_PALETTE
+from wsl.errors import DataError
+from wsl.utils.io import PathLike, atomic_path, atomic_write_json, prepare_output_dir
+
+logger = logging.getLogger(__name__)
+
+OPTIONS_FILE = "options.json"
+IMAGE_DIRS = ("cams", "overlays", "masks", "records")  # per-image outputs; an image's record is written last
+# A fixed member timestamp (the zip epoch, as reproducible-build tools use) instead of "now".
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+def file_stem(image_id: str) -> str:
+    """File name (without extension) for an image id: path separators become ``__``."""
+    stem = str(image_id).replace("/", "__").replace("\\", "__")
+    if stem in ("", ".", ".."):
+        raise DataError(f"image id {image_id!r} cannot name a file")
+    return stem
+
+
+def write_npz(path: PathLike, arrays: dict) -> None:
+    """``np.savez_compressed`` with fixed member timestamps, written atomically: an ``.npz`` that
+    ``np.load`` reads like any other and whose bytes depend only on ``arrays``."""
+    with atomic_path(path) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name, value in arrays.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                info.external_attr = 0o644 << 16
+                with zf.open(info, "w", force_zip64=True) as f:  # force_zip64 as numpy does (gh-10776)
+                    np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+
+
+def save_cam_npz(path: PathLike, cams: np.ndarray, classes: Sequence[str], scores: np.ndarray) -> None:
+    """Write one ``ID.npz`` (module docstring); values beyond float16's range are clipped."""
+    finfo = np.finfo(np.float16)
+    write_npz(path, {"cams": np.clip(cams, finfo.min, finfo.max).astype(np.float16),
+                     "classes": np.asarray(list(classes), dtype=str),
+                     "scores": np.asarray(scores, dtype=np.float32)})
+
+
+def load_cam_npz(path: PathLike) -> Tuple[np.ndarray, List[str], Optional[np.ndarray]]:
+    """``(cams, classes, scores or None)`` of a CAM file; errors name the file and what it must hold."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = sorted({"cams", "classes"} - set(z.files))
+            if missing:
+                raise DataError(f"{path}: no {', '.join(missing)} array; a CAM file holds cams (C, H, W), "
+                                "classes (C,) and scores (C,)")
+            cams, classes = z["cams"], [str(c) for c in z["classes"].tolist()]
+            scores = z["scores"] if "scores" in z.files else None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: unreadable .npz ({e}); save with np.savez_compressed and a str "
+                        "array of class names") from e
+    return cams, classes, scores
+
+
+def save_palette_png(path: PathLike, mask: np.ndarray) -> None:
+    """Write a uint8 class-index mask as a VOC palette PNG, atomically."""
+    im = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="P")
+    im.putpalette(VOC_PALETTE.flatten().tolist())
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG")
+
+
+def save_rgb_png(path: PathLike, rgb: np.ndarray) -> None:
+    """Write a uint8 RGB image as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format="PNG")
+
+
+def open_output_dir(out_dir: PathLike, run_info: Dict[str, Any], *, overwrite: bool = False,
+                    resume: bool = False) -> Path:
+    """A fresh output directory (``prepare_output_dir``) with ``run_info`` in ``options.json``, or
+    with ``resume`` an unfinished one whose ``options.json`` equals ``run_info``, cleared of the
+    temporary files that interrupted atomic writes leave (``wsl.utils.io.atomic_path`` names them
+    ``.NAME.XXXX.tmpEXT``). Creates the per-image folders."""
+    out = Path(out_dir)
+    if resume and out.is_dir() and any(out.iterdir()):
+        path = out / OPTIONS_FILE
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(f"{out}: no {OPTIONS_FILE}, so it is not a `wsl cam` output that can be resumed; "
+                            "choose another --out, or pass --overwrite instead of --resume") from None
+        except ValueError as e:
+            raise DataError(f"{path}: not valid JSON ({e}); pass --overwrite instead of --resume") from e
+        diff = _first_difference(previous, run_info)
+        if diff:
+            raise DataError(f"{path}: the export in {out} was made with {diff}; resume with the same "
+                            "settings, or pass --overwrite instead of --resume to start again")
+        left = [p for d in (out, *(out / d for d in IMAGE_DIRS)) if d.is_dir() for p in d.iterdir()
+                if p.is_file() and p.name.startswith(".") and ".tmp" in p.name]  # atomic_path's temporaries
+        for p in left:
+            p.unlink()
+        if left:
+            logger.info("removed %d temporary file(s) of interrupted writes in %s", len(left), out)
+    else:
+        out = prepare_output_dir(out_dir, overwrite)
+        atomic_write_json(out / OPTIONS_FILE, run_info)
+    for d in IMAGE_DIRS:
+        (out / d).mkdir(exist_ok=True)
+    return out
+
+
+def _first_difference(previous: Any, current: Any, key: str = "") -> Optional[str]:
+    """``"KEY=old (this run: new)"`` for the first differing entry of two JSON values, else None."""
+    if isinstance(previous, dict) and isinstance(current, dict):
+        for k in list(previous) + [k for k in current if k not in previous]:
+            found = _first_difference(previous.get(k), current.get(k), f"{key}.{k}" if key else k)
+            if found:
+                return found
+        return None
+    return None if previous == current else f"{key}={previous!r} (this run: {current!r})"

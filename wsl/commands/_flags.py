@@ -1,0 +1,100 @@
+"""Flag handling shared by the commands that train (``train``, ``train-seg``) and take ``KEY=VALUE``
+flags (also ``pipeline --set``). Not a command itself: :mod:`wsl.cli` lists its commands by name.
+
+A trainer's configuration is built in one order everywhere: ``--config FILE``, else the resumed run's
+own ``config.json``, else the trainer's defaults; then every flag given replaces its field.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from wsl.train.engine import with_overrides
+
+log = logging.getLogger(__name__)
+
+
+def add_run_flags(parser: argparse.ArgumentParser) -> None:
+    """``--config``, ``--out``, ``--resume``, ``--overwrite``: where a training run comes from and goes."""
+    parser.add_argument("--config", metavar="FILE", help="JSON training config (flags override its fields)")
+    parser.add_argument("--out", metavar="DIR", required=True, help="run directory (checkpoints, metrics, curves)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def add_skip_bad_flag(group: Any) -> None:
+    # store_const with no default: an absent flag leaves the config file's value alone.
+    group.add_argument("--skip-bad-images", action="store_const", const=True,
+                       help="check every image first and leave out (and count) the unreadable ones")
+
+
+def parse_kv(items: List[str], flag: str) -> Dict[str, Any]:
+    """``["beta=5", "learnable=true"]`` -> ``{"beta": 5, "learnable": True}`` (JSON values, else
+    strings); ``flag`` names the option in the error for an item without ``=``."""
+    out: Dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def trainer_config(args: argparse.Namespace, config_cls: Any, fields: Mapping[str, str], *, kv_dest: str,
+                   kv_field: str, owner_dest: str) -> Any:
+    """The run's config: the base (``--config``, the resumed run's ``config.json`` or the defaults of
+    ``config_cls``) with every flag given, ``fields`` mapping flag dest -> dotted config field.
+
+    The ``KEY=VALUE`` flags in ``args.<kv_dest>`` replace the dict field ``kv_field`` (e.g. the pooling
+    head's arguments); without them, choosing another ``owner_dest`` (the head) than the base's drops
+    the base's dict, whose entries belong to the base's choice.
+    """
+    resumed_cfg = Path(args.out) / "config.json"
+    if args.config:
+        config = config_cls.load(args.config)
+    elif args.resume and resumed_cfg.is_file():
+        config = config_cls.load(resumed_cfg)
+    else:
+        config = config_cls()
+    overrides = {field: getattr(args, dest) for dest, field in fields.items() if getattr(args, dest) is not None}
+    owner = getattr(args, owner_dest)
+    if getattr(args, kv_dest):
+        overrides[kv_field] = parse_kv(getattr(args, kv_dest), "--" + kv_dest.replace("_", "-"))
+    elif owner is not None and owner != _field(config, fields[owner_dest]):
+        overrides[kv_field] = {}
+    return with_overrides(config, overrides)
+
+
+def _field(config: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        config = getattr(config, name)
+    return config
+
+
+def run_trainer(args: argparse.Namespace, config: Any, train: Callable[..., Dict[str, Any]], *, metric: str,
+                label: str) -> int:
+    """Train ``config`` into ``--out`` and log the final and best ``metric`` (rank 0 only)."""
+    from wsl.utils import dist
+
+    final = train(config, args.out, resume=args.resume, overwrite=args.overwrite, command=command_line())
+    if dist.is_main():
+        log.info("done: %s %s (best %s at epoch %s); run in %s", label, _pct(final.get(metric)),
+                 _pct(final.get(f"best_{metric}")), final.get("best_epoch"), args.out)
+    return 0
+
+
+def command_line() -> Optional[str]:
+    """``wsl ARGS`` when this process is the ``wsl`` command (None: the trainer records ``sys.argv``)."""
+    return shlex.join(["wsl", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("wsl", "__main__.py") else None
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
