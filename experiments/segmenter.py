@@ -8,13 +8,14 @@ Stages (all through the ``wsl`` API, as ``make demo`` runs them):
 2. classifier    ``wsl.train.classifier.train_classifier`` with the demo's classifier config
                  (``wsl.pipeline.demo_config().classifier``: vgg_tiny + LSE, image tags only)
 3. pseudo-masks  ``wsl.cam.export_cams`` on the train and val splits (image tags select the classes),
-                 and on val once more with the dense CRF (``DenseCRF()``, DeepLab's defaults)
+                 plain and refined by the dense CRF (``DenseCRF()``, DeepLab's defaults)
 4. mask quality  ``wsl.segment.score_mask_dir``: pseudo-mask mIoU against the ground truth, on the train
                  images they were made from and on val
-5. segmenter     ``wsl.train.segmenter.train_segmenter`` with the demo's segmenter config (backbone started
-                 from the classifier) on the train pseudo-masks
+5. segmenters    ``wsl.train.segmenter.train_segmenter`` with the demo's segmenter config (backbone started
+                 from the classifier) on the plain and on the CRF-refined train pseudo-masks
 6. upper bound   the same configuration on the train ground-truth masks
-7. inference     ``wsl.segment.segment_dataset`` on val with multi-scale + flip (and the dense CRF)
+7. inference     ``wsl.segment.segment_dataset`` on val with the demo's segmenter (CRF pseudo-masks):
+                 single scale, multi-scale + flip, and + the dense CRF
 
 Results go to ``experiments/results/segmenter.{md,json}`` with the command, the configurations, the time
 of every stage and the machine's load average (the CPU was shared with other jobs).
@@ -117,18 +118,18 @@ def main(argv: Any = None) -> int:
         cls_cfg, work / "classifier", overwrite=overwrite))
     classifier, classes = load_classifier(work / "classifier" / "last.pt")
     classifier.eval()
-    cam_options = {"batch_size": 16, "overwrite": overwrite, "progress": False}
-    for split in ("train", "val"):
-        stages(f"cams_{split}", work / f"cams_{split}" / "manifest.json", lambda split=split: export_cams(
-            classifier, classes, build_dataset(spec, split, classes=classes), work / f"cams_{split}", **cam_options))
-
-    # The same val pseudo-masks refined by the dense CRF (DeepLab defaults): does it help? (issue #4)
-    stages("cams_val_crf", work / "cams_val_crf" / "manifest.json", lambda: export_cams(
-        classifier, classes, build_dataset(spec, "val", classes=classes), work / "cams_val_crf", crf=DenseCRF(),
-        **cam_options))
+    cam_options = {"batch_size": 16, "mask_fg": demo.cams.mask_fg, "mask_bg": demo.cams.mask_bg,  # the demo's
+                   "overwrite": overwrite, "progress": False}
+    # Pseudo-masks of both splits, plain and refined by the dense CRF (DeepLab's defaults; issue #4).
+    for name, split, crf in (("train", "train", None), ("val", "val", None),
+                             ("train_crf", "train", DenseCRF()), ("val_crf", "val", DenseCRF())):
+        stages(f"cams_{name}", work / f"cams_{name}" / "manifest.json",
+               lambda name=name, split=split, crf=crf: export_cams(
+                   classifier, classes, build_dataset(spec, split, classes=classes), work / f"cams_{name}",
+                   crf=crf, **cam_options))
 
     quality: Dict[str, Any] = {}
-    for name, split in (("train", "train"), ("val", "val"), ("val_crf", "val")):
+    for name, split in (("train", "train"), ("val", "val"), ("train_crf", "train"), ("val_crf", "val")):
         gt = build_dataset(spec, split, classes=classes, masks=True)
         masks = work / f"cams_{name}" / "masks"
         labelled = score_mask_dir(gt, masks)
@@ -136,21 +137,23 @@ def main(argv: Any = None) -> int:
         quality[name] = {"miou_labelled_pixels": labelled["miou"], "coverage": labelled["coverage"],
                          "miou_ignore_as_background": full["miou"], "iou_ignore_as_background": full["iou"]}
 
-    # Both segmenters start from the classifier's backbone, as the demo's does (FROM_CLASSIFIER).
+    # Every segmenter starts from the classifier's backbone, as the demo's does (FROM_CLASSIFIER).
     seg_gt_cfg = with_overrides(demo.segmenter, {"data.spec": spec,
                                                  "model.backbone_weights": str(work / "classifier" / "last.pt")})
-    seg_pseudo_cfg = with_overrides(seg_gt_cfg, {"data.masks": str(work / "cams_train")})
-    stages("segmenter_pseudo", work / "seg_pseudo" / "best.pt",
-           lambda: train_segmenter(seg_pseudo_cfg, work / "seg_pseudo", overwrite=overwrite))
-    stages("segmenter_gt", work / "seg_gt" / "best.pt",
-           lambda: train_segmenter(seg_gt_cfg, work / "seg_gt", overwrite=overwrite))
+    seg_cfgs = {"seg_pseudo": with_overrides(seg_gt_cfg, {"data.masks": str(work / "cams_train")}),
+                "seg_pseudo_crf": with_overrides(seg_gt_cfg, {"data.masks": str(work / "cams_train_crf")}),
+                "seg_gt": seg_gt_cfg}
+    for name, cfg in seg_cfgs.items():
+        stages(name, work / name / "best.pt",
+               lambda name=name, cfg=cfg: train_segmenter(cfg, work / name, overwrite=overwrite))
 
+    # Test-time options on the demo's segmenter (trained on the CRF-refined pseudo-masks).
     inference: Dict[str, Any] = {}
-    model, seg_classes, size = load_for_inference(work / "seg_pseudo" / "last.pt")
+    model, seg_classes, size = load_for_inference(work / "seg_pseudo_crf" / "last.pt")
     val = build_dataset(spec, "val", classes=seg_classes, masks=True)
     for name, opts in {"single_scale": {}, "multiscale_flip": {"scales": (0.75, 1.0, 1.25), "flip": True},
                        "multiscale_flip_crf": {"scales": (0.75, 1.0, 1.25), "flip": True, "crf": DenseCRF()}}.items():
-        out = work / f"segment_val_{name}"
+        out = work / f"segment_val_crf_masks_{name}"
         stages(f"segment_{name}", out / "metrics.json", lambda out=out, opts=opts: segment_dataset(
             model, seg_classes, val, out, input_size=size, batch_size=16, overwrite=overwrite, progress=False,
             **opts))
@@ -165,8 +168,9 @@ def main(argv: Any = None) -> int:
         "classifier_final": read_jsonl(work / "classifier" / "metrics.jsonl")[-1].get("val_map"),
         "cam_options": json.loads((work / "cams_train" / "manifest.json").read_text())["options"],
         "pseudo_masks": quality,
-        "segmenter_config": seg_pseudo_cfg.to_dict(),
+        "segmenter_config": seg_cfgs["seg_pseudo_crf"].to_dict(),
         "segmenter_pseudo": best_epoch(work / "seg_pseudo"),
+        "segmenter_pseudo_crf": best_epoch(work / "seg_pseudo_crf"),
         "segmenter_gt": best_epoch(work / "seg_gt"),
         "segmenter_pseudo_val_inference": inference,
         "stage_seconds": stages.seconds, "stage_cpu_seconds": stages.cpu, "load_average_after_stage": stages.load,
@@ -186,24 +190,32 @@ def pct(v: Any) -> str:
 
 
 def verdict(r: Dict[str, Any]) -> str:
-    """One sentence on the question the experiment asks, from the numbers."""
-    seg = r["segmenter_pseudo"]["final_val_miou"]
-    masks = r["pseudo_masks"]["val"]["miou_ignore_as_background"]
-    gt = r["segmenter_gt"]["final_val_miou"]
-    beats = "beats" if seg > masks else "does not beat"
-    return (f"**The segmenter {beats} its pseudo-masks on val ({pct(seg)} vs {pct(masks)} mIoU) and reaches "
-            f"{pct(seg / gt if gt else None)}% of the ground-truth-trained segmenter ({pct(gt)}).**")
-
-
-def crf_verdict(q: Dict[str, Any]) -> str:
-    """One sentence: does the dense CRF improve the val pseudo-masks?"""
+    """Sentences on the questions the experiment asks, from the numbers."""
+    q, gt = r["pseudo_masks"], r["segmenter_gt"]["final_val_miou"]
+    out = []
+    for key, masks_key, what in (("segmenter_pseudo_crf", "val_crf", "CRF-refined pseudo-masks (the demo)"),
+                                 ("segmenter_pseudo", "val", "plain pseudo-masks")):
+        seg, masks = r[key]["final_val_miou"], q[masks_key]["miou_ignore_as_background"]
+        out.append(f"**Trained on {what}, the segmenter alone (one scale, no CRF) {'beats' if seg > masks else 'does not beat'} them on val "
+                   f"({pct(seg)} vs {pct(masks)} mIoU) and reaches {pct(seg / gt if gt else None)}% of the "
+                   f"ground-truth-trained segmenter ({pct(gt)}).**")
     plain, crf = q["val"]["miou_ignore_as_background"], q["val_crf"]["miou_ignore_as_background"]
-    return (f"**The dense CRF {'improves' if crf > plain else 'does not improve'} the val pseudo-masks: "
-            f"{pct(plain)} -> {pct(crf)} mIoU (ignore band counted as background).**")
+    # The demo's comparison: its segmenter at test time (3 scales + flip + the same dense CRF its masks got)
+    seg_crf = r["segmenter_pseudo_val_inference"]["multiscale_flip_crf"]
+    train_crf = q["train_crf"]["miou_ignore_as_background"]
+    out.insert(0, f"**With the dense CRF at test time too (3 scales + flip + CRF, as `make demo` runs it), the "
+                  f"segmenter trained on the CRF pseudo-masks {'beats' if seg_crf > max(crf, train_crf) else 'does not beat'} "
+                  f"them: {pct(seg_crf)} val mIoU against {pct(crf)} (val masks) and {pct(train_crf)} (the train masks "
+                  "it learnt from).**")
+    out.append(f"**The dense CRF {'improves' if crf > plain else 'does not improve'} the val pseudo-masks: "
+               f"{pct(plain)} -> {pct(crf)} mIoU (train: {pct(q['train']['miou_ignore_as_background'])} -> "
+               f"{pct(q['train_crf']['miou_ignore_as_background'])}).**")
+    return "\n\n".join(out)
 
 
 def report(r: Dict[str, Any]) -> str:
     q, sp, sg, inf = r["pseudo_masks"], r["segmenter_pseudo"], r["segmenter_gt"], r["segmenter_pseudo_val_inference"]
+    sc = r["segmenter_pseudo_crf"]
     s, seg = r["stage_seconds"], r["segmenter_config"]
     lines = [
         "# Segmenter from CAM pseudo-masks (generated scenes)",
@@ -212,9 +224,9 @@ def report(r: Dict[str, Any]) -> str:
         "",
         f"Data: default generated scenes ({r['dataset']['synth']['train']} train / {r['dataset']['synth']['val']} val, "
         f"{r['dataset']['synth']['size']} px, classes {', '.join(r['dataset']['classes'])}). Classifier: "
-        f"the demo's (`wsl.pipeline.demo_config().classifier`, val mAP {pct(r['classifier_final'])}). Pseudo-masks: `wsl cam` defaults "
-        f"(CAM threshold fg {r['cam_options']['pseudo_mask']['fg']} / bg {r['cam_options']['pseudo_mask']['bg']}, "
-        "pixels in between = 255 ignore, no CRF).",
+        f"the demo's (`wsl.pipeline.demo_config().classifier`, val mAP {pct(r['classifier_final'])}). Pseudo-masks: the demo's settings "
+        f"(CAM threshold fg {r['cam_options']['mask_fg']} / bg {r['cam_options']['mask_bg']}, "
+        "pixels in between = 255 ignore), without and with the dense CRF (`DenseCRF()`, DeepLab's defaults).",
         "",
         f"Segmenter (the demo's, `wsl.pipeline.demo_config().segmenter`): {seg['model']['name']} on "
         f"{seg['model']['backbone']} started from the classifier's backbone, "
@@ -231,26 +243,28 @@ def report(r: Dict[str, Any]) -> str:
         f"| pseudo-masks, labelled pixels only (coverage train {pct(q['train']['coverage'])}%, val "
         f"{pct(q['val']['coverage'])}%) | {pct(q['train']['miou_labelled_pixels'])} | "
         f"{pct(q['val']['miou_labelled_pixels'])} |",
-        f"| pseudo-masks refined by the dense CRF, ignore band counted as background | | "
-        f"{pct(q['val_crf']['miou_ignore_as_background'])} |",
-        f"| same, labelled pixels only (coverage {pct(q['val_crf']['coverage'])}%) | | "
+        f"| pseudo-masks refined by the dense CRF, ignore band counted as background | "
+        f"{pct(q['train_crf']['miou_ignore_as_background'])} | {pct(q['val_crf']['miou_ignore_as_background'])} |",
+        f"| same, labelled pixels only (coverage train {pct(q['train_crf']['coverage'])}%, val "
+        f"{pct(q['val_crf']['coverage'])}%) | {pct(q['train_crf']['miou_labelled_pixels'])} | "
         f"{pct(q['val_crf']['miou_labelled_pixels'])} |",
-        f"| **segmenter trained on the pseudo-masks** (final epoch; best {pct(sp['best_val_miou'])} at epoch "
-        f"{sp['best_epoch']}) | | **{pct(sp['final_val_miou'])}** |",
-        f"| same, multi-scale (0.75, 1, 1.25) + flip | | {pct(inf['multiscale_flip'])} |",
-        f"| same, multi-scale + flip + dense CRF | | {pct(inf['multiscale_flip_crf'])} |",
+        f"| segmenter trained on the plain pseudo-masks (final epoch; best {pct(sp['best_val_miou'])} at epoch "
+        f"{sp['best_epoch']}) | | {pct(sp['final_val_miou'])} |",
+        f"| **segmenter trained on the CRF-refined pseudo-masks** (the demo; best {pct(sc['best_val_miou'])} at "
+        f"epoch {sc['best_epoch']}) | | **{pct(sc['final_val_miou'])}** |",
+        f"| same, multi-scale (0.75, 1, 1.25) + flip at test time | | {pct(inf['multiscale_flip'])} |",
+        f"| same, multi-scale + flip + dense CRF at test time | | {pct(inf['multiscale_flip_crf'])} |",
         f"| segmenter trained on ground-truth masks (upper bound; best {pct(sg['best_val_miou'])}) | | "
         f"{pct(sg['final_val_miou'])} |",
         "",
         verdict(r),
         "",
-        crf_verdict(q),
-        "",
         "Pseudo-masks on val use the val images' tags (they are what `wsl cam` would give for a tagged image); "
         "the segmenter sees only pixels. A segmenter predicts every pixel, so compare it with the "
         "'ignore as background' row; the 'labelled pixels only' row scores the confident part alone.",
         "",
-        f"Val mIoU per epoch: pseudo-masks {sp['curve']}, ground truth {sg['curve']}.",
+        f"Val mIoU per epoch: plain pseudo-masks {sp['curve']}, CRF pseudo-masks {sc['curve']}, ground truth "
+        f"{sg['curve']}.",
         "",
         "Per-class val IoU (%):",
         "",
@@ -258,7 +272,9 @@ def report(r: Dict[str, Any]) -> str:
         "|---|" + "---|" * len(q["val"]["iou_ignore_as_background"]),
         *[f"| {name} | " + " | ".join(pct(v) for v in ious.values()) + " |" for name, ious in (
             ("pseudo-masks (ignore as background)", q["val"]["iou_ignore_as_background"]),
-            ("segmenter on pseudo-masks", sp["final_val_iou"]), ("segmenter on ground truth", sg["final_val_iou"]))],
+            ("CRF pseudo-masks (ignore as background)", q["val_crf"]["iou_ignore_as_background"]),
+            ("segmenter on pseudo-masks", sp["final_val_iou"]), ("segmenter on CRF pseudo-masks", sc["final_val_iou"]),
+            ("segmenter on ground truth", sg["final_val_iou"]))],
         "",
         "## Time (s, wall clock)",
         "",
@@ -268,7 +284,8 @@ def report(r: Dict[str, Any]) -> str:
           f"{r['load_average_after_stage'].get(k, '')} |" for k, v in s.items()],
         f"| **total** | {r['total_seconds']} | | |",
         "",
-        f"Segmenter training alone (sum of epoch train time): pseudo {sp['train_seconds']} s, ground truth "
+        f"Segmenter training alone (sum of epoch train time): pseudo {sp['train_seconds']} s, CRF pseudo "
+        f"{sc['train_seconds']} s, ground truth "
         f"{sg['train_seconds']} s; the fastest epoch (training + validation) took {sp['fastest_epoch_seconds']} s "
         f"and {sg['fastest_epoch_seconds']} s. Machine: {r['machine']['cpus']} CPUs, torch {r['machine']['torch']} "
         f"with {r['machine']['torch_threads']} threads, shared with other jobs (see the load averages), so wall "

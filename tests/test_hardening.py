@@ -387,6 +387,28 @@ def test_checkpoint_of_another_model_is_refused_saying_what_it_holds(checkpoints
     assert "3 classes [disc, square, triangle] (expected 4: [disc, square, triangle, star])" in line
 
 
+@pytest.mark.parametrize("command", ["train", "train-seg"])
+def test_resume_from_a_last_pt_of_another_class_count_names_the_file(command, scenes_root, tmp_path, capsys):
+    # The run's own config (the data changed under it): only the class count of last.pt is wrong, and
+    # the error must name that file, not "checkpoint" (it is loaded once and checked as a dict).
+    classes = build_dataset(f"voc:{scenes_root}", "train").classes
+    if command == "train":
+        cfg = tiny_train_config(scenes_root)
+        ckpt = classifier_checkpoint(build_classifier(backbone="vgg_tiny", num_classes=3, pooling="lse"),
+                                     classes[:3])
+    else:
+        cfg = seg_config(scenes_root)
+        ckpt = segmenter_checkpoint(build_segmenter("deeplab_largefov", num_classes=4, backbone="vgg_tiny"),
+                                    classes[:3])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    save_checkpoint(run / "last.pt", {**ckpt, "train_config": cfg.to_dict(), "train_state": {}})
+    code, err = run_cli([command, "--out", str(run), "--resume"], capsys)
+    assert_one_line_error(code, err, command, f"{run / 'last.pt'}: made for another model: ",
+                          "3 classes [disc, square, triangle] (expected 4: [disc, square, triangle, star])")
+
+
 # ----------------------------------------------------------------------------------- interruption
 # Runs are killed (kill_wsl_at) a random 0-40 ms after the chosen checkpoint, so the kill lands
 # anywhere in a step, a validation or a checkpoint write.

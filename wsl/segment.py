@@ -27,7 +27,6 @@ given to ``wsl train-seg --masks`` (another round of self-training).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections import defaultdict
@@ -40,6 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from wsl.cam.export import ImageFolderDataset, eval_mode
+from wsl.cam.files import file_stem, save_palette_png
 from wsl.data.classes import IGNORE_INDEX
 from wsl.errors import CheckpointError, DataError
 from wsl.train.engine import autocast, json_safe
@@ -58,17 +59,6 @@ def normalize_images(images: Tensor) -> Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255.0 - mean) / std
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run in eval mode and give the model back in the mode it came in."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 class Segmenter:
@@ -155,11 +145,7 @@ def load_for_inference(path: PathLike, device: Any = "cpu") -> Tuple[nn.Module, 
     from wsl.models import load_segmenter
 
     ckpt = load_checkpoint(path)
-    try:
-        model, classes = load_segmenter(ckpt)
-    except CheckpointError as e:  # errors on a dict say "checkpoint: ..."; name the file instead
-        msg = str(e)
-        raise CheckpointError(f"{path}: {msg[len('checkpoint: '):] if msg.startswith('checkpoint: ') else msg}") from e
+    model, classes = load_segmenter(ckpt, label=str(path))
     size = ckpt.get("input_size")
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < MIN_SIDE):
         raise CheckpointError(f"{path}: input_size {size!r} is not a size in pixels >= {MIN_SIDE}")
@@ -227,7 +213,6 @@ def score_mask_dir(dataset: Any, mask_dir: PathLike, *, ignore_as_background: bo
     they label; ``ignore_as_background`` counts them as background instead (a full prediction, as a
     segmenter makes). A missing or wrong-sized file raises naming it.
     """
-    from wsl.cam.export import file_stem
     from wsl.data.base import read_mask_png
     from wsl.metrics import confusion_matrix
 
@@ -268,7 +253,6 @@ def segment_dataset(model: nn.Module, classes: Sequence[str], dataset: Any, out_
     ``out_dir`` is refused unless ``overwrite``; every file is written atomically. Returns the manifest
     (with ``metrics`` when scored).
     """
-    from wsl.cam.export import file_stem, save_palette_png
     from wsl.metrics import confusion_matrix
 
     classes = [str(c) for c in classes]
@@ -317,8 +301,6 @@ def segment_dataset(model: nn.Module, classes: Sequence[str], dataset: Any, out_
 def segment_folder(model: nn.Module, classes: Sequence[str], image_dir: PathLike, out_dir: PathLike,
                    **kwargs: Any) -> Dict[str, Any]:
     """:func:`segment_dataset` on the images directly inside ``image_dir`` (id = file stem)."""
-    from wsl.cam.export import ImageFolderDataset
-
     return segment_dataset(model, classes, ImageFolderDataset(image_dir, classes), out_dir, **kwargs)
 
 

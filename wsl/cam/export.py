@@ -152,8 +152,9 @@ def overlay_panels(image: np.ndarray, cams: np.ndarray, titles: Sequence[str],
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Run in eval mode and give the model back in the mode it came in."""
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run in eval mode and give the model back in the mode it came in (also after an exception);
+    shared with :class:`wsl.segment.Segmenter`."""
     was_training = model.training
     model.eval()
     try:
@@ -450,8 +451,8 @@ def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir:
     if resume:
         logger.info("resuming %s: %d of %d images already exported", out, done, len(dataset))
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=todo, collate_fn=list, num_workers=num_workers)
-    with _eval_mode(model), tqdm(total=len(dataset), initial=done, desc="wsl cam", unit="img",
-                                 disable=not progress) as bar:
+    with eval_mode(model), tqdm(total=len(dataset), initial=done, desc="wsl cam", unit="img",
+                                disable=not progress) as bar:
         for indices, samples in zip(todo, loader):
             by_shape: Dict[Tuple[int, ...], List[Tuple[int, Dict[str, Any]]]] = defaultdict(list)
             for i, s in zip(indices, samples):  # a transform may have changed sizes: stack only equal shapes

@@ -1,5 +1,6 @@
-"""Flag handling shared by the commands that train (``train``, ``train-seg``) and take ``KEY=VALUE``
-flags (also ``pipeline --set``). Not a command itself: :mod:`wsl.cli` lists its commands by name.
+"""Flag handling shared by the commands that train (``train``, ``train-seg``), that run a trained model
+over a dataset or an image folder (``cam``, ``segment``) and that take ``KEY=VALUE`` flags (also
+``pipeline --set``). Not a command itself: :mod:`wsl.cli` lists its commands by name.
 
 A trainer's configuration is built in one order everywhere: ``--config FILE``, else the resumed run's
 own ``config.json``, else the trainer's defaults; then every flag given replaces its field.
@@ -14,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
+import torch
+
 from wsl.train.engine import with_overrides
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,37 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", required=True, help="run directory (checkpoints, metrics, curves)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def add_inference_flags(parser: argparse.ArgumentParser, *, checkpoint_help: str, images_help: str,
+                        split_help: str) -> None:
+    """``--checkpoint``, ``--data SPEC`` | ``--images DIR``, ``--split``, ``--out``: the model an
+    inference command runs, what it runs over and where the results go (:func:`inference_device`
+    checks them)."""
+    parser.add_argument("--checkpoint", required=True, type=Path, help=checkpoint_help)
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", metavar="SPEC", help="dataset: voc:DIR, synth:DIR, coco:ANN_JSON:IMAGE_DIR, tags:FILE")
+    src.add_argument("--images", metavar="DIR", type=Path, help=images_help)
+    parser.add_argument("--split", help=split_help)
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+
+
+def add_loader_flags(parser: argparse.ArgumentParser) -> None:
+    """``--batch-size``, ``--workers``: how an inference command feeds the model."""
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    parser.add_argument("--workers", type=int, default=0, help="data loading processes (default 0)")
+
+
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+
+
+def inference_device(args: argparse.Namespace) -> torch.device:
+    """The device of ``--device`` (default: cuda when available, else cpu), after refusing ``--data``
+    without ``--split`` (argparse cannot say that one flag needs another)."""
+    if args.data and not args.split:
+        raise ValueError("--data needs --split (e.g. --split val)")
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def add_skip_bad_flag(group: Any) -> None:

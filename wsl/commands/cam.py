@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
-
-import torch
 
 from wsl.cam.postprocess import BOX_MODES, DEFAULT_MASK_SETTINGS, PSEUDO_MASK_METHODS
+from wsl.commands._flags import add_device_flag, add_inference_flags, add_loader_flags, inference_device
 
 logger = logging.getLogger(__name__)
 
@@ -17,13 +15,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "cam", help="export CAMs, points, boxes and pseudo-masks",
         description="Run a trained classifier over a dataset split or a folder of images and write, per "
                     "image, the CAMs (ID.npz), a heatmap overlay, points, boxes and a pseudo-mask.")
-    p.add_argument("--checkpoint", required=True, type=Path, help="classifier checkpoint (wsl train)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", metavar="SPEC", help="dataset: voc:DIR, synth:DIR, coco:ANN_JSON:IMAGE_DIR, tags:FILE")
-    src.add_argument("--images", metavar="DIR", type=Path,
-                     help="a folder of images (no labels: the predicted classes are used)")
-    p.add_argument("--split", help="split of --data (e.g. train, val)")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    add_inference_flags(p, checkpoint_help="classifier checkpoint (wsl train)",
+                        images_help="a folder of images (no labels: the predicted classes are used)",
+                        split_help="split of --data (e.g. train, val)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     mode.add_argument("--resume", action="store_true",
@@ -44,9 +38,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--crf-max-pixels", type=int, help="CRF working-resolution cap in pixels (default: full size)")
     p.add_argument("--predicted", action="store_true",
                    help="use the predicted classes even when the dataset has labels")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    p.add_argument("--workers", type=int, default=0, help="data loading processes (default 0)")
-    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    add_loader_flags(p)
+    add_device_flag(p)
     p.set_defaults(func=run)
     return p
 
@@ -56,9 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from wsl.cam.export import ImageFolderDataset, export_cams
     from wsl.models import load_classifier
 
-    if args.data and not args.split:
-        raise ValueError("--data needs --split (e.g. --split val)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = inference_device(args)
     model, classes = load_classifier(args.checkpoint)
     model.to(device)
     if args.data:

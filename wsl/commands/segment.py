@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 from typing import Any
 
+from wsl.commands._flags import add_device_flag, add_inference_flags, add_loader_flags, inference_device
 from wsl.train.engine import AMP_MODES
 
 log = logging.getLogger(__name__)
@@ -17,12 +17,8 @@ log = logging.getLogger(__name__)
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("segment", help="segment images with a trained segmenter", description=__doc__)
-    p.add_argument("--checkpoint", required=True, type=Path, help="segmenter checkpoint (wsl train-seg)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", metavar="SPEC", help="dataset: voc:DIR, synth:DIR, coco:ANN_JSON:IMAGE_DIR, tags:FILE")
-    src.add_argument("--images", metavar="DIR", type=Path, help="a folder of images")
-    p.add_argument("--split", help="split of --data (e.g. val)")
-    p.add_argument("--out", required=True, type=Path, help="output directory")
+    add_inference_flags(p, checkpoint_help="segmenter checkpoint (wsl train-seg)", images_help="a folder of images",
+                        split_help="split of --data (e.g. val)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
                    help="input scales whose probabilities are averaged (default: 1.0)")
@@ -32,23 +28,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "0 = native resolution)")
     p.add_argument("--crf", action="store_true", help="refine with the dense CRF (DeepLab parameters)")
     p.add_argument("--crf-max-pixels", type=int, help="CRF working-resolution cap in pixels (default: full size)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    p.add_argument("--workers", type=int, default=0, help="data loading processes (default 0)")
+    add_loader_flags(p)
     p.add_argument("--amp", choices=AMP_MODES, default="auto",
                    help="autocast precision (default auto: bfloat16 where the hardware computes it natively)")
-    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    add_device_flag(p)
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from wsl.segment import has_ground_truth, load_for_inference, segment_dataset, segment_folder
 
-    if args.data and not args.split:
-        raise ValueError("--data needs --split (e.g. --split val)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = inference_device(args)
     model, classes, trained_size = load_for_inference(args.checkpoint, device)
     size = trained_size if args.size is None else (args.size or None)
     crf = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -46,10 +46,12 @@ def _short(names: Sequence[str], n: int = 4) -> str:
 
 
 def read_checkpoint(source: Union[str, os.PathLike, Mapping[str, Any]], kind: str,
-                    map_location: Any) -> Tuple[Dict[str, Any], str]:
-    """Load (or take) a checkpoint dict and check its kind. Returns ``(checkpoint, label)``."""
+                    map_location: Any, *, label: Optional[str] = None) -> Tuple[Dict[str, Any], str]:
+    """Load (or take) a checkpoint dict and check its kind. Returns ``(checkpoint, label)``: the name
+    every error message starts with, the file's path, or for a dict ``label`` (the file the caller
+    read it from; default ``"checkpoint"``)."""
     if isinstance(source, Mapping):
-        ckpt, label = dict(source), "checkpoint"
+        ckpt, label = dict(source), label or "checkpoint"
     else:
         ckpt, label = load_checkpoint(source, map_location=map_location), str(source)
     found = ckpt.get("kind")
@@ -119,12 +121,12 @@ def check_tensors(state: Mapping[str, Any], label: str) -> None:
 def restore_model(source: Union[str, os.PathLike, Mapping[str, Any]], kind: str, config_cls: Type,
                   build: Callable[[Any], nn.Module], *, background: bool,
                   expect_classes: Union[None, int, Sequence[str]], expect_config: Any,
-                  map_location: Any) -> Tuple[nn.Module, List[str]]:
+                  map_location: Any, label: Optional[str] = None) -> Tuple[nn.Module, List[str]]:
     """The loaders' common path: read a ``kind`` checkpoint, rebuild its config, check that its class
     list fits the config's ``num_classes`` (plus one output for the ``background`` of segmenters) and
     the caller's expectations, then build the model (``build(config)``) and load the weights. Every
-    failure is one :class:`CheckpointError` line naming ``source``."""
-    ckpt, label = read_checkpoint(source, kind, map_location)
+    failure is one :class:`CheckpointError` line naming ``source`` (``label`` for a dict source)."""
+    ckpt, label = read_checkpoint(source, kind, map_location, label=label)
     config = parse_config(config_cls, ckpt["config"], label)
     classes = [str(c) for c in ckpt["classes"]]
     if len(classes) + int(background) != config.num_classes:

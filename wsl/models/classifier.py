@@ -119,16 +119,18 @@ def classifier_checkpoint(model: nn.Module, classes: Sequence[str], /, **extra: 
 def load_classifier(source: Union[str, os.PathLike, Mapping[str, Any]], *,
                     expect_classes: Union[None, int, Sequence[str]] = None,
                     expect_config: Union[None, ClassifierConfig, Mapping[str, Any]] = None,
-                    map_location: Any = "cpu") -> Tuple[WSLClassifier, List[str]]:
+                    map_location: Any = "cpu", label: Optional[str] = None) -> Tuple[WSLClassifier, List[str]]:
     """Rebuild a classifier from a checkpoint file (read with ``weights_only=True``) or dict.
 
     Raises :class:`~wsl.errors.CheckpointError` (one line: what it holds, what was expected) for a
     checkpoint of another kind, or when ``expect_classes`` (a count or the class names) or
     ``expect_config`` (a config, or a dict of the fields to compare, e.g. ``{"backbone": "vgg16"}``)
-    do not match. The model is returned in training mode, like any new module.
+    do not match. Errors start with the file's path; for a dict, with ``label`` (the file it was read
+    from) or ``"checkpoint"``. The model is returned in training mode, like any new module.
     """
     return restore_model(source, KIND, ClassifierConfig, WSLClassifier, background=False,  # type: ignore[return-value]
-                         expect_classes=expect_classes, expect_config=expect_config, map_location=map_location)
+                         expect_classes=expect_classes, expect_config=expect_config, map_location=map_location,
+                         label=label)
 
 
 # Alias kept for callers that name the loader after the checkpoint.

@@ -180,7 +180,8 @@ def train_classifier(config: TrainConfig, out_dir: PathLike, *, resume: bool = F
                                  pooling_kwargs=dict(m.pooling_kwargs), maps_per_class=m.maps_per_class,
                                  weights=None if ckpt is not None else m.weights)
         if ckpt is not None:
-            restored, _ = load_classifier(ckpt, expect_classes=classes, expect_config=model.config)
+            restored, _ = load_classifier(ckpt, expect_classes=classes, expect_config=model.config,
+                                          label=str(start.run.last))
             model.load_state_dict(restored.state_dict())
 
         def payload(net: nn.Module) -> Dict[str, Any]:

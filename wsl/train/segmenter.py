@@ -287,7 +287,8 @@ def train_segmenter(config: SegTrainConfig, out_dir: PathLike, *, resume: bool =
         seed_everything(config.run.seed)  # the new head's initial weights
         model = build_model(config.model, len(classes) + 1)
         if ckpt is not None:
-            restored, _ = load_segmenter(ckpt, expect_classes=classes, expect_config=model.config)
+            restored, _ = load_segmenter(ckpt, expect_classes=classes, expect_config=model.config,
+                                         label=str(start.run.last))
             model.load_state_dict(restored.state_dict())
 
         def payload(net: nn.Module) -> Dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -162,12 +162,14 @@ def segmenter_checkpoint(model: nn.Module, classes: Sequence[str], /, **extra: A
 def load_segmenter(source: Union[str, os.PathLike, Mapping[str, Any]], *,
                    expect_classes: Union[None, int, Sequence[str]] = None,
                    expect_config: Union[None, SegmenterConfig, Mapping[str, Any]] = None,
-                   map_location: Any = "cpu") -> Tuple[WSLSegmenter, List[str]]:
+                   map_location: Any = "cpu", label: Optional[str] = None) -> Tuple[WSLSegmenter, List[str]]:
     """Rebuild a segmenter from a checkpoint (``weights_only=True``). ``expect_classes`` is the
     foreground class count or names; mismatches and other kinds raise one-line
-    :class:`~wsl.errors.CheckpointError`. Returns ``(model, foreground classes)`` in training mode."""
+    :class:`~wsl.errors.CheckpointError` starting with the file's path (for a dict: ``label``, the file
+    it was read from, or ``"checkpoint"``). Returns ``(model, foreground classes)`` in training mode."""
     return restore_model(source, KIND, SegmenterConfig, WSLSegmenter, background=True,  # type: ignore[return-value]
-                         expect_classes=expect_classes, expect_config=expect_config, map_location=map_location)
+                         expect_classes=expect_classes, expect_config=expect_config, map_location=map_location,
+                         label=label)
 
 
 __all__ = ["SEGMENTERS", "SegmenterConfig", "WSLSegmenter", "FCN", "DeepLabLargeFOV", "bilinear_kernel",
