@@ -45,6 +45,7 @@ from wsl.train.classifier import TrainConfig
 from wsl.train.engine import (ConfigFile, config_from_file, current_command, diff_configs, json_safe, read_json,
                               with_overrides)
 from wsl.train.segmenter import SegTrainConfig
+from wsl.utils.dist import resolve_device
 from wsl.utils.io import PathLike, atomic_write_json, atomic_write_text, prepare_output_dir, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -277,17 +278,14 @@ def demo_config(quick: bool = False) -> PipelineConfig:
     return PipelineConfig(
         data=DataSection(synth=SynthConfig()),
         # WILDCAT pooling: within 0.5 points of LSE's classification mAP, but its maps cover whole objects
-        # (MaxBoxAcc 73.3 vs 47.6, experiments/results/pooling_heads.md), which lifted the CRF pseudo-masks
-        # from 71.7 to 84.9 train mIoU on the default scenes.
+        # (MaxBoxAcc 73.3 vs 47.6, experiments/results/pooling_heads.md).
         classifier=with_overrides(TrainConfig(), {"schedule.epochs": DEMO_CLASSIFIER_EPOCHS,
                                                   "model.pooling": "wildcat", "model.pooling_kwargs": DEMO_WILDCAT}),
-        # CRF pseudo-masks; with WILDCAT's wider maps the default background threshold (0.05 of the peak)
-        # left 23% of the pixels in the ignore band, and the segmenter learnt object blobs (57.6 val mIoU);
-        # 0.15 leaves 6% (val masks: 86.7 mIoU either way).
+        # CRF pseudo-masks; WILDCAT's maps are wider than LSE's, so the background threshold is 0.15 of the
+        # peak (default 0.05): the uncertain band then holds 6% of the pixels (experiments/results/segmenter.md).
         cams=CamSection(crf=True, mask_bg=0.15),
-        # The classifier's backbone learns at the head's rate (backbone_lr_mult 1): it is small and was
-        # trained for another task. Measured on the default scenes (CRF pseudo-masks, 12 epochs): 0.1,
-        # the ImageNet fine-tuning habit, gave 56.3 val mIoU, 1.0 gave 63.3.
+        # The classifier's backbone learns at the head's rate (backbone_lr_mult 1): the 0.1 habit of
+        # ImageNet fine-tuning is meant for a backbone trained on far more data than this small one.
         segmenter=with_overrides(SegTrainConfig(), {"schedule.epochs": DEMO_SEGMENTER_EPOCHS,
                                                     "model.backbone_weights": FROM_CLASSIFIER,
                                                     "optim.backbone_lr_mult": 1.0}),
@@ -334,12 +332,6 @@ class _Context:
 
         model, classes = load_classifier((run_dir or self.dir("classifier")) / "last.pt")
         return model.to(self.device).eval(), classes
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _resumable(run_dir: Path, resume: bool) -> Dict[str, bool]:
@@ -599,7 +591,7 @@ def run_pipeline(config: PipelineConfig, out_dir: PathLike, *, overwrite: bool =
     with open(out / "command.txt", "a", encoding="utf-8") as f:
         f.write(command + "\n")
     spec = config.data.spec or f"synth:{out / 'scenes'}"
-    ctx = _Context(config=config, out=out, spec=spec, device=_device(config.classifier.run.device),
+    ctx = _Context(config=config, out=out, spec=spec, device=resolve_device(config.classifier.run.device),
                    progress=progress, command=command, resume=resume)
     later = stages[stages.index(stop_after) + 1:] if stop_after is not None else []
     stages = stages[: len(stages) - len(later)]

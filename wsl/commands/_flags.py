@@ -58,7 +58,9 @@ def inference_device(args: argparse.Namespace) -> torch.device:
     without ``--split`` (argparse cannot say that one flag needs another)."""
     if args.data and not args.split:
         raise ValueError("--data needs --split (e.g. --split val)")
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from wsl.utils.dist import resolve_device
+
+    return resolve_device(args.device or "auto")
 
 
 def add_skip_bad_flag(group: Any) -> None:

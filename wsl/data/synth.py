@@ -7,7 +7,7 @@ border (``truncated``). Tiny or mostly hidden objects are marked ``difficult`` a
 takes a hue from its class's own hue band with probability ``class_colour`` (1 by default), as real
 classes have typical appearances; distractors and backgrounds take any hue, so colour alone does not
 tell an object from clutter (with ``class_colour=0`` shape is the only cue, which the demo's small
-network trained from scratch needs far longer to learn: ~0.44 val mAP after 6 epochs, against 0.97).
+network trained from scratch needs far longer to learn: ``experiments/class_colour.py``).
 The ``context_bias`` knob puts class 0 on one particular background ("waves") that rarely appears
 otherwise, the co-occurrence that makes CAMs fire on context (the boat-on-water effect discussed by
 Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016).

@@ -62,7 +62,7 @@ class TrainConfig(ConfigFile):
 
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    # From scratch, AdamW learnt a little faster than SGD on the generated scenes (see the report).
+    # AdamW: the demo trains a small network from scratch (SGD stays available for the paper setups).
     optim: OptimConfig = dataclasses.field(
         default_factory=lambda: OptimConfig(optimizer="adamw", lr=1e-3, weight_decay=0.01, batch_size=16))
     schedule: ScheduleConfig = dataclasses.field(
