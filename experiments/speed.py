@@ -328,7 +328,7 @@ def phase_cam(s: Settings, device: torch.device, amp: Optional[torch.dtype] = No
                 "forward": lambda: forward(x),
                 "extract (forward + upsample + normalise)": lambda: CAMExtractor(model)(x),
                 "upsample + normalise": lambda: normalize_cams(upsample_cams(
-                    maps, tuple(x.shape[-2:]), stride=model.stride, offset=model.offset)),
+                    maps, tuple(x.shape[-2:]), stride=model.stride, offset=model.offset), inplace=True),
                 "argmax_points": lambda: argmax_points(cams),
                 "local_maxima": lambda: local_maxima(cams, min_distance=opt.peak_min_distance,
                                                      rel_threshold=opt.peak_threshold, top_k=opt.peak_top_k,

@@ -91,13 +91,24 @@ def test_half_pixel_offset_and_rescaled_input():
     assert cams[12, 12] == pytest.approx(cams[13, 12])
 
 
-def test_upsampling_agrees_with_the_models_geometry_helper():
-    from wsl.models import maps_to_pixels
+@pytest.mark.parametrize("size,input_size", [((37, 53), None), ((37, 53), (28, 40)), ((5, 3), None)])
+def test_separable_upsampling_equals_grid_sample(size, input_size):
+    # parity with the reference it replaced: grid_sample (bilinear, border padding) on a grid of the
+    # same map coordinates, normalised with align_corners=False; here with per-axis stride and offset
+    g = torch.Generator().manual_seed(0)
+    maps = torch.randn(2, 3, 5, 7, generator=g)
+    (H, W), (in_h, in_w) = size, input_size or size
+    stride, offset = (8.0, 6.0), (3.5, 2.0)
 
-    maps = torch.randn(2, 3, 5, 7)
-    ours = upsample_cams(maps, (37, 53), stride=8, offset=3.5)
-    theirs = maps_to_pixels(maps, (37, 53), stride=8, offset=3.5)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    def norm(n_out, n_in, s, o, n_map):
+        q = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
+        return ((2 * (q - o) / s + 1) / n_map - 1).float()
+
+    grid = torch.stack(torch.meshgrid(norm(W, in_w, stride[1], offset[1], 7), norm(H, in_h, stride[0], offset[0], 5),
+                                      indexing="xy"), -1)[None].expand(2, H, W, 2)
+    reference = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    ours = upsample_cams(maps, size, stride=stride, offset=offset, input_size=input_size)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_scale_one_without_flip_returns_the_models_own_maps_and_scores():

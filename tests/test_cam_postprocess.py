@@ -6,7 +6,7 @@ import torch
 
 import torch.nn.functional as F
 
-from wsl.cam.postprocess import (_dilate, _separable_max_pool, argmax_points, background_scores, cam_boxes,
+from wsl.cam.postprocess import (_window_max, argmax_points, background_scores, cam_boxes,
                                  combine_confident, local_maxima, mask_settings, pseudo_masks)
 
 
@@ -235,14 +235,22 @@ def test_pseudo_masks_without_classes_are_background():
 
 
 @pytest.mark.parametrize("d", [1, 3, 8])
-def test_window_max_paths_equal_the_full_max_pool(d):
-    # the CPU path (OpenCV dilation) and the other devices' path (two 1-D max-pools), both on the CPU here
+def test_window_max_equals_the_full_max_pool(d):
+    # OpenCV's dilation against torch's (2d+1)^2 max-pool with -inf padding
     g = torch.Generator().manual_seed(d)
     maps = torch.randn(3, 13, 20, generator=g)
     maps[0, :, 0] = float("-inf")  # every window still holds a finite value
     full = F.max_pool2d(maps[:, None], kernel_size=2 * d + 1, stride=1, padding=d)[:, 0]
-    assert torch.equal(_dilate(maps, d), full) and torch.equal(_separable_max_pool(maps, d), full)
+    assert torch.equal(torch.from_numpy(_window_max(maps.numpy(), d)), full)
     maps[0, :, :2 * d + 2] = float("-inf")  # windows of -inf only: OpenCV's border may read -FLT_MAX
-    assert (_dilate(maps, d)[0, :, 0] <= torch.finfo(torch.float32).min).all()
+    assert (_window_max(maps.numpy(), d)[0, :, 0] <= torch.finfo(torch.float32).min).all()
     (pts,) = local_maxima(maps[None], min_distance=d, rel_threshold=0.0)
     assert pts.points.numel() and (pts.points[pts.labels == 0, 0] >= 2 * d + 2).all()  # never a peak there
+
+
+def test_pseudo_masks_refuse_more_classes_than_uint8_labels_hold():
+    # label 255 is "ignore", so class 254 (label 255) cannot be written
+    cams, positive = torch.rand(1, 255, 2, 2), torch.ones(1, 255, dtype=torch.bool)
+    with pytest.raises(ValueError, match="at most 254 classes"):
+        pseudo_masks(cams, positive)
+    assert pseudo_masks(cams[:, :254], positive[:, :254]).max() <= 254

@@ -10,8 +10,8 @@ docs/design.md), so extraction needs no hooks and no gradients: one forward pass
 
 Geometry. Map cell ``(i, j)`` is centred on input pixel ``offset + stride * (i, j)`` (pixel indices).
 Upsampling samples every image pixel ``p`` at map coordinate ``(p - offset) / stride`` with bilinear
-interpolation (``grid_sample``), replicating the border cells outside the outermost centres. With a
-resized input (multi-scale) pixel ``p`` of the original image sits at ``(p + 0.5) * s - 0.5`` in the
+interpolation (separable: :func:`wsl.models.layers.geometry.resample_at`), replicating the border
+cells outside the outermost centres. With a resized input (multi-scale) pixel ``p`` of the original image sits at ``(p + 0.5) * s - 0.5`` in the
 resized one (``s`` = resized / original size, the ``align_corners=False`` convention of the resize).
 
 Aggregation (multi-scale and flip, as in e.g. Ahn et al., IRN, CVPR 2019): for each scale the images
@@ -29,6 +29,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from wsl.models.layers.geometry import resample_at
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +58,11 @@ def _pair(value: Union[Number, Sequence[Number]], name: str) -> Tuple[float, flo
     return vals  # type: ignore[return-value]
 
 
-def _axis_coords(out_len: int, in_len: int, map_len: int, stride: float, offset: float,
-                 device: torch.device) -> Tensor:
-    """Normalised ``grid_sample`` coordinates (align_corners=False) along one axis."""
+def _axis_cells(out_len: int, in_len: int, stride: float, offset: float, device: torch.device) -> Tensor:
+    """Fractional map cell index read by each of ``out_len`` pixels along one axis."""
     p = torch.arange(out_len, device=device, dtype=torch.float64)
     q = (p + 0.5) * (in_len / out_len) - 0.5  # pixel index in the (resized) network input
-    cell = (q - offset) / stride  # fractional map cell index
-    return ((2.0 * cell + 1.0) / map_len - 1.0).float()
+    return (q - offset) / stride
 
 
 def upsample_cams(maps: Tensor, image_size: Tuple[int, int], *, stride: Union[Number, Sequence[Number]],
@@ -81,42 +81,40 @@ def upsample_cams(maps: Tensor, image_size: Tuple[int, int], *, stride: Union[Nu
         raise ValueError(f"stride must be positive, got {stride!r}")
     H, W = int(image_size[0]), int(image_size[1])
     in_h, in_w = input_size if input_size is not None else (H, W)
-    n, _, h, w = maps.shape
-    gy = _axis_coords(H, in_h, h, sy, oy, maps.device)
-    gx = _axis_coords(W, in_w, w, sx, ox, maps.device)
-    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)  # (H, W, 2) as (x, y)
-    # All maps share one grid: as the channels of a single image, the sampling weights are computed once.
-    c = maps.shape[1]
-    return F.grid_sample(maps.float().reshape(1, n * c, h, w), grid[None], mode="bilinear", padding_mode="border",
-                         align_corners=False).view(n, c, H, W)
+    return resample_at(maps.float(), _axis_cells(H, in_h, sy, oy, maps.device),
+                       _axis_cells(W, in_w, sx, ox, maps.device))
 
 
-def normalize_cams(cams: Tensor, mode: str = "max", eps: float = 1e-12) -> Tensor:
+def normalize_cams(cams: Tensor, mode: str = "max", eps: float = 1e-12, *, inplace: bool = False) -> Tensor:
     """Normalise each ``(H, W)`` map of ``(..., H, W)`` independently.
 
     - ``none``: unchanged.
     - ``max`` (CAM): ``relu(M) / max(relu(M))``; an all-non-positive map becomes all zeros.
     - ``minmax`` (Choe et al., "Evaluating WSOL Right", CVPR 2020): ``(M - min) / (max - min)``;
       a flat map becomes all zeros.
+
+    ``inplace=True`` overwrites a contiguous float ``cams`` (no full-size allocation: at image
+    resolution the maps are the largest tensors of CAM extraction).
     """
     if mode not in NORMALIZATIONS:
         raise ValueError(f"unknown CAM normalisation {mode!r}; choose one of {', '.join(NORMALIZATIONS)}")
     if mode == "none":
         return cams
-    flat = cams.flatten(-2)
-    # One new tensor, then in-place steps: the values of where(ok, x / d, 0) in fewer passes.
+    if inplace and not (cams.is_contiguous() and cams.is_floating_point()):
+        raise ValueError("normalize_cams(inplace=True) needs a contiguous float tensor")
+    out = cams.flatten(-2) if inplace else cams.flatten(-2).clone()
+    # In place on out: the values of where(ok, x / d, 0) in three passes.
     if mode == "max":
-        out = flat.clamp_min(0)
-        peak = out.amax(-1, keepdim=True)
+        peak = out.amax(-1, keepdim=True)  # when positive, also the max of relu(M)
         ok = peak > eps
-        out.div_(peak.clamp_min(eps))
+        out.clamp_min_(0).div_(peak.clamp_min(eps))
     else:
-        lo, hi = flat.aminmax(dim=-1, keepdim=True)
+        lo, hi = out.amin(-1, keepdim=True), out.amax(-1, keepdim=True)
         rng = hi - lo
         ok = rng > eps
-        out = (flat - lo).div_(rng.clamp_min(eps))
-    rows = out.view(-1, out.shape[-1])
-    rows[~ok.view(-1)] = 0.0  # only the maps without signal (a masked_fill_ over every pixel is slower)
+        out.sub_(lo).div_(rng.clamp_min(eps))
+    # Zero only the maps without signal, by row index (a boolean row mask costs a pass over every pixel).
+    out.view(-1, out.shape[-1]).index_fill_(0, torch.nonzero(~ok.view(-1)).flatten(), 0.0)
     return out.view_as(cams)
 
 
@@ -199,10 +197,9 @@ class CAMExtractor:
                 if self.flip:
                     up = up[:n] + up[n:].flip(-1)
                     scores = scores[:n] + scores[n:]
-                # In place: the maps are the largest tensors here. "+ 0.0" keeps the sums exactly
-                # those of 0 + up + ... (it turns -0.0 into 0.0).
-                total_maps = up.add_(0.0) if total_maps is None else total_maps.add_(up)
-                total_scores = scores + 0.0 if total_scores is None else total_scores.add_(scores)
+                # In place: the maps are the largest tensors here (the first pass's are fresh tensors).
+                total_maps = up if total_maps is None else total_maps.add_(up)
+                total_scores = scores.clone() if total_scores is None else total_scores.add_(scores)
                 count += 2 if self.flip else 1
             if count > 1:  # x / 1 == x: a single pass needs no division
                 total_maps.div_(count)
@@ -212,7 +209,8 @@ class CAMExtractor:
     def __call__(self, images: Tensor) -> CAMOutput:
         out = self.raw(images)
         with torch.inference_mode():
-            return CAMOutput(cams=normalize_cams(out.cams, self.normalize), scores=out.scores)
+            # out.cams is this call's own fresh tensor: normalise it in place
+            return CAMOutput(cams=normalize_cams(out.cams, self.normalize, inplace=True), scores=out.scores)
 
 
 def select_classes(labels: Optional[Tensor] = None, scores: Optional[Tensor] = None, *,

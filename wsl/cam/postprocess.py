@@ -1,8 +1,10 @@
 """From CAMs to localization: points, boxes and pseudo-masks.
 
 All functions take a batch of maps ``cams`` ``(N, C, H, W)`` at image resolution (see
-:mod:`wsl.cam.extract`) and are vectorised over it; only OpenCV's C code (connected components, and
-the windowed max on the CPU) runs per map, and only on the selected maps. Conventions (docs/design.md): points are integer pixel indices ``(x, y)``; boxes are
+:mod:`wsl.cam.extract`) and are vectorised over it; only OpenCV's C code (connected components, the
+windowed max) runs per map, and only on the selected maps. Points and boxes are computed in numpy and
+OpenCV on the CPU (only the selected maps leave a GPU) and returned as CPU tensors; pseudo-masks stay
+on the maps' device. Conventions (docs/design.md): points are integer pixel indices ``(x, y)``; boxes are
 float32 ``xyxy`` in continuous pixel-edge coordinates, x2/y2 exclusive; masks are uint8 with ``0``
 background, ``c + 1`` for class ``c`` and ``255`` ignore.
 
@@ -57,13 +59,6 @@ def _check_cams(cams: Tensor) -> Tensor:
     return cams.float()
 
 
-def _informative(cams: Tensor, eps: float = 1e-12) -> Tuple[Tensor, Tensor]:
-    """Per-map max ``(N, C)`` and whether the map has contrast and a positive peak."""
-    flat = cams.flatten(2)
-    lo, hi = flat.amin(-1), flat.amax(-1)  # aminmax(dim=-1) is some 20x slower on the CPU
-    return hi, (hi > eps) & (hi - lo > eps * hi.abs().clamp_min(1.0))
-
-
 def _selection(select: Optional[Tensor], n: int, c: int, device: torch.device) -> Tensor:
     if select is None:
         return torch.ones(n, c, dtype=torch.bool, device=device)
@@ -73,32 +68,42 @@ def _selection(select: Optional[Tensor], n: int, c: int, device: torch.device) -
     return select
 
 
-def _window_max(maps: Tensor, d: int) -> Tensor:
-    """The max over the ``(2d+1)^2`` window around every pixel of ``(K, H, W)`` maps (outside the map
-    counts as ``-inf``), i.e. ``max_pool2d(kernel_size=2d+1, stride=1, padding=d)``.
+def _selected_maps(cams: Tensor, select: Optional[Tensor], eps: float = 1e-12
+                   ) -> Tuple[List[int], List[int], np.ndarray, np.ndarray]:
+    """The selected maps that carry localization (a positive peak and some contrast), for the
+    per-pixel work in numpy and OpenCV: image and class indices (lists of K), float32 maps
+    ``(K, H, W)`` and their maxima ``(K,)`` as numpy arrays. Only these maps leave a GPU."""
+    n, c, h, w = cams.shape
+    idx = torch.nonzero(_selection(select, n, c, cams.device).flatten()).flatten()
+    if cams.device.type == "cpu":  # numpy's row gather is several times faster than index_select
+        maps = cams.detach().numpy().reshape(n * c, h, w)[idx.numpy()]
+    else:
+        maps = cams.detach().flatten(0, 1).index_select(0, idx).cpu().numpy()
+    flat = maps.reshape(len(maps), h * w)
+    if flat.size:
+        hi, lo = flat.max(1), flat.min(1)
+        with np.errstate(invalid="ignore"):  # inf - inf: a map without finite contrast is dropped
+            keep = (hi > eps) & (hi - lo > eps * np.maximum(np.abs(hi), 1.0))
+    else:  # no map, or empty maps: nothing to localize
+        hi, keep = np.zeros(len(maps), np.float32), np.zeros(len(maps), bool)
+    idx = idx.cpu().numpy()[keep]
+    return (idx // c).tolist(), (idx % c).tolist(), maps[keep], hi[keep]
 
-    On the CPU this is OpenCV's dilation with a rectangular kernel (separable and vectorised; some
-    50x faster than ``max_pool2d`` with the default 17x17 window); elsewhere a ``(1, 2d+1)`` max-pool
-    followed by a ``(2d+1, 1)`` one, the same values in O(d) rather than O(d^2) comparisons per pixel.
-    Both give exactly the full window's values on maps without NaN (the only maps it is used on),
-    except that with OpenCV's default border a window of nothing but ``-inf`` may read ``-FLT_MAX``
-    (asking for a ``-inf`` border costs a padded copy): such a pixel is never a peak either way.
+
+def _window_max(maps: np.ndarray, d: int) -> np.ndarray:
+    """The max over the ``(2d+1)^2`` window around every pixel of float32 ``(K, H, W)`` maps (outside
+    the map counts as ``-inf``), i.e. ``max_pool2d(kernel_size=2d+1, stride=1, padding=d)``, by OpenCV's
+    dilation with a rectangular kernel (separable and vectorised; some 50x faster than ``max_pool2d``
+    with the default 17x17 window). Exactly the full window's values on maps without NaN (the only
+    maps it is used on), except that with OpenCV's default border a window of nothing but ``-inf`` may
+    read ``-FLT_MAX`` (asking for a ``-inf`` border costs a padded copy): such a pixel is never a peak
+    either way.
     """
-    return _dilate(maps, d) if maps.device.type == "cpu" else _separable_max_pool(maps, d)
-
-
-def _dilate(maps: Tensor, d: int) -> Tensor:
     kernel = np.ones((2 * d + 1, 2 * d + 1), dtype=np.uint8)
-    src = np.ascontiguousarray(maps.detach().cpu().numpy(), dtype=np.float32)
-    out = np.empty_like(src)
-    for m, o in zip(src, out):
+    out = np.empty_like(maps)
+    for m, o in zip(maps, out):
         cv2.dilate(m, kernel, dst=o)  # the default border never wins a max, as -inf padding
-    return torch.from_numpy(out).to(maps.device)
-
-
-def _separable_max_pool(maps: Tensor, d: int) -> Tensor:
-    pooled = F.max_pool2d(maps[:, None], kernel_size=(1, 2 * d + 1), stride=1, padding=(0, d))
-    return F.max_pool2d(pooled, kernel_size=(2 * d + 1, 1), stride=1, padding=(d, 0))[:, 0]
+    return out
 
 
 def argmax_points(cams: Tensor) -> Tuple[Tensor, Tensor]:
@@ -136,21 +141,23 @@ def local_maxima(cams: Tensor, *, min_distance: int = 8, rel_threshold: float = 
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     d = int(min_distance)
-    n, c, h, w = cams.shape
+    n, c = cams.shape[:2]
     # Only the selected, informative maps are searched: on VGG16 inputs most of the N*C maps are
-    # not selected, and the windowed max below is the costly step.
-    mi, mc = torch.nonzero(_selection(select, n, c, cams.device), as_tuple=True)
-    maps = cams[mi, mc]
-    hi, ok = _informative(maps[:, None])
-    ok = ok[:, 0]
-    mi, mc, hi, maps = mi[ok], mc[ok], hi[ok, 0], maps[ok]  # (K, H, W): the selected maps with a peak
-    # "> 0 and >= rel * max" as one comparison: ">= the smallest positive float" is "> 0"
-    zero = torch.zeros((), device=maps.device)
-    low = torch.clamp_min(rel_threshold * hi, torch.nextafter(zero, zero + 1))
-    cand = (maps == _window_max(maps, d)) & (maps >= low[:, None, None])
-    ki, yi, xi = torch.nonzero(cand, as_tuple=True)
-    ni, ci = mi[ki], mc[ki]
-    scores = maps[ki, yi, xi]
+    # not selected, and the windowed max below is the costly step. The per-pixel work runs in OpenCV
+    # and numpy on the CPU (several times faster than torch's CPU kernels for comparisons and nonzero;
+    # on a GPU only these K maps are copied); the peaks come back as CPU tensors.
+    mi, mc, src, hi = _selected_maps(cams, select)
+    # A pixel is a candidate when it is the max of its window (it is never above it, so "==" is ">="),
+    # positive and >= rel * max of its map: one comparison against max(window, low), with "> 0"
+    # written as ">= the smallest positive float".
+    low = np.maximum(np.float32(rel_threshold) * hi, np.nextafter(np.float32(0), np.float32(1)))
+    win = _window_max(src, d)
+    np.maximum(win, low[:, None, None], out=win)
+    h, w = src.shape[-2:]
+    flat = torch.from_numpy(np.flatnonzero(src >= win))
+    scores = torch.from_numpy(src.reshape(-1)[flat.numpy()])
+    ki, yi, xi = flat // (h * w), flat % (h * w) // w, flat % w
+    ni, ci = torch.tensor(mi, dtype=torch.int64)[ki], torch.tensor(mc, dtype=torch.int64)[ki]
     group = ni * c + ci
     xy = torch.stack([xi, yi], dim=-1)
     squares = torch.cat([xy, xy + d + 1], dim=-1).float()
@@ -181,19 +188,22 @@ def cam_boxes(cams: Tensor, *, tau: float = 0.5, mode: str = "largest", select: 
         raise ValueError(f"tau must be in (0, 1], got {tau}")
     if mode not in BOX_MODES:
         raise ValueError(f"unknown box mode {mode!r}; choose one of {', '.join(BOX_MODES)}")
-    n, c, _, _ = cams.shape
-    mi, mc = torch.nonzero(_selection(select, n, c, cams.device), as_tuple=True)
-    maps = cams[mi, mc]  # (K, H, W): only the selected maps are thresholded and copied to the CPU
-    hi, ok = _informative(maps[:, None])
-    binary = (maps >= tau * hi[:, :, None]).cpu().numpy().astype(np.uint8)
-    maps_np = maps.detach().cpu().numpy()
+    n = cams.shape[0]
+    # Only the selected maps with a peak are thresholded, in numpy on the CPU (OpenCV needs them there).
+    mi, mc, maps_np, hi = _selected_maps(cams, select)
+    thresholds = np.float32(tau) * hi
+    binary = (maps_np >= thresholds[:, None, None]).view(np.uint8)
+    h, w = maps_np.shape[-2:]
+    # 16-bit labels are some 2.5x faster to compute; 8-connected components are at least one pixel
+    # apart, so a map has at most ceil(h/2) * ceil(w/2) of them (+1 for the background).
+    ltype = cv2.CV_16U if ((h + 1) // 2) * ((w + 1) // 2) < 65535 else cv2.CV_32S
     found: List[List[Tuple[np.ndarray, int, np.ndarray]]] = [[] for _ in range(n)]
-    for j in np.flatnonzero(ok[:, 0].cpu().numpy()).tolist():
+    for j, (image, cls) in enumerate(zip(mi, mc)):
         if mode == "all":
-            count, comp, stats, _ = cv2.connectedComponentsWithStats(binary[j], connectivity=8)
+            count, comp, stats, _ = cv2.connectedComponentsWithStats(binary[j], connectivity=8, ltype=cv2.CV_32S)
             area = stats[:, cv2.CC_STAT_AREA]
-        else:  # labels alone are some 8x faster than with stats; the one box is measured below
-            count, comp = cv2.connectedComponents(binary[j], connectivity=8)
+        else:  # labels alone are some 4x faster than with stats; the one box is measured below
+            count, comp = cv2.connectedComponents(binary[j], connectivity=8, ltype=ltype)
             area = np.bincount(comp.ravel(), minlength=count)
         ids = np.arange(1, count)  # 0 is the background component
         ids = ids[area[ids] >= min_area]
@@ -214,7 +224,7 @@ def cam_boxes(cams: Tensor, *, tau: float = 0.5, mode: str = "largest", select: 
             st = stats[ids].astype(np.float32)
             x, y = st[:, cv2.CC_STAT_LEFT], st[:, cv2.CC_STAT_TOP]
             box = np.stack([x, y, x + st[:, cv2.CC_STAT_WIDTH], y + st[:, cv2.CC_STAT_HEIGHT]], 1)
-        found[int(mi[j])].append((box, int(mc[j]), peaks))
+        found[image].append((box, cls, peaks))
     return [Boxes(boxes=torch.from_numpy(np.concatenate([f[0] for f in image]) if image else np.zeros((0, 4), np.float32)),
                   labels=torch.tensor([k for f in image for k in [f[1]] * len(f[0])], dtype=torch.int64),
                   scores=torch.from_numpy(np.concatenate([f[2] for f in image]) if image else np.zeros(0, np.float32)))
@@ -263,16 +273,19 @@ def background_scores(cams: Tensor, positive: Tensor, *, method: str, value: flo
 
 
 def _best_positive(cams: Tensor, positive: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per pixel, the best positive class's CAM clamped to [0, 1] and its class index (the lowest on
-    ties; a NaN CAM is the maximum, as in ``torch.max``): ``(N, H, W)`` values, ``-inf`` where the
-    image has no positive class, and int64 indices."""
+    """Per pixel, the best positive class's CAM clamped to [0, 1] and its mask label ``c + 1`` (the
+    lowest class on ties; a NaN CAM is the maximum, as in ``torch.max``): ``(N, H, W)`` values,
+    ``-inf`` where the image has no positive class, and uint8 labels (broadcast views allowed)."""
     pos = torch.as_tensor(positive, device=cams.device).bool()
     if pos.shape != cams.shape[:2]:
         raise ValueError(f"positive must be a bool (N, C) mask matching cams {tuple(cams.shape[:2])}, "
                          f"got {tuple(pos.shape)}")
     n, c, h, w = cams.shape
+    if c > IGNORE_INDEX - 1:
+        raise ValueError(f"uint8 pseudo-masks hold at most {IGNORE_INDEX - 1} classes (label {IGNORE_INDEX} is "
+                         f"'ignore'), got {c} class maps")
     if c == 0:
-        return cams.new_full((n, h, w), float("-inf")), torch.zeros(n, h, w, dtype=torch.int64, device=cams.device)
+        return cams.new_full((n, h, w), float("-inf")), torch.zeros(n, h, w, dtype=torch.uint8, device=cams.device)
     # Gather each image's positive maps only (a few of the C), in class order, padded with copies of
     # its last one: a copy comes after the original, so the first maximum is still the lowest class.
     count = pos.sum(1)
@@ -280,10 +293,21 @@ def _best_positive(cams: Tensor, positive: Tensor) -> Tuple[Tensor, Tensor]:
     idx = torch.argsort((~pos).to(torch.uint8), dim=1, stable=True)[:, :k]  # positives first, ascending
     last = idx.gather(1, (count - 1).clamp_min(0)[:, None])
     idx = torch.where(torch.arange(k, device=cams.device) < count[:, None], idx, last)
-    maps = cams[torch.arange(n, device=cams.device)[:, None], idx].clamp_(0.0, 1.0)  # (N, K, H, W) copy
-    best, j = maps.max(dim=1)
-    best.masked_fill_((count == 0)[:, None, None], float("-inf"))
-    return best, idx.gather(1, j.flatten(1)).view(n, h, w)
+    rows = (torch.arange(n, device=cams.device)[:, None] * c + idx).flatten()
+    maps = cams.flatten(0, 1).index_select(0, rows).view(n, k, h, w).clamp_(0.0, 1.0)  # (N, K, H, W) copy
+    # torch.max(dim=1) on the CPU is slow for a short dim (and data-dependent); amax is not. The class is
+    # then the first k whose map equals the max: going down from the last, the lowest k is written last.
+    best = maps.amax(dim=1)
+    labels = (idx + 1).to(torch.uint8)[..., None, None]  # (N, K, 1, 1) mask labels
+    label = labels[:, k - 1].expand(n, h, w)
+    for j in range(k - 2, -1, -1):
+        label = torch.where(maps[:, j] == best, labels[:, j], label)
+    if best.sum().isnan():  # a NaN CAM is the maximum (amax propagates it): the first NaN class wins
+        nan = best.isnan()  # (the maps are clamped to [0, 1], so only a NaN makes the sum NaN)
+        for j in range(k - 1, -1, -1):
+            label = torch.where(nan & maps[:, j].isnan(), labels[:, j], label)
+    best.index_fill_(0, torch.nonzero(count == 0).flatten(), float("-inf"))  # only those images' pixels
+    return best, label
 
 
 def _foreground_wins(best: Tensor, method: str, value: float) -> Tensor:
@@ -325,8 +349,8 @@ def pseudo_masks(cams: Tensor, positive: Tensor, *, method: str = "threshold", f
     # One masked max serves both settings (the best positive class does not depend on the
     # background); combine_confident's rule then reads: strict foreground -> its class, permissive
     # foreground only -> 255, else 0.
-    best, arg = _best_positive(cams, positive)
+    best, label = _best_positive(cams, positive)
     strict = _foreground_wins(best, method, fg)
     permissive = strict if fg == bg else _foreground_wins(best, method, bg)
     ignore = permissive.to(torch.uint8).mul_(IGNORE_INDEX)  # 255 where the permissive setting sees an object
-    return torch.where(strict, arg.to(torch.uint8).add_(1), ignore)
+    return torch.where(strict, label, ignore)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Iterable, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 _GEOMETRIC = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
@@ -43,6 +42,40 @@ def conv_geometry(modules: Iterable[nn.Module], stride: int = 1, offset: float =
     return stride, offset
 
 
+def interpolation_matrix(cells: torch.Tensor, n_in: int) -> torch.Tensor:
+    """Bilinear weights ``(n_out, n_in)``, float64: row ``p`` reads the source at fractional cell
+    coordinate ``cells[p]``, clamped to ``[0, n_in - 1]`` (beyond the first/last cell centre the border
+    value is held, as ``grid_sample(padding_mode="border")``)."""
+    c = cells.to(torch.float64).clamp(0, n_in - 1)
+    lo = c.floor()
+    frac = c - lo
+    lo = lo.long()
+    hi = (lo + 1).clamp_max(n_in - 1)
+    m = torch.zeros(c.numel(), n_in, dtype=torch.float64, device=cells.device)
+    m.scatter_add_(1, lo[:, None], (1.0 - frac)[:, None])
+    return m.scatter_add_(1, hi[:, None], frac[:, None])
+
+
+def resample_at(maps: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Bilinear resampling of ``(N, C, h, w)`` maps at fractional cell coordinates: output ``(y, x)``
+    reads source cell ``(rows[y], cols[x])``, border values held beyond the outermost cells.
+
+    Bilinear interpolation is separable, so this is two small matrix products,
+    ``R @ maps @ C^T`` with the weight matrices of :func:`interpolation_matrix`: some 5x faster than
+    ``grid_sample`` on the CPU for CAM-sized maps, and equal to it up to float rounding. Runs in the
+    maps' floating dtype (float32 for integer maps) with autocast off, as ``grid_sample`` would. A
+    NaN cell spreads along its output row and column, not only to its neighbours.
+    """
+    if maps.dim() != 4:
+        raise ValueError(f"maps must have shape (N, C, h, w), got {tuple(maps.shape)}")
+    dtype = maps.dtype if maps.is_floating_point() else torch.float32
+    h, w = maps.shape[-2:]
+    r = interpolation_matrix(rows, h).to(dtype)
+    c = interpolation_matrix(cols, w).to(dtype)
+    with torch.autocast(maps.device.type, enabled=False):
+        return torch.matmul(r, torch.matmul(maps.to(dtype), c.T))
+
+
 def resample_maps(maps: torch.Tensor, size: Sequence[int], *, stride: float, offset: float,
                   out_stride: float = 1, out_offset: float = 0.0) -> torch.Tensor:
     """Bilinearly resample maps ``(N, C, h, w)`` (cells at ``offset + stride * i`` input pixels) onto a
@@ -55,20 +88,12 @@ def resample_maps(maps: torch.Tensor, size: Sequence[int], *, stride: float, off
     """
     if maps.dim() != 4:
         raise ValueError(f"maps must have shape (N, C, h, w), got {tuple(maps.shape)}")
-    H, W = int(size[0]), int(size[1])
-    h, w = maps.shape[-2:]
-    dtype = maps.dtype if maps.is_floating_point() else torch.float32
 
-    def axis(n_out: int, n_in: int) -> torch.Tensor:
+    def cells(n_out: int) -> torch.Tensor:
         pixels = out_offset + out_stride * torch.arange(n_out, device=maps.device, dtype=torch.float64)
-        cells = (pixels - offset) / stride
-        # grid_sample with align_corners=True maps -1/+1 to the centres of the first/last cell.
-        return (2.0 * cells / max(n_in - 1, 1) - 1.0).to(dtype)
+        return (pixels - offset) / stride
 
-    gy, gx = axis(H, h), axis(W, w)
-    grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)  # (H, W, 2) as (x, y)
-    grid = grid.unsqueeze(0).expand(maps.shape[0], H, W, 2)
-    return F.grid_sample(maps.to(dtype), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return resample_at(maps, cells(int(size[0])), cells(int(size[1])))
 
 
 def maps_to_pixels(maps: torch.Tensor, size: Sequence[int], *, stride: float, offset: float) -> torch.Tensor:
