@@ -7,7 +7,8 @@ its own child process, so its peak RSS is its own (freed memory often stays in t
 
 1. CAM export cost: one batch through ``CAMExtractor`` + argmax points, local maxima, boxes and
    pseudo-masks (what ``wsl cam`` does per batch, ``ExportOptions`` defaults) / a plain forward pass
-   of the same model on the same batch. Target <= 1.10.
+   of the same model on the same batch. Target <= 1.10. The batch is channels-last, as
+   ``CAMExtractor`` feeds it by default, for the forward pass and the rivals too.
 2. Post-hoc rivals on the same VGG16 and batch, maps of every positive class of every image /
    our whole CAM pipeline. Target >= 2. (pytorch-grad-cam and torchcam are optional.)
 3. A ``wsl train`` step (``Trainer._step``: device move, autocast, NaN guard, scaler, scheduler) and a
@@ -224,9 +225,9 @@ class InMemory(Dataset):
 
 
 # ------------------------------------------------------------------------------------ CAM pipelines
-def cam_pipeline(model: torch.nn.Module, opt: ExportOptions = ExportOptions()) -> Callable:
+def cam_pipeline(model: torch.nn.Module, opt: ExportOptions = ExportOptions(), channels_last: bool = True) -> Callable:
     """The per-batch work of ``wsl cam`` (wsl.cam.export._Writer.batch) minus file writing."""
-    extractor = CAMExtractor(model, scales=opt.scales, flip=opt.flip)
+    extractor = CAMExtractor(model, scales=opt.scales, flip=opt.flip, channels_last=channels_last)
 
     def run(images: torch.Tensor, positive: torch.Tensor) -> Any:
         cams = extractor(images).cams
@@ -308,17 +309,27 @@ def rival_methods(model: torch.nn.Module, images: torch.Tensor, rounds: List[Lis
 # -------------------------------------------------------------------------------------------- phases
 def phase_cam(s: Settings, device: torch.device, amp: Optional[torch.dtype] = None) -> Dict[str, Any]:
     rows, info, cpu = [], {}, device.type == "cpu"
-    for key, spec in (("vgg16", s.vgg16 if cpu else s.cuda), ("tiny", s.tiny)):
+    # 1c: the demo model without channels_last, the layout CAMExtractor used before it became the default
+    for key, spec, cl in (("vgg16", s.vgg16 if cpu else s.cuda, True), ("tiny", s.tiny, True),
+                          ("tiny_nchw", s.tiny, False)):
         model = build_model(spec, device).eval()
         batch = scene_batch(spec, device)
-        x, positive = batch["image"], batch["labels"] > 0.5
-        pipeline, forward = cam_pipeline(model), forward_only(model)
+        x = batch["image"].contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        positive = batch["labels"] > 0.5
+        pipeline, forward = cam_pipeline(model, channels_last=cl), forward_only(model)
         repeats = s.heavy_repeats if spec.backbone == "vgg16" else s.repeats
         with torch.inference_mode():
             map_size = list(model.class_maps(x[:1]).shape[-2:])
         with autocast(device, amp):
             t = interleaved({"forward": lambda: forward(x), "cam": lambda: pipeline(x, positive)},
                             repeats=repeats, warmup=s.warmup, device=device)
+            if not cl:
+                rows.append(row("1c", f"CAM export / forward, {spec.label}, batch {spec.batch}, NCHW (channels_last "
+                                "off)", "CAM + points + boxes + pseudo-masks", stats(t["cam"], cpu=cpu),
+                                "plain forward", stats(t["forward"], cpu=cpu), "<=", 1.10,
+                                note="same post-processing after a slower forward pass"))
+                del model
+                continue
             # Where the extra time goes: each step on the same maps (upsampling on the model's maps).
             cams = CAMExtractor(model)(x).cams
             with torch.inference_mode():
@@ -354,7 +365,7 @@ def phase_rivals(s: Settings, device: torch.device, amp: Optional[torch.dtype] =
     spec = s.vgg16 if device.type == "cpu" else s.cuda
     model = build_model(spec, device).eval()
     batch = scene_batch(spec, device)
-    x, positive = batch["image"], batch["labels"] > 0.5
+    x, positive = batch["image"].contiguous(memory_format=torch.channels_last), batch["labels"] > 0.5
     rounds = positive_rounds(batch["labels"])
     rivals = rival_methods(model, x, rounds)
     pipeline, extractor = cam_pipeline(model), CAMExtractor(model)

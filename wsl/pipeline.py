@@ -260,10 +260,11 @@ def demo_config(quick: bool = False) -> PipelineConfig:
     """The settings of ``wsl demo`` (also in ``experiments/configs/pipeline_demo.json``).
 
     The demo must finish within 10 minutes on 2 CPU cores: the trainers' CPU defaults (same models,
-    sizes and optimisers) with fewer epochs, CAMs at one scale, pseudo-masks refined by the dense CRF
-    (about 0.07 s per 128 px image; it lifts val pseudo-mask mIoU from 41.1 to 86.7 with the demo's
-    maps, ``experiments/results/segmenter.md``), the segmenter's backbone started from the classifier, and
-    segmenter inference at three scales with flip and the dense CRF.
+    sizes and optimisers) with the demo's epoch counts (``DEMO_CLASSIFIER_EPOCHS``,
+    ``DEMO_SEGMENTER_EPOCHS``), CAMs at one scale, pseudo-masks refined by the dense CRF (it lifts val
+    pseudo-mask mIoU from 41.1 to 86.7 with the demo's maps, ``experiments/results/segmenter.md``), the
+    segmenter's backbone started from the classifier, and segmenter inference at three scales with flip
+    and the dense CRF. Measured stage times: ``experiments/results/README.md``.
     ``quick`` shrinks everything (48 train / 16 val images of 64 px, one or two epochs): a smoke test
     that runs every stage in seconds.
     """

@@ -21,6 +21,7 @@ applied to the average.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsl.models.layers.geometry import resample_at
+from wsl.models.layers.geometry import interpolation_matrix, resample_separable
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +59,16 @@ def _pair(value: Union[Number, Sequence[Number]], name: str) -> Tuple[float, flo
     return vals  # type: ignore[return-value]
 
 
-def _axis_cells(out_len: int, in_len: int, stride: float, offset: float, device: torch.device) -> Tensor:
-    """Fractional map cell index read by each of ``out_len`` pixels along one axis."""
-    p = torch.arange(out_len, device=device, dtype=torch.float64)
-    q = (p + 0.5) * (in_len / out_len) - 0.5  # pixel index in the (resized) network input
-    return (q - offset) / stride
+@functools.lru_cache(maxsize=64)
+def _axis_weights(out_len: int, in_len: int, map_len: int, stride: float, offset: float,
+                  device: torch.device) -> Tensor:
+    """Bilinear weights ``(out_len, map_len)`` along one axis (cached: a dataset has few sizes, and
+    building them costs a fifth of upsampling the demo's maps). Plain tensors, even when first asked
+    for under inference mode, so a cached one can take part in autograd later."""
+    with torch.inference_mode(False):
+        p = torch.arange(out_len, device=device, dtype=torch.float64)
+        q = (p + 0.5) * (in_len / out_len) - 0.5  # pixel index in the (resized) network input
+        return interpolation_matrix((q - offset) / stride, map_len).float()
 
 
 def upsample_cams(maps: Tensor, image_size: Tuple[int, int], *, stride: Union[Number, Sequence[Number]],
@@ -81,8 +87,9 @@ def upsample_cams(maps: Tensor, image_size: Tuple[int, int], *, stride: Union[Nu
         raise ValueError(f"stride must be positive, got {stride!r}")
     H, W = int(image_size[0]), int(image_size[1])
     in_h, in_w = input_size if input_size is not None else (H, W)
-    return resample_at(maps.float(), _axis_cells(H, in_h, sy, oy, maps.device),
-                       _axis_cells(W, in_w, sx, ox, maps.device))
+    h, w = maps.shape[-2:]
+    return resample_separable(maps.float(), _axis_weights(H, int(in_h), h, sy, oy, maps.device),
+                              _axis_weights(W, int(in_w), w, sx, ox, maps.device))
 
 
 def normalize_cams(cams: Tensor, mode: str = "max", eps: float = 1e-12, *, inplace: bool = False) -> Tensor:
@@ -141,10 +148,15 @@ class CAMExtractor:
     are computed once), else from ``model(x)``. The model's train/eval mode is left as it is; put it in
     eval mode first (a warning is logged otherwise). Runs under ``torch.inference_mode``: the outputs
     are inference tensors on the model's device. No hooks are registered.
+
+    ``channels_last`` feeds the network channels-last (NHWC) inputs, as training does by default
+    (``RunConfig.channels_last``): the same maps up to float rounding, and on this project's 2-core
+    CPU the demo model's forward pass takes about 0.65x the time (VGG16: no change);
+    experiments/results/speed.md.
     """
 
     def __init__(self, model: nn.Module, *, scales: Sequence[float] = (1.0,), flip: bool = False,
-                 normalize: str = "max") -> None:
+                 normalize: str = "max", channels_last: bool = True) -> None:
         for attr in ("class_maps", "stride", "offset"):
             if not hasattr(model, attr):
                 raise ValueError(f"model {type(model).__name__} has no {attr!r}; CAMExtractor needs a "
@@ -159,6 +171,7 @@ class CAMExtractor:
         self.scales = scales
         self.flip = bool(flip)
         self.normalize = normalize
+        self.channels_last = bool(channels_last)
 
     def _scores(self, maps: Tensor, x: Tensor) -> Tensor:
         pooling = getattr(self.model, "pooling", None)
@@ -190,6 +203,8 @@ class CAMExtractor:
                     images, size=size, mode="bilinear", align_corners=False, antialias=s < 1)
                 if self.flip:
                     x = torch.cat([x, x.flip(-1)])
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 maps = self.model.class_maps(x)
                 scores = self._scores(maps, x).float()
                 up = upsample_cams(maps, (H, W), stride=self.model.stride, offset=self.model.offset,

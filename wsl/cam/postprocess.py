@@ -352,5 +352,6 @@ def pseudo_masks(cams: Tensor, positive: Tensor, *, method: str = "threshold", f
     best, label = _best_positive(cams, positive)
     strict = _foreground_wins(best, method, fg)
     permissive = strict if fg == bg else _foreground_wins(best, method, bg)
-    ignore = permissive.to(torch.uint8).mul_(IGNORE_INDEX)  # 255 where the permissive setting sees an object
+    # IGNORE_INDEX (255) where the permissive setting sees an object: bools as bytes 0/1, negated mod 256
+    ignore = permissive.view(torch.uint8).neg()
     return torch.where(strict, label, ignore)

@@ -78,10 +78,12 @@ class SegModelConfig:
 class SegTrainConfig(ConfigFile):
     """One segmenter training run, written to ``config.json`` in the run directory.
 
-    The defaults are the CPU demo on generated scenes: DeepLab-LargeFOV on the narrow VGG from scratch,
-    128 px crops, AdamW at 1e-3 with the poly schedule for 10 epochs, about 2 minutes on 2 idle CPU
-    cores (AdamW because from scratch it leaves the all-background solution sooner than SGD at lr 0.02
-    or 0.05, measured on the scenes' ground truth). The paper setup is
+    The defaults are a CPU run on generated scenes: DeepLab-LargeFOV on the narrow VGG from scratch,
+    128 px crops, AdamW at 1e-3 with the poly schedule for 10 epochs (the pipeline's demo overrides
+    some of these: wsl.pipeline.demo_config; its measured stage times are in
+    experiments/results/README.md). AdamW because from scratch it left the all-background solution
+    sooner than SGD at lr 0.02 or 0.05 in a one-off check on the scenes' ground truth that no results
+    file records. The paper setup is
     ``name="deeplab_largefov", backbone="vgg16", backbone_weights="IMAGENET1K_V1"``, SGD lr 1e-3
     (head x10), batch 20-30, 321 px crops, poly over ~6k iterations.
     """

@@ -61,19 +61,27 @@ def resample_at(maps: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> t
     reads source cell ``(rows[y], cols[x])``, border values held beyond the outermost cells.
 
     Bilinear interpolation is separable, so this is two small matrix products,
-    ``R @ maps @ C^T`` with the weight matrices of :func:`interpolation_matrix`: some 5x faster than
-    ``grid_sample`` on the CPU for CAM-sized maps, and equal to it up to float rounding. Runs in the
-    maps' floating dtype (float32 for integer maps) with autocast off, as ``grid_sample`` would. A
-    NaN cell spreads along its output row and column, not only to its neighbours.
+    ``R @ maps @ C^T`` with the weight matrices of :func:`interpolation_matrix`
+    (:func:`resample_separable`): some 3x faster than ``grid_sample`` on the CPU for CAM-sized maps,
+    and equal to it up to float rounding. A NaN cell spreads along its output row and column, not
+    only to its neighbours.
     """
     if maps.dim() != 4:
         raise ValueError(f"maps must have shape (N, C, h, w), got {tuple(maps.shape)}")
-    dtype = maps.dtype if maps.is_floating_point() else torch.float32
     h, w = maps.shape[-2:]
-    r = interpolation_matrix(rows, h).to(dtype)
-    c = interpolation_matrix(cols, w).to(dtype)
+    return resample_separable(maps, interpolation_matrix(rows, h), interpolation_matrix(cols, w))
+
+
+def resample_separable(maps: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``rows @ maps @ cols^T`` for ``(N, C, h, w)`` maps and weight matrices ``rows`` ``(H, h)``,
+    ``cols`` ``(W, w)``: ``(N, C, H, W)``. Runs in the maps' floating dtype (float32 for integer
+    maps) with autocast off, as ``grid_sample`` would."""
+    dtype = maps.dtype if maps.is_floating_point() else torch.float32
+    n, c, h, w = maps.shape
     with torch.autocast(maps.device.type, enabled=False):
-        return torch.matmul(r, torch.matmul(maps.to(dtype), c.T))
+        # One GEMM along the columns on the flattened maps, then a batched one along the rows.
+        t = torch.matmul(maps.to(dtype).reshape(n * c * h, w), cols.to(dtype).T).view(n, c, h, -1)
+        return torch.matmul(rows.to(dtype), t)
 
 
 def resample_maps(maps: torch.Tensor, size: Sequence[int], *, stride: float, offset: float,
