@@ -21,7 +21,7 @@ from typing import List, Optional
 from wsl.data.synth import SynthConfig, generate_scenes
 from wsl.pipeline import demo_config
 from wsl.train.classifier import train_classifier
-from wsl.train.engine import with_overrides
+from wsl.train.config import with_overrides
 from wsl.utils.io import atomic_write_json, atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]

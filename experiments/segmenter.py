@@ -48,7 +48,7 @@ from wsl.models import load_classifier
 from wsl.segment import load_for_inference, score_mask_dir, segment_dataset
 from wsl.pipeline import demo_config
 from wsl.train.classifier import train_classifier
-from wsl.train.engine import with_overrides
+from wsl.train.config import with_overrides
 from wsl.train.segmenter import train_segmenter
 from wsl.utils.io import atomic_write_json, atomic_write_text, read_jsonl
 

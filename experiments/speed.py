@@ -64,8 +64,8 @@ from wsl.data.transforms import train_transform
 from wsl.metrics import PixelAP, box_sweep, default_thresholds, normalize_map
 from wsl.models import build_classifier
 from wsl.train.classifier import multilabel_loss, param_groups
-from wsl.train.engine import (EpochSampler, OptimConfig, RunConfig, RunDir, ScheduleConfig, SeededDataset,
-                              Trainer, data_loader, determinism)
+from wsl.train.config import OptimConfig, RunConfig, ScheduleConfig
+from wsl.train.engine import EpochSampler, RunDir, SeededDataset, Trainer, data_loader, determinism
 from wsl.utils.dist import DistInfo
 from wsl.utils.io import atomic_write_json, atomic_write_text
 

@@ -61,7 +61,7 @@ def tiny_train_config(root: Path, *, pooling: str = "lse", pooling_kwargs: Optio
     """The classifier trainer on the tiny scenes in ``root``: vgg_tiny at 32 px, SGD at lr 0.05 with the
     cosine schedule, on the CPU, the run defaults otherwise; the arguments are what the tests vary."""
     from wsl.train.classifier import DataConfig, ModelConfig, TrainConfig
-    from wsl.train.engine import OptimConfig, RunConfig, ScheduleConfig
+    from wsl.train.config import OptimConfig, RunConfig, ScheduleConfig
 
     return TrainConfig(data=DataConfig(spec=f"voc:{root}", size=32, workers=workers),
                        model=ModelConfig(backbone="vgg_tiny", pooling=pooling, pooling_kwargs=dict(pooling_kwargs or {})),

@@ -12,7 +12,8 @@ from torch import nn
 
 from conftest import tiny_train_config
 from wsl.train.classifier import evaluate_classifier, train_classifier
-from wsl.train.engine import OptimConfig, RunConfig, RunDir, ScheduleConfig, Trainer
+from wsl.train.config import OptimConfig, RunConfig, ScheduleConfig
+from wsl.train.engine import RunDir, Trainer
 from wsl.utils import dist
 from wsl.utils.io import load_checkpoint, read_jsonl
 

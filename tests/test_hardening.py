@@ -29,7 +29,8 @@ from wsl.models import (POOLINGS, build_classifier, build_segmenter, classifier_
 from wsl.models.layers.pooling import LSEPool
 from wsl.train import engine
 from wsl.train.classifier import DataConfig, TrainConfig, train_classifier
-from wsl.train.engine import OptimConfig, RunConfig, RunDir, ScheduleConfig
+from wsl.train.config import OptimConfig, RunConfig, ScheduleConfig
+from wsl.train.engine import RunDir
 from wsl.train.segmenter import SegDataConfig, SegModelConfig, SegTrainConfig, train_segmenter
 from wsl.utils.io import load_checkpoint, read_image, read_jsonl, save_checkpoint
 

@@ -2,7 +2,6 @@
 of this interpreter, and is stored without outputs."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

@@ -14,7 +14,7 @@ from wsl import cli
 from wsl.pipeline import (STAGES, PipelineConfig, active_stages, demo_config, read_stage, run_pipeline,
                           stage_complete)
 from wsl.train.classifier import TrainConfig
-from wsl.train.engine import with_overrides
+from wsl.train.config import with_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"

@@ -17,7 +17,7 @@ from wsl.models.backbones import BACKBONES
 from wsl.models.classifier import load_classifier
 from wsl.models.layers.pooling import POOLINGS
 from wsl.train.classifier import TrainConfig, demo_config, difficult_only, evaluate_classifier, train_classifier
-from wsl.train.engine import with_overrides
+from wsl.train.config import with_overrides
 from wsl.utils.io import load_checkpoint, read_jsonl
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"

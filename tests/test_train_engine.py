@@ -13,8 +13,8 @@ from torch import nn
 
 from wsl.errors import CheckpointError, NumericalError, OutputExistsError
 from wsl.train import engine
-from wsl.train.engine import (EpochSampler, OptimConfig, RunConfig, RunDir, ScheduleConfig, SeededDataset,
-                              Trainer, config_from_dict, derive_seed, diff_configs, lr_factor, with_overrides)
+from wsl.train.config import OptimConfig, RunConfig, ScheduleConfig, config_from_dict, diff_configs, with_overrides
+from wsl.train.engine import EpochSampler, RunDir, SeededDataset, Trainer, derive_seed, lr_factor
 from wsl.utils import dist
 from wsl.utils.io import load_checkpoint, save_checkpoint
 pytestmark = pytest.mark.usefixtures("one_thread")

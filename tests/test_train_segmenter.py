@@ -17,7 +17,8 @@ from wsl.data.classes import VOC_PALETTE
 from wsl.data.spec import build_dataset
 from wsl.errors import CheckpointError, DataError, OutputExistsError
 from wsl.models import load_segmenter
-from wsl.train.engine import OptimConfig, RunConfig, ScheduleConfig, Trainer, with_overrides
+from wsl.train.config import OptimConfig, RunConfig, ScheduleConfig, with_overrides
+from wsl.train.engine import Trainer
 from wsl.train.segmenter import (PseudoMaskDataset, SegDataConfig, SegModelConfig, SegTrainConfig,
                                  segmentation_loss, train_segmenter)
 from wsl.utils.io import load_checkpoint, read_jsonl

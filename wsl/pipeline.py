@@ -42,8 +42,8 @@ import torch
 
 from wsl.data.synth import SynthConfig
 from wsl.train.classifier import TrainConfig
-from wsl.train.engine import (ConfigFile, config_from_file, current_command, diff_configs, json_safe, read_json,
-                              with_overrides)
+from wsl.train.config import ConfigFile, config_from_file, diff_configs, read_json, with_overrides
+from wsl.train.engine import current_command, json_safe
 from wsl.train.segmenter import SegTrainConfig
 from wsl.utils.dist import resolve_device
 from wsl.utils.io import PathLike, atomic_write_json, atomic_write_text, prepare_output_dir, read_jsonl

@@ -10,9 +10,10 @@ docs/design.md), so extraction needs no hooks and no gradients: one forward pass
 
 Geometry. Map cell ``(i, j)`` is centred on input pixel ``offset + stride * (i, j)`` (pixel indices).
 Upsampling samples every image pixel ``p`` at map coordinate ``(p - offset) / stride`` with bilinear
-interpolation (separable: :func:`wsl.models.layers.geometry.resample_at`), replicating the border
-cells outside the outermost centres. With a resized input (multi-scale) pixel ``p`` of the original image sits at ``(p + 0.5) * s - 0.5`` in the
-resized one (``s`` = resized / original size, the ``align_corners=False`` convention of the resize).
+interpolation (separable: :func:`wsl.models.layers.geometry.resample_separable`), replicating the
+border cells outside the outermost centres. With a resized input (multi-scale) pixel ``p`` of the
+original image sits at ``(p + 0.5) * s - 0.5`` in the resized one (``s`` = resized / original size,
+the ``align_corners=False`` convention of the resize).
 
 Aggregation (multi-scale and flip, as in e.g. Ahn et al., IRN, CVPR 2019): for each scale the images
 are resized and, with ``flip``, stacked with their mirror images into one batch; the maps are

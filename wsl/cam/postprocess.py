@@ -19,7 +19,6 @@ from typing import List, Optional, Tuple
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import batched_nms
 

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from wsl.train.engine import with_overrides
+from wsl.train.config import with_overrides
 
 log = logging.getLogger(__name__)
 

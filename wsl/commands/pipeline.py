@@ -35,7 +35,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from wsl.commands._flags import parse_kv
     from wsl.pipeline import PipelineConfig, format_summary, run_pipeline
-    from wsl.train.engine import with_overrides
+    from wsl.train.config import with_overrides
 
     config = PipelineConfig.load(args.config)
     if args.overrides:  # "a.b=2" -> {"a.b": 2}: dotted field names, JSON values (else strings)

@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from wsl.commands._flags import add_device_flag, add_inference_flags, add_loader_flags, inference_device
-from wsl.train.engine import AMP_MODES
+from wsl.train.config import AMP_MODES
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from wsl.commands._flags import add_run_flags, add_skip_bad_flag, run_trainer, trainer_config
-from wsl.train.engine import AMP_MODES, OPTIMIZERS, SCHEDULES
+from wsl.train.config import AMP_MODES, OPTIMIZERS, SCHEDULES
 
 # flag dest -> dotted config field
 FIELDS = {

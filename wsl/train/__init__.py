@@ -5,8 +5,8 @@ trainer) does not pull in the data and model packages.
 """
 from typing import Any
 
-from wsl.train.engine import (OptimConfig, RunConfig, RunDir, ScheduleConfig, Trainer, config_from_dict,
-                              config_to_dict, with_overrides)
+from wsl.train.config import OptimConfig, RunConfig, ScheduleConfig, config_from_dict, config_to_dict, with_overrides
+from wsl.train.engine import RunDir, Trainer
 
 __all__ = ["OptimConfig", "RunConfig", "RunDir", "ScheduleConfig", "Trainer", "config_from_dict",
            "config_to_dict", "with_overrides", "TrainConfig", "DataConfig", "ModelConfig", "train_classifier"]

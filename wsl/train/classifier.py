@@ -22,9 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
-from wsl.train.engine import (BaseDataConfig, ConfigFile, OptimConfig, RunConfig, ScheduleConfig, Trainer,
-                              autocast, backbone_head_groups, check_resume_config, data_loader, seed_everything,
-                              start_run, to_device)
+from wsl.train.config import BaseDataConfig, ConfigFile, OptimConfig, RunConfig, ScheduleConfig, check_resume_config
+from wsl.train.engine import Trainer, autocast, backbone_head_groups, data_loader, seed_everything, start_run, to_device
 from wsl.utils import dist
 from wsl.utils.io import PathLike
 

@@ -38,8 +38,8 @@ from torch.utils.data import Dataset, Subset
 
 from wsl.data.classes import IGNORE_INDEX
 from wsl.errors import DataError
-from wsl.train.engine import (BaseDataConfig, ConfigFile, OptimConfig, RunConfig, ScheduleConfig, Trainer,
-                              backbone_head_groups, seed_everything, start_run)
+from wsl.train.config import BaseDataConfig, ConfigFile, OptimConfig, RunConfig, ScheduleConfig
+from wsl.train.engine import Trainer, backbone_head_groups, seed_everything, start_run
 from wsl.utils import dist
 from wsl.utils.io import PathLike
 
