@@ -22,7 +22,6 @@ applied to the average.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsl.models.layers.geometry import interpolation_matrix, resample_separable
+from wsl.models.layers.geometry import axis_weights, resample_separable
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +59,6 @@ def _pair(value: Union[Number, Sequence[Number]], name: str) -> Tuple[float, flo
     return vals  # type: ignore[return-value]
 
 
-@functools.lru_cache(maxsize=64)
-def _axis_weights(out_len: int, in_len: int, map_len: int, stride: float, offset: float,
-                  device: torch.device) -> Tensor:
-    """Bilinear weights ``(out_len, map_len)`` along one axis (cached: a dataset has few sizes, and
-    building them costs a fifth of upsampling the demo's maps). Plain tensors, even when first asked
-    for under inference mode, so a cached one can take part in autograd later."""
-    with torch.inference_mode(False):
-        p = torch.arange(out_len, device=device, dtype=torch.float64)
-        q = (p + 0.5) * (in_len / out_len) - 0.5  # pixel index in the (resized) network input
-        return interpolation_matrix((q - offset) / stride, map_len).float()
-
-
 def upsample_cams(maps: Tensor, image_size: Tuple[int, int], *, stride: Union[Number, Sequence[Number]],
                   offset: Union[Number, Sequence[Number]] = 0.0,
                   input_size: Optional[Tuple[int, int]] = None) -> Tensor:
@@ -89,8 +76,12 @@ def upsample_cams(maps: Tensor, image_size: Tuple[int, int], *, stride: Union[Nu
     H, W = int(image_size[0]), int(image_size[1])
     in_h, in_w = input_size if input_size is not None else (H, W)
     h, w = maps.shape[-2:]
-    return resample_separable(maps.float(), _axis_weights(H, int(in_h), h, sy, oy, maps.device),
-                              _axis_weights(W, int(in_w), w, sx, ox, maps.device))
+    # Pixel p of the image sits at (p + 0.5) * r - 0.5 in the network input, r = input / image size.
+    ry, rx = in_h / H, in_w / W
+    return resample_separable(
+        maps.float(),
+        axis_weights(H, h, stride=sy, offset=oy, out_stride=ry, out_offset=0.5 * ry - 0.5, device=maps.device),
+        axis_weights(W, w, stride=sx, offset=ox, out_stride=rx, out_offset=0.5 * rx - 0.5, device=maps.device))
 
 
 def normalize_cams(cams: Tensor, mode: str = "max", eps: float = 1e-12, *, inplace: bool = False) -> Tensor:

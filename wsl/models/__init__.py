@@ -7,7 +7,7 @@ checkpoint made for another model with one :class:`~wsl.errors.CheckpointError` 
 from wsl.models.backbones import BACKBONES, Backbone, build_backbone
 from wsl.models.classifier import (ClassifierConfig, WSLClassifier, build_classifier, classifier_checkpoint,
                                    load_classifier, load_classifier_checkpoint)
-from wsl.models.layers.geometry import conv_geometry, maps_to_pixels, resample_at, resample_maps
+from wsl.models.layers.geometry import conv_geometry, maps_to_pixels, resample_maps
 from wsl.models.layers.pooling import POOLINGS, build_pooling
 from wsl.models.segmentation import (SEGMENTERS, SegmenterConfig, WSLSegmenter, build_segmenter, load_segmenter,
                                      segmenter_checkpoint)
@@ -18,5 +18,5 @@ __all__ = [
     "ClassifierConfig", "WSLClassifier", "build_classifier", "classifier_checkpoint", "load_classifier",
     "load_classifier_checkpoint",
     "SegmenterConfig", "WSLSegmenter", "build_segmenter", "segmenter_checkpoint", "load_segmenter",
-    "conv_geometry", "maps_to_pixels", "resample_at", "resample_maps",
+    "conv_geometry", "maps_to_pixels", "resample_maps",
 ]

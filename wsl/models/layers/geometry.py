@@ -6,6 +6,7 @@ receptive-field centre of input pixel ``(o + s * i, o + s * j)`` (pixel indices,
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Sequence, Tuple
 
 import torch
@@ -56,26 +57,26 @@ def interpolation_matrix(cells: torch.Tensor, n_in: int) -> torch.Tensor:
     return m.scatter_add_(1, hi[:, None], frac[:, None])
 
 
-def resample_at(maps: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Bilinear resampling of ``(N, C, h, w)`` maps at fractional cell coordinates: output ``(y, x)``
-    reads source cell ``(rows[y], cols[x])``, border values held beyond the outermost cells.
-
-    Bilinear interpolation is separable, so this is two small matrix products,
-    ``R @ maps @ C^T`` with the weight matrices of :func:`interpolation_matrix`
-    (:func:`resample_separable`): some 3x faster than ``grid_sample`` on the CPU for CAM-sized maps,
-    and equal to it up to float rounding. A NaN cell spreads along its output row and column, not
-    only to its neighbours.
-    """
-    if maps.dim() != 4:
-        raise ValueError(f"maps must have shape (N, C, h, w), got {tuple(maps.shape)}")
-    h, w = maps.shape[-2:]
-    return resample_separable(maps, interpolation_matrix(rows, h), interpolation_matrix(cols, w))
+@functools.lru_cache(maxsize=64)
+def axis_weights(n_out: int, n_in: int, *, stride: float, offset: float, out_stride: float = 1.0,
+                 out_offset: float = 0.0, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """Float32 bilinear weights ``(n_out, n_in)`` along one axis: output cell ``p``, at input pixel
+    ``out_offset + out_stride * p``, reads source cell ``(pixel - offset) / stride``
+    (:func:`interpolation_matrix`). Cached (a dataset or a model has few sizes, and building them costs
+    a fifth of upsampling the demo's CAMs); always plain tensors, even when first asked for under
+    inference mode, so a cached one can take part in autograd later."""
+    with torch.inference_mode(False):
+        pixels = out_offset + out_stride * torch.arange(n_out, device=device, dtype=torch.float64)
+        return interpolation_matrix((pixels - offset) / stride, n_in).float()
 
 
 def resample_separable(maps: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """``rows @ maps @ cols^T`` for ``(N, C, h, w)`` maps and weight matrices ``rows`` ``(H, h)``,
-    ``cols`` ``(W, w)``: ``(N, C, H, W)``. Runs in the maps' floating dtype (float32 for integer
-    maps) with autocast off, as ``grid_sample`` would."""
+    ``cols`` ``(W, w)``: ``(N, C, H, W)``. Bilinear interpolation is separable, so with the weights of
+    :func:`axis_weights` this is bilinear resampling as two small matrix products: some 3x faster than
+    ``grid_sample`` on the CPU for CAM-sized maps, and equal to it up to float rounding (a NaN cell
+    spreads along its output row and column, not only to its neighbours). Runs in the maps' floating
+    dtype (float32 for integer maps) with autocast off, as ``grid_sample`` would."""
     dtype = maps.dtype if maps.is_floating_point() else torch.float32
     n, c, h, w = maps.shape
     with torch.autocast(maps.device.type, enabled=False):
@@ -97,11 +98,10 @@ def resample_maps(maps: torch.Tensor, size: Sequence[int], *, stride: float, off
     if maps.dim() != 4:
         raise ValueError(f"maps must have shape (N, C, h, w), got {tuple(maps.shape)}")
 
-    def cells(n_out: int) -> torch.Tensor:
-        pixels = out_offset + out_stride * torch.arange(n_out, device=maps.device, dtype=torch.float64)
-        return (pixels - offset) / stride
-
-    return resample_at(maps, cells(int(size[0])), cells(int(size[1])))
+    h, w = maps.shape[-2:]
+    geometry = dict(stride=float(stride), offset=float(offset), out_stride=float(out_stride),
+                    out_offset=float(out_offset), device=maps.device)
+    return resample_separable(maps, axis_weights(int(size[0]), h, **geometry), axis_weights(int(size[1]), w, **geometry))
 
 
 def maps_to_pixels(maps: torch.Tensor, size: Sequence[int], *, stride: float, offset: float) -> torch.Tensor:
