@@ -475,18 +475,23 @@ def clf_reference(scenes_root, tmp_path_factory) -> Path:
     return out
 
 
+def _killable_run(command: str, config, tmp_path: Path):
+    """``(seed, rng, out, argv)`` of a run to kill: the seed of its kill points (printed on failure),
+    its output folder, and the command line that trains ``config`` from a config file."""
+    seed = _kill_seed()
+    cfg_file = tmp_path / "config.json"
+    cfg_file.write_text(json.dumps(config.to_dict()))
+    out = tmp_path / "run"
+    return seed, random.Random(seed), out, [command, "--config", str(cfg_file), "--out", str(out)]
+
+
 # every state last.pt passes through before the end (2 epochs of 4 steps, a checkpoint per step)
 MID_RUN = [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2)]
 
 
 def test_train_seg_killed_twice_at_random_points_resumes_to_the_same_run(seg_reference, scenes_root, tmp_path,
                                                                            capsys):
-    seed = _kill_seed()
-    rng = random.Random(seed)
-    cfg_file = tmp_path / "seg.json"
-    cfg_file.write_text(json.dumps(seg_config(scenes_root).to_dict()))
-    out = tmp_path / "run"
-    argv = ["train-seg", "--config", str(cfg_file), "--out", str(out)]
+    seed, rng, out, argv = _killable_run("train-seg", seg_config(scenes_root), tmp_path)
     first = rng.choice([None, *MID_RUN[:4]])  # None: during start-up or the first steps
     kill_wsl_at(argv, out, first, delay=rng.uniform(0.0, 0.04), why=f"seed {seed}, first kill at {first}")
     assert_nothing_half_written(out)
@@ -500,12 +505,7 @@ def test_train_seg_killed_twice_at_random_points_resumes_to_the_same_run(seg_ref
 
 
 def test_train_killed_at_a_random_point_resumes_to_the_same_run(clf_reference, scenes_root, tmp_path, capsys):
-    seed = _kill_seed()
-    rng = random.Random(seed)
-    cfg_file = tmp_path / "clf.json"
-    cfg_file.write_text(json.dumps(clf_config(scenes_root).to_dict()))
-    out = tmp_path / "run"
-    argv = ["train", "--config", str(cfg_file), "--out", str(out)]
+    seed, rng, out, argv = _killable_run("train", clf_config(scenes_root), tmp_path)
     target = rng.choice([None, *MID_RUN])
     kill_wsl_at(argv, out, target, delay=rng.uniform(0.0, 0.04), why=f"seed {seed}, kill at {target}")
     assert_nothing_half_written(out)
