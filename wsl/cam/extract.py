@@ -142,9 +142,9 @@ class CAMExtractor:
     are inference tensors on the model's device. No hooks are registered.
 
     ``channels_last`` feeds the network channels-last (NHWC) inputs, as training does by default
-    (``RunConfig.channels_last``): the same maps up to float rounding, and on this project's 2-core
-    CPU the demo model's forward pass takes about 0.65x the time (VGG16: no change);
-    experiments/results/speed.md.
+    (``RunConfig.channels_last``): the same maps up to float rounding. On this project's 2-core CPU
+    the demo model's forward pass takes 0.65x the time; VGG16's shows no clear gain (1.20x wall,
+    0.87x CPU time, measured under load); rows P of experiments/results/speed.md.
     """
 
     def __init__(self, model: nn.Module, *, scales: Sequence[float] = (1.0,), flip: bool = False,
