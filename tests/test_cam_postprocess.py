@@ -1,6 +1,7 @@
 """Points, boxes and pseudo-masks from CAMs."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -241,9 +242,9 @@ def test_window_max_equals_the_full_max_pool(d):
     maps = torch.randn(3, 13, 20, generator=g)
     maps[0, :, 0] = float("-inf")  # every window still holds a finite value
     full = F.max_pool2d(maps[:, None], kernel_size=2 * d + 1, stride=1, padding=d)[:, 0]
-    assert torch.equal(torch.from_numpy(_window_max(maps.numpy(), d)), full)
+    assert torch.equal(torch.from_numpy(np.stack([_window_max(m, d) for m in maps.numpy()])), full)
     maps[0, :, :2 * d + 2] = float("-inf")  # windows of -inf only: OpenCV's border may read -FLT_MAX
-    assert (_window_max(maps.numpy(), d)[0, :, 0] <= torch.finfo(torch.float32).min).all()
+    assert (_window_max(maps[0].numpy(), d)[:, 0] <= torch.finfo(torch.float32).min).all()
     (pts,) = local_maxima(maps[None], min_distance=d, rel_threshold=0.0)
     assert pts.points.numel() and (pts.points[pts.labels == 0, 0] >= 2 * d + 2).all()  # never a peak there
 
@@ -254,3 +255,40 @@ def test_pseudo_masks_refuse_more_classes_than_uint8_labels_hold():
     with pytest.raises(ValueError, match="at most 254 classes"):
         pseudo_masks(cams, positive)
     assert pseudo_masks(cams[:, :254], positive[:, :254]).max() <= 254
+
+
+def test_pseudo_mask_paths_agree():
+    # CPU maps go through numpy, other devices through torch: the same values (run here on the CPU)
+    from wsl.cam.postprocess import _best_positive_numpy, _best_positive_torch, _foreground_wins
+    g = torch.Generator().manual_seed(7)
+    cams = torch.randint(-1, 6, (4, 5, 9, 11), generator=g).float() / 4  # ties, negatives, values above 1
+    cams[0, 1, 2, 3] = cams[0, 3, 2, 3] = float("nan")  # two NaN classes at one pixel: the first wins
+    cams[1, 2, 4, 4] = float("inf")
+    positive = torch.rand(4, 5, generator=g) < 0.6
+    positive[0, [1, 3]] = True
+    positive[2] = False  # no positive class: background
+    best_np, label_np = _best_positive_numpy(cams.numpy(), positive.numpy())
+    best_t, label_t = _best_positive_torch(cams, positive)
+    assert torch.equal(torch.from_numpy(np.ascontiguousarray(label_np)), label_t.contiguous())
+    torch.testing.assert_close(torch.from_numpy(best_np), best_t, equal_nan=True, rtol=0, atol=0)
+    for method, value in (("threshold", 0.3), ("psa", 4.0)):
+        assert torch.equal(torch.from_numpy(_foreground_wins(best_np, method, value)),
+                           _foreground_wins(best_t, method, value))
+
+
+def test_ties_are_broken_by_position():
+    # a plateau keeps its first pixel in raster order; equal boxes: the upper, then the left one
+    m = torch.zeros(1, 1, 20, 30)
+    m[0, 0, 5:9, 12:15] = 1.0
+    (pts,) = local_maxima(m, min_distance=4, rel_threshold=0.5)
+    assert pts.points.tolist() == [[12, 5]]
+    twins = torch.zeros(1, 1, 20, 30)
+    twins[0, 0, 10:13, 2:5] = twins[0, 0, 3:6, 20:23] = 1.0  # same area, same peak
+    (b,) = cam_boxes(twins, mode="largest")
+    assert b.boxes.tolist() == [[20.0, 3.0, 23.0, 6.0]]
+    twins[0, 0, 3:6, 20:23] = 0.0
+    twins[0, 0, 10:13, 12:15] = 1.0  # same row: the left one
+    (b,) = cam_boxes(twins, mode="largest")
+    assert b.boxes.tolist() == [[2.0, 10.0, 5.0, 13.0]]
+    (every,) = cam_boxes(_two_blobs(), tau=0.5, mode="all")  # each map's boxes by decreasing score
+    assert every.scores.tolist() == pytest.approx([1.0, 0.9])
