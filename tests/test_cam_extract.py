@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsl.cam.extract import CAMExtractor, normalize_cams, select_classes, selected_maps, upsample_cams
+from wsl.cam import extract
+from wsl.cam.extract import (CAMExtractor, _resize_linear, normalize_cams, select_classes, selected_maps,
+                             upsample_cams)
 
 
 class TinyCAMNet(nn.Module):
@@ -91,14 +93,17 @@ def test_half_pixel_offset_and_rescaled_input():
     assert cams[12, 12] == pytest.approx(cams[13, 12])
 
 
-@pytest.mark.parametrize("size,input_size", [((37, 53), None), ((37, 53), (28, 40)), ((5, 3), None)])
-def test_separable_upsampling_equals_grid_sample(size, input_size):
+@pytest.mark.parametrize("size,input_size,offset", [
+    ((37, 53), None, (3.5, 2.0)), ((37, 53), (28, 40), (3.5, 2.0)), ((5, 3), None, (3.5, 2.0)),
+    ((40, 42), None, (3.5, 2.5)),  # stride x the map, cells centred on their blocks: OpenCV's resize
+])
+def test_upsampling_equals_grid_sample(size, input_size, offset, monkeypatch):
     # parity with the reference it replaced: grid_sample (bilinear, border padding) on a grid of the
     # same map coordinates, normalised with align_corners=False; here with per-axis stride and offset
     g = torch.Generator().manual_seed(0)
     maps = torch.randn(2, 3, 5, 7, generator=g)
     (H, W), (in_h, in_w) = size, input_size or size
-    stride, offset = (8.0, 6.0), (3.5, 2.0)
+    stride = (8.0, 6.0)
 
     def norm(n_out, n_in, s, o, n_map):
         q = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5
@@ -107,8 +112,14 @@ def test_separable_upsampling_equals_grid_sample(size, input_size):
     grid = torch.stack(torch.meshgrid(norm(W, in_w, stride[1], offset[1], 7), norm(H, in_h, stride[0], offset[0], 5),
                                       indexing="xy"), -1)[None].expand(2, H, W, 2)
     reference = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    resized = []
+    monkeypatch.setattr(extract, "_resize_linear", lambda *a: resized.append(a) or _resize_linear(*a))
     ours = upsample_cams(maps, size, stride=stride, offset=offset, input_size=input_size)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    assert bool(resized) == (size == (40, 42))  # the OpenCV path exactly where its geometry is ours
+    if resized:  # and the matrix products agree with it
+        torch.testing.assert_close(ours, upsample_cams(maps.requires_grad_(), size, stride=stride, offset=offset))
+        assert len(resized) == 1  # a map that needs gradients takes the torch path
 
 
 def test_scale_one_without_flip_returns_the_models_own_maps_and_scores():
