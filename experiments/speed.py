@@ -387,13 +387,21 @@ def phase_rivals(s: Settings, device: torch.device, amp: Optional[torch.dtype] =
             "skipped": rivals["missing"]}
 
 
-def with_threads(n: int, fn: Callable[[], Any]) -> Any:
-    previous = torch.get_num_threads()
+def set_threads(n: int) -> None:
+    """torch's intra-op threads and OpenCV's (the CAM post-processing runs in OpenCV), so that a ratio
+    compares work done with the same number of threads."""
     torch.set_num_threads(n)
+    cv2.setNumThreads(n)
+
+
+def with_threads(n: int, fn: Callable[[], Any]) -> Any:
+    previous = torch.get_num_threads(), cv2.getNumThreads()
+    set_threads(n)
     try:
         return fn()
     finally:
-        torch.set_num_threads(previous)
+        torch.set_num_threads(previous[0])
+        cv2.setNumThreads(previous[1])
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
@@ -750,7 +758,7 @@ def machine() -> Dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
     return {"cpu": cpu, "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(), "opencv_threads": cv2.getNumThreads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "amx": any(f.startswith("amx") for f in flags), "avx512_bf16": "avx512_bf16" in flags,
             "python": platform.python_version(), "platform": platform.platform(), "versions": versions,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -773,7 +781,7 @@ def markdown(result: Dict[str, Any]) -> str:
                      for r in runs] + [""])
     lines = ["# Speed: wsl against its floor and its rivals", "", *provenance,
              f"Machine: {m['cpu']}, {m['cpus_usable']} usable of {m['cpus']} CPUs, torch {m['versions']['torch']} "
-             f"({m['torch_threads']} threads, {m['cpu_capability']}, AMX {'yes' if m['amx'] else 'no'}, "
+             f"({m['torch_threads']} threads, OpenCV {m.get('opencv_threads', '?')}, {m['cpu_capability']}, AMX {'yes' if m['amx'] else 'no'}, "
              f"avx512_bf16 {'yes' if m['avx512_bf16'] else 'no'}), Python {m['python']}, CUDA: "
              f"{m['cuda'] or 'none'}. GLIBC_TUNABLES in the parent: `{m['GLIBC_TUNABLES'] or 'unset'}`.", "",
              ("Load average (1/5/15 min): see above" if len(runs) > 1 else
@@ -826,7 +834,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--scenes", type=Path, help="existing generated scenes for the data phase (default: generate)")
     p.add_argument("--in-process", action="store_true",
                    help="run phases in this process (peak RSS is then cumulative; default with --smoke)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice; smoke 1)")
+    p.add_argument("--threads", type=int, help="torch's intra-op threads and OpenCV's (default: their choice; smoke 1)")
     p.add_argument("--results", type=Path, default=REPO / "experiments" / "results", help="output directory")
     p.add_argument("--merge", action="store_true",
                    help="replace only the phases run now in an existing RESULTS/speed.json (e.g. with --only), "
@@ -844,7 +852,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.in_process = True
         args.threads = args.threads or 1
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
 
     if args.child:
         t0 = time.perf_counter()
