@@ -257,25 +257,6 @@ def test_pseudo_masks_refuse_more_classes_than_uint8_labels_hold():
     assert pseudo_masks(cams[:, :254], positive[:, :254]).max() <= 254
 
 
-def test_pseudo_mask_paths_agree():
-    # CPU maps go through numpy, other devices through torch: the same values (run here on the CPU)
-    from wsl.cam.postprocess import _best_positive_numpy, _best_positive_torch, _foreground_wins
-    g = torch.Generator().manual_seed(7)
-    cams = torch.randint(-1, 6, (4, 5, 9, 11), generator=g).float() / 4  # ties, negatives, values above 1
-    cams[0, 1, 2, 3] = cams[0, 3, 2, 3] = float("nan")  # two NaN classes at one pixel: the first wins
-    cams[1, 2, 4, 4] = float("inf")
-    positive = torch.rand(4, 5, generator=g) < 0.6
-    positive[0, [1, 3]] = True
-    positive[2] = False  # no positive class: background
-    best_np, label_np = _best_positive_numpy(cams.numpy(), positive.numpy())
-    best_t, label_t = _best_positive_torch(cams, positive)
-    assert torch.equal(torch.from_numpy(np.ascontiguousarray(label_np)), label_t.contiguous())
-    torch.testing.assert_close(torch.from_numpy(best_np), best_t, equal_nan=True, rtol=0, atol=0)
-    for method, value in (("threshold", 0.3), ("psa", 4.0)):
-        assert torch.equal(torch.from_numpy(_foreground_wins(best_np, method, value)),
-                           _foreground_wins(best_t, method, value))
-
-
 def test_ties_are_broken_by_position():
     # a plateau keeps its first pixel in raster order; equal boxes: the upper, then the left one
     m = torch.zeros(1, 1, 20, 30)

@@ -1,10 +1,10 @@
 """From CAMs to localization: points, boxes and pseudo-masks.
 
 All functions take a batch of maps ``cams`` ``(N, C, H, W)`` at image resolution (see
-:mod:`wsl.cam.extract`). Peaks and boxes are found map by map, and only on the selected maps, in
-numpy and OpenCV on the CPU (connected components, the windowed max; only the selected maps leave a
-GPU), each map while it is in the cache; they are returned as CPU tensors. Pseudo-masks are
-vectorised over the batch (in numpy for CPU maps) and stay on the maps' device. Conventions (docs/design.md): points are integer pixel indices ``(x, y)``; boxes are
+:mod:`wsl.cam.extract`) and work in numpy and OpenCV on the CPU; only the maps they need leave a GPU.
+Peaks and boxes are found map by map, only on the selected maps, each while it is in the cache, and
+are returned as CPU tensors; pseudo-masks are vectorised over the batch and returned on the maps'
+device. Conventions (docs/design.md): points are integer pixel indices ``(x, y)``; boxes are
 float32 ``xyxy`` in continuous pixel-edge coordinates, x2/y2 exclusive; masks are uint8 with ``0``
 background, ``c + 1`` for class ``c`` and ``255`` ignore.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple, Union
+from typing import Iterator, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -144,12 +144,10 @@ def local_maxima(cams: Tensor, *, min_distance: int = 8, rel_threshold: float = 
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
     d = int(min_distance)
-    n, c = cams.shape[:2]
+    n, c, _, w = cams.shape
     # Only the selected, informative maps are searched: on VGG16 inputs most of the N*C maps are
     # not selected, and the windowed max below is the costly step. The per-pixel work runs in OpenCV
-    # and numpy on the CPU (several times faster than torch's CPU kernels for comparisons and nonzero);
-    # the peaks come back as CPU tensors.
-    h, w = cams.shape[-2:]
+    # and numpy (several times faster than torch's CPU kernels for comparisons and nonzero).
     tiny = np.nextafter(np.float32(0), np.float32(1))
     found: List[Tuple[np.ndarray, np.ndarray, int]] = []
     for image, cls, m, hi in _informative_maps(cams, select):
@@ -202,9 +200,7 @@ def cam_boxes(cams: Tensor, *, tau: float = 0.5, mode: str = "largest", select: 
         raise ValueError(f"tau must be in (0, 1], got {tau}")
     if mode not in BOX_MODES:
         raise ValueError(f"unknown box mode {mode!r}; choose one of {', '.join(BOX_MODES)}")
-    n = cams.shape[0]
-    # Only the selected maps with a peak are thresholded, in numpy on the CPU (OpenCV needs them there).
-    w = cams.shape[-1]
+    n, _, _, w = cams.shape
     rows: List[Tuple[int, int, float, int, int, int, int]] = []  # image, class, score, left, top, width, height
     for image, cls, m, hi in _informative_maps(cams, select):
         binary = (m >= np.float32(tau) * hi).view(np.uint8)
@@ -302,14 +298,14 @@ def _positive_slots(pos: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return np.where(np.arange(k) < count[:, None], idx, last), count
 
 
-def _best_positive(cams: Tensor, positive: Tensor) -> Tuple[Union[Tensor, np.ndarray], Union[Tensor, np.ndarray]]:
+def _best_positive(cams: Tensor, positive: Tensor) -> Tuple[np.ndarray, np.ndarray]:
     """Per pixel, the best positive class's CAM clamped to [0, 1] and its mask label ``c + 1`` (the
-    lowest class on ties; a NaN CAM is the maximum, as in ``torch.max``): ``(N, H, W)`` values,
+    lowest class on ties; a NaN CAM is the maximum, as in ``torch.max``): float32 ``(N, H, W)`` values,
     ``-inf`` where the image has no positive class, and uint8 labels (broadcast views allowed).
 
-    CPU maps are processed in numpy and the results are numpy arrays (numpy's elementwise kernels on
-    these small uint8/bool/float arrays take half the time of torch's); other devices stay in torch.
-    Both paths compute the same values (tests/test_cam_postprocess.py checks them against each other).
+    Each image's positive maps (a few of the C) are gathered on the maps' device; only they leave a
+    GPU, and the per-pixel work runs in numpy, whose elementwise kernels on these small
+    uint8/bool/float arrays take half the time of torch's on the CPU.
     """
     pos = torch.as_tensor(positive).bool()
     if pos.shape != cams.shape[:2]:
@@ -319,19 +315,12 @@ def _best_positive(cams: Tensor, positive: Tensor) -> Tuple[Union[Tensor, np.nda
     if c > IGNORE_INDEX - 1:
         raise ValueError(f"uint8 pseudo-masks hold at most {IGNORE_INDEX - 1} classes (label {IGNORE_INDEX} is "
                          f"'ignore'), got {c} class maps")
-    if cams.device.type == "cpu":
-        return _best_positive_numpy(cams.detach().numpy(), pos.numpy())
-    return _best_positive_torch(cams, pos.to(cams.device))
-
-
-def _best_positive_numpy(cams: np.ndarray, pos: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    n, c, h, w = cams.shape
     if c == 0:
         return np.full((n, h, w), -np.inf, np.float32), np.zeros((n, h, w), np.uint8)
-    # Gather each image's positive maps only (a few of the C), padded (_positive_slots).
-    idx, count = _positive_slots(pos)
+    idx, count = _positive_slots(pos.cpu().numpy())
     k = idx.shape[1]
-    maps = cams.reshape(n * c, h, w)[(np.arange(n)[:, None] * c + idx).ravel()].reshape(n, k, h, w)  # a copy
+    rows = torch.from_numpy((np.arange(n)[:, None] * c + idx).ravel()).to(cams.device)
+    maps = cams.detach().flatten(0, 1).index_select(0, rows).cpu().numpy().reshape(n, k, h, w)  # a copy
     np.clip(maps, 0.0, 1.0, out=maps)
     # The class is the first k whose map equals the max: going down from the last, the lowest k is
     # written last.
@@ -348,34 +337,11 @@ def _best_positive_numpy(cams: np.ndarray, pos: np.ndarray) -> Tuple[np.ndarray,
     return best, label
 
 
-def _best_positive_torch(cams: Tensor, pos: Tensor) -> Tuple[Tensor, Tensor]:
-    n, c, h, w = cams.shape
-    if c == 0:
-        return cams.new_full((n, h, w), float("-inf")), torch.zeros(n, h, w, dtype=torch.uint8, device=cams.device)
-    idx_np, count_np = _positive_slots(pos.cpu().numpy())
-    idx, count = torch.from_numpy(idx_np).to(cams.device), torch.from_numpy(count_np).to(cams.device)
-    k = idx.shape[1]
-    rows = (torch.arange(n, device=cams.device)[:, None] * c + idx).flatten()
-    maps = cams.flatten(0, 1).index_select(0, rows).view(n, k, h, w).clamp_(0.0, 1.0)  # (N, K, H, W) copy
-    # amax, not max(dim=1) (slow for a short dim on some backends); the class as in the numpy path.
-    best = maps.amax(dim=1)
-    labels = (idx + 1).to(torch.uint8)[..., None, None]
-    label = labels[:, k - 1].expand(n, h, w)
-    for j in range(k - 2, -1, -1):
-        label = torch.where(maps[:, j] == best, labels[:, j], label)
-    if best.sum().isnan():
-        nan = best.isnan()
-        for j in range(k - 1, -1, -1):
-            label = torch.where(nan & maps[:, j].isnan(), labels[:, j], label)
-    best.index_fill_(0, torch.nonzero(count == 0).flatten(), float("-inf"))  # only those images' pixels
-    return best, label
-
-
-def _foreground_wins(best: Union[Tensor, np.ndarray], method: str, value: float) -> Union[Tensor, np.ndarray]:
+def _foreground_wins(best: np.ndarray, method: str, value: float) -> np.ndarray:
     """Where the best positive CAM beats the background of :func:`background_scores`: the argmax over
     [background, positive classes] with ties to the background, decided from the best class alone.
     NaN is the maximum, as in ``torch.argmax``: a NaN CAM wins over the constant threshold and loses
-    to PSA's background, which is NaN too (the background comes first). Tensors or numpy arrays."""
+    to PSA's background, which is NaN too (the background comes first)."""
     if method == "threshold":
         return ~(best <= value)  # the threshold is a number (mask_settings), so only NaN fails both
     return best > (1.0 - best.clip(min=0.0)) ** float(value)
@@ -413,7 +379,5 @@ def pseudo_masks(cams: Tensor, positive: Tensor, *, method: str = "threshold", f
     best, label = _best_positive(cams, positive)
     strict = _foreground_wins(best, method, fg)
     permissive = strict if fg == bg else _foreground_wins(best, method, bg)
-    if isinstance(best, np.ndarray):  # CPU maps (_best_positive)
-        # IGNORE_INDEX (255) where the permissive setting sees an object: bools as bytes 0/1, negated mod 256
-        return torch.from_numpy(np.where(strict, label, -permissive.view(np.uint8)))
-    return torch.where(strict, label, permissive.view(torch.uint8).neg())
+    # IGNORE_INDEX (255) where the permissive setting sees an object: bools as bytes 0/1, negated mod 256
+    return torch.from_numpy(np.where(strict, label, -permissive.view(np.uint8))).to(cams.device)
