@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsl.cam import extract
-from wsl.cam.extract import (CAMExtractor, _resize_linear, normalize_cams, select_classes, selected_maps,
-                             upsample_cams)
+from wsl.cam.extract import CAMExtractor, normalize_cams, select_classes, selected_maps, upsample_cams
+from wsl.models.layers import geometry
+from wsl.models.layers.geometry import _resize_linear, resample_maps
 
 
 class TinyCAMNet(nn.Module):
@@ -113,13 +113,18 @@ def test_upsampling_equals_grid_sample(size, input_size, offset, monkeypatch):
                                       indexing="xy"), -1)[None].expand(2, H, W, 2)
     reference = F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
     resized = []
-    monkeypatch.setattr(extract, "_resize_linear", lambda *a: resized.append(a) or _resize_linear(*a))
+    monkeypatch.setattr(geometry, "_resize_linear", lambda *a: resized.append(a) or _resize_linear(*a))
     ours = upsample_cams(maps, size, stride=stride, offset=offset, input_size=input_size)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
     assert bool(resized) == (size == (40, 42))  # the OpenCV path exactly where its geometry is ours
     if resized:  # and the matrix products agree with it
         torch.testing.assert_close(ours, upsample_cams(maps.requires_grad_(), size, stride=stride, offset=offset))
         assert len(resized) == 1  # a map that needs gradients takes the torch path
+        # the segmenters' resampling shares the choice: a 4-pixel grid read by 2-pixel cells
+        pixels = resample_maps(maps.detach(), (10, 14), stride=4.0, offset=1.5, out_stride=2.0, out_offset=0.5)
+        assert len(resized) == 2
+        torch.testing.assert_close(pixels, resample_maps(maps.double(), (10, 14), stride=4.0, offset=1.5,
+                                                         out_stride=2.0, out_offset=0.5).float())
 
 
 def test_scale_one_without_flip_returns_the_models_own_maps_and_scores():

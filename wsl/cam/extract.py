@@ -10,9 +10,9 @@ docs/design.md), so extraction needs no hooks and no gradients: one forward pass
 
 Geometry. Map cell ``(i, j)`` is centred on input pixel ``offset + stride * (i, j)`` (pixel indices).
 Upsampling samples every image pixel ``p`` at map coordinate ``(p - offset) / stride`` with bilinear
-interpolation (separable: :func:`wsl.models.layers.geometry.resample_separable`; on the CPU, where
-the geometry is OpenCV's, ``cv2.resize``), replicating the border cells outside the outermost centres. With a resized input (multi-scale) pixel ``p`` of the
-original image sits at ``(p + 0.5) * s - 0.5`` in the resized one (``s`` = resized / original size,
+interpolation (:func:`wsl.models.layers.geometry.resample_bilinear`), replicating the border cells
+outside the outermost centres. With a resized input (multi-scale) pixel ``p`` of the original image
+sits at ``(p + 0.5) * s - 0.5`` in the resized one (``s`` = resized / original size,
 the ``align_corners=False`` convention of the resize).
 
 Aggregation (multi-scale and flip, as in e.g. Ahn et al., IRN, CVPR 2019): for each scale the images
@@ -27,12 +27,11 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
-import cv2
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wsl.models.layers.geometry import axis_weights, resample_separable
+from wsl.models.layers.geometry import resample_bilinear
 
 logger = logging.getLogger(__name__)
 
@@ -76,32 +75,10 @@ def upsample_cams(maps: Tensor, image_size: Tuple[int, int], *, stride: Union[Nu
         raise ValueError(f"stride must be positive, got {stride!r}")
     H, W = int(image_size[0]), int(image_size[1])
     in_h, in_w = input_size if input_size is not None else (H, W)
-    h, w = maps.shape[-2:]
-    if (maps.device.type == "cpu" and not maps.requires_grad and (in_h, in_w) == (H, W)
-            and (H, W) == (h * sy, w * sx) and (oy, ox) == ((sy - 1) / 2, (sx - 1) / 2)):
-        return _resize_linear(maps, (H, W))
     # Pixel p of the image sits at (p + 0.5) * r - 0.5 in the network input, r = input / image size.
     ry, rx = in_h / H, in_w / W
-    return resample_separable(
-        maps.float(),
-        axis_weights(H, h, stride=sy, offset=oy, out_stride=ry, out_offset=0.5 * ry - 0.5, device=maps.device),
-        axis_weights(W, w, stride=sx, offset=ox, out_stride=rx, out_offset=0.5 * rx - 0.5, device=maps.device))
-
-
-def _resize_linear(maps: Tensor, size: Tuple[int, int]) -> Tensor:
-    """``cv2.resize(INTER_LINEAR)`` of each CPU map: it reads source cell ``(p + 0.5) * h / H - 0.5`` for
-    output pixel ``p``, holding the border cell beyond the outermost ones, with float weights. That is
-    :func:`upsample_cams`'s geometry when the image is ``stride`` times the map and the cells are
-    centred on their stride-sized blocks (``offset = (stride - 1) / 2``, as in VGG16 and the demo
-    network), and OpenCV's two-tap passes cost about two thirds of the separable matrix products on
-    this project's CPU (experiments/results/speed.md). Equal to them up to float rounding
-    (tests/test_cam_extract.py)."""
-    n, c, h, w = maps.shape
-    src = maps.detach().float().contiguous().numpy().reshape(n * c, h, w)
-    out = torch.empty(n, c, *size)
-    for m, o in zip(src, out.numpy().reshape(n * c, *size)):
-        cv2.resize(m, (size[1], size[0]), dst=o, interpolation=cv2.INTER_LINEAR)
-    return out
+    return resample_bilinear(maps.float(), (H, W), stride=(sy, sx), offset=(oy, ox), out_stride=(ry, rx),
+                             out_offset=(0.5 * ry - 0.5, 0.5 * rx - 0.5))
 
 
 def normalize_cams(cams: Tensor, mode: str = "max", eps: float = 1e-12, *, inplace: bool = False) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from typing import Iterable, Sequence, Tuple
 
+import cv2
 import torch
 from torch import nn
 
@@ -85,6 +86,48 @@ def resample_separable(maps: torch.Tensor, rows: torch.Tensor, cols: torch.Tenso
         return torch.matmul(rows.to(dtype), t)
 
 
+def _opencv_axis(n_out: int, n_in: int, stride: float, offset: float, out_stride: float, out_offset: float) -> bool:
+    """Whether output cell ``p`` reads source cell ``(p + 0.5) * n_in / n_out - 0.5``, as
+    ``cv2.resize`` does: ours is ``(out_offset + out_stride * p - offset) / stride``, so the slopes and
+    the intercepts must agree (multiplied out, exact for the usual power-of-two strides)."""
+    return out_stride * n_out == stride * n_in and 2 * n_out * (out_offset - offset) == stride * (n_in - n_out)
+
+
+def _resize_linear(maps: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """``cv2.resize(INTER_LINEAR)`` of each float32 CPU map (float weights, the border cell held beyond
+    the outermost ones)."""
+    n, c, h, w = maps.shape
+    src = maps.detach().contiguous().numpy().reshape(n * c, h, w)
+    out = torch.empty(n, c, *size)
+    for m, o in zip(src, out.numpy().reshape(n * c, *size)):
+        cv2.resize(m, (size[1], size[0]), dst=o, interpolation=cv2.INTER_LINEAR)
+    return out
+
+
+def resample_bilinear(maps: torch.Tensor, size: Sequence[int], *, stride: Tuple[float, float],
+                      offset: Tuple[float, float], out_stride: Tuple[float, float] = (1.0, 1.0),
+                      out_offset: Tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+    """Bilinearly resample maps ``(N, C, h, w)`` onto ``size = (H, W)``, with the geometry of
+    :func:`axis_weights` per axis ``(y, x)``: output cell ``p`` sits at input pixel ``out_offset +
+    out_stride * p`` and reads source cell ``(pixel - offset) / stride``, the border held beyond.
+
+    Float32 CPU maps that need no gradient go through ``cv2.resize`` when both axes have its geometry
+    (:func:`_opencv_axis`: e.g. an image ``stride`` times the map with cells centred on their blocks,
+    as VGG16's and the demo network's CAMs): its two-tap passes cost about two thirds of the matrix
+    products of :func:`resample_separable`, which serve every other case. The two agree up to float
+    rounding (tests/test_cam_extract.py).
+    """
+    h, w = maps.shape[-2:]
+    axes = [(int(size[0]), h, float(stride[0]), float(offset[0]), float(out_stride[0]), float(out_offset[0])),
+            (int(size[1]), w, float(stride[1]), float(offset[1]), float(out_stride[1]), float(out_offset[1]))]
+    if (maps.device.type == "cpu" and maps.dtype == torch.float32 and not maps.requires_grad
+            and all(_opencv_axis(*axis) for axis in axes)):
+        return _resize_linear(maps, (axes[0][0], axes[1][0]))
+    rows, cols = (axis_weights(n_out, n_in, stride=s, offset=o, out_stride=os_, out_offset=oo, device=maps.device)
+                  for n_out, n_in, s, o, os_, oo in axes)
+    return resample_separable(maps, rows, cols)
+
+
 def resample_maps(maps: torch.Tensor, size: Sequence[int], *, stride: float, offset: float,
                   out_stride: float = 1, out_offset: float = 0.0) -> torch.Tensor:
     """Bilinearly resample maps ``(N, C, h, w)`` (cells at ``offset + stride * i`` input pixels) onto a
@@ -93,15 +136,12 @@ def resample_maps(maps: torch.Tensor, size: Sequence[int], *, stride: float, off
     Each output cell reads the source at its own input-pixel position, so values land where their
     receptive fields are centred; beyond the first/last source cell centre the border value is held.
     Unlike ``F.interpolate(size=...)`` this stays aligned when sizes are not exact multiples or the
-    offset is not ``(stride - 1) / 2``.
+    offset is not ``(stride - 1) / 2``. Same geometry on both axes (:func:`resample_bilinear`).
     """
     if maps.dim() != 4:
         raise ValueError(f"maps must have shape (N, C, h, w), got {tuple(maps.shape)}")
-
-    h, w = maps.shape[-2:]
-    geometry = dict(stride=float(stride), offset=float(offset), out_stride=float(out_stride),
-                    out_offset=float(out_offset), device=maps.device)
-    return resample_separable(maps, axis_weights(int(size[0]), h, **geometry), axis_weights(int(size[1]), w, **geometry))
+    return resample_bilinear(maps, size, stride=(stride, stride), offset=(offset, offset),
+                             out_stride=(out_stride, out_stride), out_offset=(out_offset, out_offset))
 
 
 def maps_to_pixels(maps: torch.Tensor, size: Sequence[int], *, stride: float, offset: float) -> torch.Tensor:
