@@ -734,7 +734,8 @@ def merge_results(previous: Dict[str, Any], current: Dict[str, Any]) -> Dict[str
                                      "load_start": previous["load_start"], "load_end": previous["load_end"]}]
     runs = [{**r, "phases": [ph for ph in r["phases"] if ph not in fresh]} for r in runs]
     runs = [r for r in runs if r["phases"]] + [{"command": current["command"], "phases": list(current["phases"]),
-                                               "load_start": current["load_start"], "load_end": current["load_end"]}]
+                                               "load_start": current["load_start"], "load_end": current["load_end"],
+                                               "opencv_threads": current["machine"]["opencv_threads"]}]
     phases = {name: ph for name, ph in previous["phases"].items() if name not in fresh}
     phases.update(current["phases"])
     skipped = {k: v for k, v in previous["skipped"].items() if k not in fresh}
@@ -758,7 +759,8 @@ def machine() -> Dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
     return {"cpu": cpu, "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-            "torch_threads": torch.get_num_threads(), "opencv_threads": cv2.getNumThreads(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(), "opencv_threads": cv2.getNumThreads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "amx": any(f.startswith("amx") for f in flags), "avx512_bf16": "avx512_bf16" in flags,
             "python": platform.python_version(), "platform": platform.platform(), "versions": versions,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -775,13 +777,17 @@ def _fmt_time(st: Dict[str, Any]) -> str:
 def markdown(result: Dict[str, Any]) -> str:
     m, st = result["machine"], result["settings"]
     runs = result.get("runs", [])
-    provenance = ([f"Command: `{result['command']}`", ""] if len(runs) < 2 else
-                  ["Merged from several runs (`--merge`), the load average given at their start and end:", ""]
-                  + [f"- `{r['command']}`: {', '.join(r['phases'])} (load {r['load_start']} -> {r['load_end']})"
+    provenance = ([f"Command: `{result['command']}` (OpenCV threads: {m.get('opencv_threads', 'not recorded')})", ""]
+                  if len(runs) < 2 else
+                  ["Merged from several runs (`--merge`), the load average given at their start and end "
+                   "(torch threads: the command's `--threads`):", ""]
+                  + [f"- `{r['command']}`: {', '.join(r['phases'])} (load {r['load_start']} -> {r['load_end']}; "
+                     f"OpenCV threads: {r.get('opencv_threads', 'its default, not recorded')})"
                      for r in runs] + [""])
     lines = ["# Speed: wsl against its floor and its rivals", "", *provenance,
              f"Machine: {m['cpu']}, {m['cpus_usable']} usable of {m['cpus']} CPUs, torch {m['versions']['torch']} "
-             f"({m['torch_threads']} threads, OpenCV {m.get('opencv_threads', '?')}, {m['cpu_capability']}, AMX {'yes' if m['amx'] else 'no'}, "
+             f"({m['torch_threads']} threads, {m['cpu_capability']}, "
+             f"AMX {'yes' if m['amx'] else 'no'}, "
              f"avx512_bf16 {'yes' if m['avx512_bf16'] else 'no'}), Python {m['python']}, CUDA: "
              f"{m['cuda'] or 'none'}. GLIBC_TUNABLES in the parent: `{m['GLIBC_TUNABLES'] or 'unset'}`.", "",
              ("Load average (1/5/15 min): see above" if len(runs) > 1 else
