@@ -263,6 +263,10 @@ def test_ties_are_broken_by_position():
     m[0, 0, 5:9, 12:15] = 1.0
     (pts,) = local_maxima(m, min_distance=4, rel_threshold=0.5)
     assert pts.points.tolist() == [[12, 5]]
+    ridge = torch.zeros(1, 1, 9, 30)
+    ridge[0, 0, 4, 3:23] = 1.0  # a plateau longer than the window: greedy from the left, d + 1 apart
+    (pts,) = local_maxima(ridge, min_distance=3, rel_threshold=0.5)
+    assert pts.points.tolist() == [[3, 4], [7, 4], [11, 4], [15, 4], [19, 4]]
     twins = torch.zeros(1, 1, 20, 30)
     twins[0, 0, 10:13, 2:5] = twins[0, 0, 3:6, 20:23] = 1.0  # same area, same peak
     (b,) = cam_boxes(twins, mode="largest")
