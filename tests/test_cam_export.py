@@ -51,7 +51,7 @@ def test_export_dataset_writes_every_file_in_its_format(val_set, tmp_path):
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert sorted(p.name for p in out.iterdir()) == ["boxes_coco.json", "cams", "localization.json",
                                                      "manifest.json", "masks", "options.json", "overlays",
-                                                     "records"]
+                                                     "records", "wsl-output.json"]
     assert json.loads((out / "options.json").read_text())["options"] == manifest["options"]
     ext = CAMExtractor(model, scales=(1.0, 0.75), flip=True)
     for i, ann in enumerate(val_set.annotations):
@@ -131,8 +131,14 @@ def test_refuses_a_non_empty_output_without_overwrite(image_dir, tmp_path):
     with pytest.raises(OutputExistsError, match="overwrite"):
         export_cams(_model(2), ["x", "y"], dataset, out, progress=False)
     assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
-    export_cams(_model(2), ["x", "y"], dataset, out, overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "cams" / "a.npz").is_file()
+    with pytest.raises(OutputExistsError, match="not a `wsl cam` output"):  # not ours: never emptied
+        export_cams(_model(2), ["x", "y"], dataset, out, overwrite=True, progress=False)
+    assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
+    (out / "keep.txt").unlink()
+    export_cams(_model(2), ["x", "y"], dataset, out, progress=False)
+    (out / "stale.txt").write_text("left by an earlier export")
+    export_cams(_model(2), ["x", "y"], dataset, out, overwrite=True, progress=False)  # our own output
+    assert not (out / "stale.txt").exists() and (out / "cams" / "a.npz").is_file()
 
 
 def test_a_failed_write_never_leaves_a_partial_file(image_dir, tmp_path, monkeypatch):

@@ -593,11 +593,97 @@ def test_no_command_overwrites_results_without_overwrite(command, checkpoints, s
     assert (out / "keep.txt").read_text() == "earlier results\n"
 
 
-def test_overwrite_replaces_results(tmp_path, capsys):
-    out = tmp_path / "scenes"
+@pytest.mark.parametrize("command", ["synth", "train", "train-seg", "cam", "bench", "segment", "demo", "pipeline"])
+def test_overwrite_never_empties_a_folder_wsl_did_not_write(command, checkpoints, scenes_root, tmp_path, capsys):
+    out = tmp_path / "results"
     out.mkdir()
     (out / "keep.txt").write_text("earlier results\n")
-    code, _ = run_cli(["synth", "--train", "2", "--val", "2", "--size", "32", "--out", str(out), "--overwrite"], capsys)
+    argv = _outputs_argv(command, checkpoints, f"voc:{scenes_root}", out) + ["--overwrite"]
+    code, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, command, f"refusing --overwrite: {out} is not a `wsl ", "choose another --out")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def _snapshot(root: Path) -> List[Tuple[str, int]]:
+    return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+
+
+# (command, the input the output folder holds): each would have been deleted by --overwrite.
+_INPUT_CASES = [("train", "data"), ("train-seg", "data"), ("train-seg", "masks"), ("cam", "data"),
+                ("cam", "checkpoint"), ("bench", "data"), ("bench", "cams"), ("segment", "checkpoint"),
+                ("pipeline", "config")]
+
+
+@pytest.mark.parametrize("command,held", _INPUT_CASES)
+def test_overwrite_refuses_a_folder_holding_the_commands_own_input(command, held, checkpoints, scenes_root,
+                                                                    tmp_path, capsys):
+    out = tmp_path / "out"
+    # The folder is a wsl output of this very command (so only the input rule can refuse it) ...
+    out.mkdir()
+    (out / "wsl-output.json").write_text(json.dumps({"command": command}))
+    data, ckpt = f"voc:{scenes_root}", checkpoints
+    # ... that also holds what the command reads.
+    if held == "data":
+        shutil.copytree(scenes_root / "VOCdevkit", out / "VOCdevkit")
+        data = f"voc:{out}"
+    elif held == "checkpoint":
+        ckpt = out / "ckpt"
+        shutil.copytree(checkpoints, ckpt)
+    argv = _outputs_argv(command, ckpt, data, out)
+    if held == "masks":
+        shutil.copytree(scenes_root / "VOCdevkit" / "VOC2012" / "SegmentationClass", out / "masks")
+        argv += ["--masks", str(out / "masks")]
+    elif held == "cams":
+        (out / "cams").mkdir()
+        (out / "cams" / "x.npz").write_bytes(b"maps of another tool")
+        argv = ["bench", "--cams", str(out / "cams"), "--data", data, "--split", "val", "--out", str(out)]
+    elif held == "config":
+        shutil.copy(ROOT / "experiments" / "configs" / "pipeline_demo.json", out / "config.json")
+        argv = ["pipeline", "--config", str(out / "config.json"), "--out", str(out)]
+    before = _snapshot(out)
+    code, err = run_cli(argv + ["--overwrite"], capsys)
+    assert_one_line_error(code, err, command, f"refusing --overwrite: {out} holds this command's input",
+                          "choose another --out")
+    assert _snapshot(out) == before
+
+
+def test_overwrite_of_a_training_run_by_another_command_is_refused(scenes_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    train = _outputs_argv("train", tmp_path, f"voc:{scenes_root}", run)
+    assert run_cli(train, capsys)[0] == 0
+    before = _snapshot(run)
+    # The run's own checkpoint as input, and also a checkpoint from elsewhere: the run is not a cam output.
+    for ckpt in (run / "last.pt", tmp_path / "elsewhere.pt"):
+        shutil.copy(run / "last.pt", tmp_path / "elsewhere.pt")
+        argv = ["cam", "--checkpoint", str(ckpt), "--data", f"voc:{scenes_root}", "--split", "val", "--out",
+                str(run), "--overwrite"]
+        code, err = run_cli(argv, capsys)
+        assert_one_line_error(code, err, "cam", f"refusing --overwrite: {run} ")
+        assert _snapshot(run) == before
+    code, err = run_cli(argv[:-3] + ["--out", str(run), "--overwrite"], capsys)
+    assert "holds a `wsl train` output, not a `wsl cam` one" in err[0]
+    assert _snapshot(run) == before
+
+
+def test_overwrite_says_what_it_removed(tmp_path, caplog):
+    from wsl.utils.io import prepare_output_dir
+
+    out = prepare_output_dir(tmp_path / "o", kind="cam")
+    (out / "sub").mkdir()
+    (out / "sub" / "a.txt").write_text("a")
+    (out / "b.txt").write_text("b")
+    with caplog.at_level("INFO", logger="wsl.utils.io"):
+        prepare_output_dir(out, overwrite=True, kind="cam")
+    assert [p.name for p in out.iterdir()] == ["wsl-output.json"]
+    assert any("removed" in r.getMessage() and "wsl cam" in r.getMessage() for r in caplog.records)
+
+
+def test_overwrite_replaces_results(tmp_path, capsys):
+    out = tmp_path / "scenes"
+    synth = ["synth", "--train", "2", "--val", "2", "--size", "32", "--out", str(out)]
+    assert run_cli(synth, capsys)[0] == 0
+    (out / "keep.txt").write_text("earlier results\n")
+    code, _ = run_cli([*synth, "--overwrite"], capsys)
     assert code == 0 and not (out / "keep.txt").exists() and (out / "VOCdevkit").is_dir()
 
 

@@ -181,6 +181,12 @@ def test_refuses_non_empty_output_without_overwrite(tmp_path):
     (out / "keep.txt").write_text("x")
     with pytest.raises(OutputExistsError, match="overwrite"):
         generate_scenes(out, SMALL, progress=False)
+    with pytest.raises(OutputExistsError, match="not a `wsl synth` output"):
+        generate_scenes(out, SMALL, overwrite=True, progress=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    generate_scenes(out, SMALL, progress=False)
+    (out / "keep.txt").write_text("x")
     generate_scenes(out, SMALL, overwrite=True, progress=False)
     assert not (out / "keep.txt").exists() and (out / "synth.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial dir left

@@ -16,7 +16,7 @@ from wsl.train import engine
 from wsl.train.config import OptimConfig, RunConfig, ScheduleConfig, config_from_dict, diff_configs, with_overrides
 from wsl.train.engine import EpochSampler, RunDir, SeededDataset, Trainer, derive_seed, lr_factor
 from wsl.utils import dist
-from wsl.utils.io import load_checkpoint, save_checkpoint
+from wsl.utils.io import OUTPUT_MARKER, load_checkpoint, save_checkpoint
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -182,11 +182,22 @@ def test_run_dir_refusals(tmp_path):
         RunDir.open(out, resume=True, overwrite=False)
     with pytest.raises(ValueError, match="contradict"):
         RunDir.open(out, resume=True, overwrite=True)
+    with pytest.raises(OutputExistsError, match="not a `wsl train` output"):  # not a run: never emptied
+        RunDir.open(out, resume=False, overwrite=True)
+    (out / "notes.txt").unlink()
+    run, resumable = RunDir.open(out, resume=False, overwrite=False)
+    assert not resumable and [p.name for p in out.iterdir()] == [OUTPUT_MARKER]
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="holds a `wsl train` output, not a `wsl train-seg` one"):
+        RunDir.open(out, resume=False, overwrite=True, kind="train-seg")
+    with pytest.raises(OutputExistsError, match="holds this command's input"):
+        RunDir.open(out, resume=False, overwrite=True, inputs=[out / "notes.txt"])
+    assert (out / "notes.txt").is_file()
     run, resumable = RunDir.open(out, resume=False, overwrite=True)
-    assert not resumable and list(out.iterdir()) == []
+    assert not resumable and [p.name for p in out.iterdir()] == [OUTPUT_MARKER]
     (out / "config.json").write_text("{}")  # killed before the first checkpoint: resume starts afresh
     run, resumable = RunDir.open(out, resume=True, overwrite=False)
-    assert not resumable and list(out.iterdir()) == []
+    assert not resumable and [p.name for p in out.iterdir()] == [OUTPUT_MARKER]
 
 
 # ------------------------------------------------------------------------------------ trainer

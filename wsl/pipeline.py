@@ -40,13 +40,15 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from wsl.data.spec import spec_paths
 from wsl.data.synth import SynthConfig
 from wsl.train.classifier import TrainConfig
 from wsl.train.config import ConfigFile, config_from_file, diff_configs, read_json, with_overrides
 from wsl.train.engine import current_command, json_safe
 from wsl.train.segmenter import SegTrainConfig
 from wsl.utils.dist import resolve_device
-from wsl.utils.io import PathLike, atomic_write_json, atomic_write_text, prepare_output_dir, read_jsonl
+from wsl.utils.io import (PathLike, atomic_write_json, atomic_write_text, existing_paths, prepare_output_dir,
+                          read_jsonl)
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +348,7 @@ def _stage_scenes(ctx: _Context) -> Dict[str, Any]:
     from wsl.data.synth import generate_scenes, summarize
 
     synth = ctx.config.data.synth
-    generate_scenes(ctx.dir("scenes"), synth, overwrite=True, progress=ctx.progress)
+    generate_scenes(ctx.dir("scenes"), synth, overwrite=True, progress=ctx.progress)  # the run's own folder
     summary = summarize(ctx.dir("scenes"))
     return {"classes": synth.classes, "train": synth.train, "val": synth.val, "size": synth.size,
             "objects_per_image": {k: v["objects_per_image"] for k, v in summary["splits"].items()}}
@@ -387,7 +389,7 @@ def _bench_settings(cfg: BenchSection) -> Any:
 def _stage_bench(ctx: _Context) -> Dict[str, Any]:
     from wsl.bench import NpzCamSource, evaluate, read_npz_classes
 
-    out = prepare_output_dir(ctx.dir("bench"), overwrite=True)
+    out = prepare_output_dir(ctx.dir("bench"), overwrite=True, kind="bench")
     classes = read_npz_classes(ctx.dir("cams"))
     dataset = ctx.dataset(ctx.config.data.val_split, classes)
     b = ctx.config.bench
@@ -423,7 +425,7 @@ def _stage_pooling(ctx: _Context) -> Dict[str, Any]:
                 dataset = ctx.dataset(ctx.config.data.val_split, classes)
                 evaluate(ModelCamSource(model, dataset, batch_size=ctx.config.cams.batch_size, device=ctx.device),
                          dataset, metrics=list(p.metrics), settings=_bench_settings(ctx.config.bench),
-                         out_dir=prepare_output_dir(bench_dir, overwrite=True), progress=ctx.progress,
+                         out_dir=prepare_output_dir(bench_dir, overwrite=True, kind="bench"), progress=ctx.progress,
                          info={"command": ctx.command, "head": head})
         records = read_jsonl(run_dir / "metrics.jsonl")
         best = max(records, key=lambda r: r.get("val_map") or -1.0)
@@ -563,12 +565,13 @@ def _check_resume(out: Path, config: PipelineConfig) -> None:
 
 def run_pipeline(config: PipelineConfig, out_dir: PathLike, *, overwrite: bool = False, resume: bool = False,
                  stop_after: Optional[str] = None, progress: bool = True,
-                 command: Optional[str] = None) -> Dict[str, Any]:
+                 command: Optional[str] = None, inputs: Sequence[PathLike] = ()) -> Dict[str, Any]:
     """Run every stage of ``config`` into ``out_dir`` (stages in the module docstring).
 
-    A non-empty ``out_dir`` is refused unless ``overwrite`` (start again) or ``resume`` (skip the
-    complete stages; refused when ``out_dir/config.json`` differs from ``config``). ``stop_after``
-    ends the run after that stage. Logs one line per stage with its wall time; the stages show their
+    A non-empty ``out_dir`` is refused unless ``overwrite`` (start again: only an earlier pipeline run
+    holding none of its inputs, the dataset and weight files of ``config`` and ``inputs``, e.g. the
+    config file) or ``resume`` (skip the complete stages; refused when ``out_dir/config.json`` differs
+    from ``config``). ``stop_after`` ends the run after that stage. Logs one line per stage with its wall time; the stages show their
     own progress bars when ``progress``. Returns ``{"out_dir", "seconds", "this_call_seconds", "stages":
     {stage: record}, "environment", "results"}``: ``seconds`` adds up the stages' times (also those of
     stages skipped on resume), ``results`` is :func:`wsl.report.collect_results` of the run; the same goes
@@ -586,7 +589,9 @@ def run_pipeline(config: PipelineConfig, out_dir: PathLike, *, overwrite: bool =
         _check_resume(out, config)
         out.mkdir(parents=True, exist_ok=True)
     else:
-        prepare_output_dir(out, overwrite)
+        m, s = config.classifier.model, config.segmenter.model
+        reads = [*inputs, *spec_paths(config.data.spec), *existing_paths(m.weights, s.weights, s.backbone_weights)]
+        prepare_output_dir(out, overwrite, kind="pipeline", inputs=reads)
     command = command or current_command()
     atomic_write_json(out / "config.json", config.to_dict())
     with open(out / "command.txt", "a", encoding="utf-8") as f:

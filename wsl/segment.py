@@ -244,13 +244,15 @@ def score_mask_dir(dataset: Any, mask_dir: PathLike, *, ignore_as_background: bo
 def segment_dataset(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir: PathLike, *,
                     scales: Sequence[float] = (1.0,), flip: bool = False, crf: Any = None,
                     input_size: Optional[int] = None, batch_size: int = 8, workers: int = 0,
-                    amp: str = "none", overwrite: bool = False, progress: bool = True) -> Dict[str, Any]:
+                    amp: str = "none", overwrite: bool = False, progress: bool = True,
+                    inputs: Sequence[PathLike] = ()) -> Dict[str, Any]:
     """Segment every image of ``dataset`` and write ``out_dir/ID.png`` (module docstring).
 
     ``dataset`` yields raw samples ``{"image": uint8 (3, H, W), "id": str, ["mask": uint8 (H, W)]}`` in
     the model's class order (build it with ``classes=classes``); when it carries ground-truth masks
     (``masks=True``) the predictions are scored and ``metrics.json`` is written. A non-empty
-    ``out_dir`` is refused unless ``overwrite``; every file is written atomically. Returns the manifest
+    ``out_dir`` is refused unless ``overwrite``, which never empties a folder holding the dataset's files or
+    ``inputs`` (e.g. the checkpoint); every file is written atomically. Returns the manifest
     (with ``metrics`` when scored).
     """
     from wsl.metrics import confusion_matrix
@@ -262,7 +264,8 @@ def segment_dataset(model: nn.Module, classes: Sequence[str], dataset: Any, out_
                         f"[{', '.join(classes)}]; build the dataset with the model's class list")
     k = len(classes) + 1
     segmenter = Segmenter(model, scales=scales, flip=flip, input_size=input_size, crf=crf, amp=amp)
-    out = prepare_output_dir(out_dir, overwrite)
+    reads = [*inputs, *(dataset.input_paths() if hasattr(dataset, "input_paths") else ())]
+    out = prepare_output_dir(out_dir, overwrite, kind="segment", inputs=reads)
     scored = bool(getattr(dataset, "masks", False))
     confusion = np.zeros((k, k), dtype=np.int64)
     stems: Dict[str, str] = {}

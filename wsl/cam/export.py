@@ -400,7 +400,8 @@ def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir:
                 mask_bg: Optional[float] = None, crf: Optional[DenseCRF] = None, use_labels: bool = True,
                 peak_min_distance: int = 8, peak_top_k: int = 5, peak_threshold: float = 0.5,
                 normalizer: Callable[[Tensor], Tensor] = imagenet_normalizer, num_workers: int = 0,
-                overwrite: bool = False, resume: bool = False, progress: bool = True) -> Dict[str, Any]:
+                overwrite: bool = False, resume: bool = False, progress: bool = True,
+                inputs: Sequence[PathLike] = ()) -> Dict[str, Any]:
     """Export CAMs, overlays, points, boxes and pseudo-masks of every image of ``dataset``.
 
     ``dataset`` yields samples ``{"image": uint8 (3,H,W), "id": str, "labels": (C_ds,)}`` (a
@@ -415,7 +416,8 @@ def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir:
     ``mask_bg`` of :func:`wsl.cam.postprocess.pseudo_masks`, refined by ``crf`` when given
     (:func:`wsl.cam.crf.crf_pseudo_masks`). Local maxima: ``peak_*`` of
     :func:`wsl.cam.postprocess.local_maxima`. Refuses a non-empty ``out_dir`` unless ``overwrite``,
-    or ``resume`` to finish an interrupted export with the same settings (module docstring).
+    or ``resume`` to finish an interrupted export with the same settings (module docstring);
+    ``overwrite`` never empties a folder holding the dataset's files or ``inputs`` (e.g. the checkpoint).
     Returns the manifest (also written to ``out_dir/manifest.json``). File formats: module docstring.
     """
     classes = [str(c) for c in classes]
@@ -443,7 +445,8 @@ def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir:
     stems = _Stems()
     for i, ann in enumerate(anns or ()):  # else learnt from the samples
         stems.add(i, str(ann.id))
-    out = open_output_dir(out_dir, run_info, overwrite=overwrite, resume=resume)
+    reads = [*inputs, *(dataset.input_paths() if hasattr(dataset, "input_paths") else ())]
+    out = open_output_dir(out_dir, run_info, overwrite=overwrite, resume=resume, inputs=reads)
     writer = _Writer(out, stems, *writer_args)
     plan = _size_batches(dataset, batch_size)  # the whole dataset's, also when resuming (module docstring)
     todo = [b for b in plan if not all(writer.complete(writer.stems[i]) for i in b)] if resume else plan

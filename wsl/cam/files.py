@@ -97,11 +97,12 @@ def save_rgb_png(path: PathLike, rgb: np.ndarray) -> None:
 
 
 def open_output_dir(out_dir: PathLike, run_info: Dict[str, Any], *, overwrite: bool = False,
-                    resume: bool = False) -> Path:
+                    resume: bool = False, inputs: Sequence[Any] = ()) -> Path:
     """A fresh output directory (``prepare_output_dir``) with ``run_info`` in ``options.json``, or
     with ``resume`` an unfinished one whose ``options.json`` equals ``run_info``, cleared of the
     temporary files that interrupted atomic writes leave (``wsl.utils.io.atomic_path`` names them
-    ``.NAME.XXXX.tmpEXT``). Creates the per-image folders."""
+    ``.NAME.XXXX.tmpEXT``). ``inputs``: what the export reads, never removed by ``overwrite``.
+    Creates the per-image folders."""
     out = Path(out_dir)
     if resume and out.is_dir() and any(out.iterdir()):
         path = out / OPTIONS_FILE
@@ -123,7 +124,7 @@ def open_output_dir(out_dir: PathLike, run_info: Dict[str, Any], *, overwrite: b
         if left:
             logger.info("removed %d temporary file(s) of interrupted writes in %s", len(left), out)
     else:
-        out = prepare_output_dir(out_dir, overwrite)
+        out = prepare_output_dir(out_dir, overwrite, kind="cam", inputs=inputs)
         atomic_write_json(out / OPTIONS_FILE, run_info)
     for d in IMAGE_DIRS:
         (out / d).mkdir(exist_ok=True)

@@ -48,7 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from wsl.bench import ModelCamSource, NpzCamSource, compare_runs, evaluate, read_npz_classes
-    from wsl.data.spec import build_dataset
+    from wsl.data.spec import build_dataset, spec_paths
     from wsl.utils.io import atomic_write_text, prepare_output_dir
 
     settings = BenchSettings(thresholds=tuple(default_thresholds(args.cam_interval).tolist()),
@@ -58,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     for d in compare:
         if not (d / "metrics.json").is_file():
             raise FileNotFoundError(f"--compare {d}: no metrics.json there (not a `wsl bench --out` directory)")
-    out = prepare_output_dir(args.out, args.overwrite)
+    reads = [*spec_paths(args.data), args.cams, args.checkpoint, *compare]
+    out = prepare_output_dir(args.out, args.overwrite, kind="bench", inputs=reads)
     if args.cams:
         classes = read_npz_classes(args.cams)  # the dataset takes the CAM files' class order
         dataset = build_dataset(args.data, args.split, classes=classes)

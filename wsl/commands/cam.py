@@ -63,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
         model, classes, dataset, args.out, batch_size=args.batch_size, scales=args.scales, flip=args.flip,
         tau=args.tau, box_mode=args.box_mode, mask_method=args.mask_method, mask_fg=args.mask_fg,
         mask_bg=args.mask_bg, crf=crf, use_labels=not args.predicted, num_workers=args.workers,
-        overwrite=args.overwrite, resume=args.resume, progress=not getattr(args, "quiet", False))
+        overwrite=args.overwrite, resume=args.resume, progress=not getattr(args, "quiet", False),
+        inputs=[args.checkpoint])
     c = manifest["counts"]
     logger.info("wsl cam: %d images, %d boxes, %d points -> %s", c["images"], c["boxes"], c["points"], args.out)
     return 0

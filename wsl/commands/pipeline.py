@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.overrides:  # "a.b=2" -> {"a.b": 2}: dotted field names, JSON values (else strings)
         config = with_overrides(config, parse_kv(args.overrides, "--set"))
     summary = run_pipeline(config, args.out, overwrite=args.overwrite, resume=args.resume,
-                           stop_after=args.stop_after, progress=not getattr(args, "quiet", False))
+                           stop_after=args.stop_after, progress=not getattr(args, "quiet", False),
+                           inputs=[args.config])
     print(format_summary(summary))
     return 0

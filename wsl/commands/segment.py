@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
         crf = DenseCRF(max_pixels=args.crf_max_pixels)
     options = dict(scales=args.scales, flip=args.flip, crf=crf, input_size=size, batch_size=args.batch_size,
-                   workers=args.workers, amp=args.amp, overwrite=args.overwrite,
+                   workers=args.workers, amp=args.amp, overwrite=args.overwrite, inputs=[args.checkpoint],
                    progress=not getattr(args, "quiet", False))
     if args.data:
         from wsl.data.spec import build_dataset

@@ -143,6 +143,16 @@ class WSLDataset(torch.utils.data.Dataset):
         self._mask_lut, self._mask_valid = lut, valid
         self._mask_names = file_classes
 
+    def input_paths(self) -> List[Path]:
+        """The files and folders this dataset reads (its source, root, and the folders of its images
+        and masks): what ``--overwrite`` must never delete (:func:`wsl.utils.io.prepare_output_dir`)."""
+        found = {str(p) for p in (self.source, getattr(self, "root", None)) if p is not None}
+        for ann in self.annotations:
+            found.add(os.path.dirname(os.fspath(ann.image_path)))
+            if ann.mask_path is not None:
+                found.add(os.path.dirname(os.fspath(ann.mask_path)))
+        return [Path(p) for p in sorted(found) if p]
+
     def __len__(self) -> int:
         return len(self.annotations)
 

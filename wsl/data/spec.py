@@ -18,7 +18,7 @@ with split ``train``; real COCO, ``coco:annotations:{split}`` with split ``val20
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from wsl.data.base import WSLDataset
 from wsl.errors import DataError
@@ -39,6 +39,23 @@ def build_dataset(spec: str, split: str, *, classes: Optional[Sequence[str]] = N
     if skip_bad:
         dataset.skip_unreadable()
     return dataset
+
+
+def spec_paths(spec: Optional[str]) -> List[Path]:
+    """The files and folders a dataset spec names (``voc:DIR`` -> DIR; ``coco:ANN:IMAGES`` -> both;
+    ``tags:FILE`` -> FILE and its folder, which its relative image paths start from), whether or not
+    they exist: what an ``--overwrite`` of the command reading them must never delete."""
+    scheme, sep, rest = str(spec or "").partition(":")
+    if not sep or scheme not in SCHEMES or not rest:
+        return []
+    if scheme == "coco":
+        ann, _, image_dir = rest.partition(":")
+        parts = [ann, image_dir.split("{split}")[0] or "."] if image_dir else [ann]
+        return [Path(p).expanduser() for p in parts]
+    path = Path(rest).expanduser()
+    if scheme == "tags" and not path.is_dir():
+        return [path, path.parent]
+    return [path]
 
 
 def _build(spec: str, split: str, *, classes: Optional[Sequence[str]], masks: bool,

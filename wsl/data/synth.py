@@ -516,7 +516,7 @@ def generate_scenes(out_dir: PathLike, config: SynthConfig = SynthConfig(), *, o
     Files are written into a hidden sibling directory and moved into ``out_dir`` at the end, so an
     interrupted run never leaves a half-written dataset behind. Returns ``out_dir``.
     """
-    out = prepare_output_dir(Path(out_dir).resolve(), overwrite)
+    out = prepare_output_dir(Path(out_dir).resolve(), overwrite, kind="synth")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         voc, coco_dir = tmp / "VOCdevkit" / "VOC2012", tmp / "coco"

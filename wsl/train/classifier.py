@@ -25,7 +25,7 @@ from torch.utils.data import Subset
 from wsl.train.config import BaseDataConfig, ConfigFile, OptimConfig, RunConfig, ScheduleConfig, check_resume_config
 from wsl.train.engine import Trainer, autocast, backbone_head_groups, data_loader, seed_everything, start_run, to_device
 from wsl.utils import dist
-from wsl.utils.io import PathLike
+from wsl.utils.io import PathLike, existing_paths
 
 log = logging.getLogger(__name__)
 
@@ -156,20 +156,22 @@ def train_classifier(config: TrainConfig, out_dir: PathLike, *, resume: bool = F
     Under ``torchrun`` every rank calls this; only rank 0 writes.
     """
     from wsl.data.base import collate
-    from wsl.data.spec import build_dataset
+    from wsl.data.spec import build_dataset, spec_paths
     from wsl.data.transforms import eval_transform, train_transform
     from wsl.models.classifier import build_classifier, classifier_checkpoint, load_classifier
 
     if not config.data.spec:
         raise ValueError("no training data: pass --data SPEC (e.g. voc:data/VOC2012) or a --config file")
-    with start_run(config, out_dir, resume=resume, overwrite=overwrite) as start:
+    # The data is read before the run directory is touched: a bad dataset leaves no output behind.
+    d = config.data
+    train_set = build_dataset(d.spec, d.train_split, transform=train_transform(d.size, scale_range=d.scale),
+                              skip_bad=d.skip_bad)
+    classes = list(train_set.classes)
+    val_set = build_dataset(d.spec, d.val_split, classes=classes, transform=eval_transform(d.size),
+                            skip_bad=d.skip_bad)
+    inputs = [*spec_paths(d.spec), *existing_paths(config.model.weights)]
+    with start_run(config, out_dir, resume=resume, overwrite=overwrite, kind="train", inputs=inputs) as start:
         info, ckpt, cfg_dict = start.info, start.checkpoint, start.config
-        d = config.data
-        train_set = build_dataset(d.spec, d.train_split, transform=train_transform(d.size, scale_range=d.scale),
-                                  skip_bad=d.skip_bad)
-        classes = list(train_set.classes)
-        val_set = build_dataset(d.spec, d.val_split, classes=classes, transform=eval_transform(d.size),
-                                skip_bad=d.skip_bad)
         dist.log_main(log, logging.INFO, "training on %s (%d images), validating on %s (%d images), %d classes",
                       d.train_split, len(train_set), d.val_split, len(val_set), len(classes))
 

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from wsl.errors import CheckpointError, NumericalError, OutputExistsError
 from wsl.train.config import ConfigFile, OptimConfig, RunConfig, ScheduleConfig, check_resume_config
 from wsl.utils import dist
-from wsl.utils.io import (PathLike, append_jsonl, atomic_path, atomic_write_json, atomic_write_text,
-                          load_checkpoint, prepare_output_dir, read_jsonl, save_checkpoint)
+from wsl.utils.io import (OUTPUT_MARKER, PathLike, append_jsonl, atomic_path, atomic_write_json, atomic_write_text,
+                          check_replaceable, load_checkpoint, prepare_output_dir, read_jsonl, save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -300,13 +300,15 @@ class RunDir:
         self.best = self.path / "best.pt"
 
     @classmethod
-    def open(cls, path: Path, *, resume: bool, overwrite: bool) -> Tuple["RunDir", bool]:
+    def open(cls, path: Path, *, resume: bool, overwrite: bool, kind: str = "train",
+             inputs: Sequence[Any] = ()) -> Tuple["RunDir", bool]:
         """Check and prepare ``path``; returns the run dir and whether there is a ``last.pt`` to resume.
 
         Fresh runs need an empty (or missing) directory unless ``overwrite``. ``resume`` without a
         checkpoint starts fresh when the directory holds nothing but files of a run killed before its
-        first ``last.pt`` (``best.pt`` included: it is written just before). All ranks check; rank 0
-        alone changes the directory.
+        first ``last.pt`` (``best.pt`` included: it is written just before). ``--overwrite`` empties only
+        an earlier ``wsl kind`` run that holds none of ``inputs`` (:func:`~wsl.utils.io.prepare_output_dir`).
+        All ranks check; rank 0 alone changes the directory.
         """
         if resume and overwrite:
             raise ValueError("--resume and --overwrite contradict each other; pass one")
@@ -319,14 +321,16 @@ class RunDir:
         stale = [name for name in content if _is_atomic_temp(name)]
         content = [name for name in content if name not in stale]
         resumable = resume and run.last.is_file()
-        if resume and not resumable and set(content) - {*RUN_FILES, run.best.name}:
+        if resume and not resumable and set(content) - {*RUN_FILES, run.best.name, OUTPUT_MARKER}:
             raise CheckpointError(f"cannot resume: {run.last} not found; pass --overwrite to start again")
         if not resume and content and not overwrite:
             raise OutputExistsError(f"output directory is not empty: {p} "
                                     "(pass --resume to continue it or --overwrite to replace it)")
+        if not resumable and content:
+            check_replaceable(p, kind=kind, inputs=inputs)  # every rank refuses alike, before any change
         dist.barrier()  # every rank has looked before rank 0 changes anything
         if dist.is_main() and not resumable:
-            prepare_output_dir(p, overwrite=True)
+            prepare_output_dir(p, overwrite=True, kind=kind, inputs=inputs)
         elif dist.is_main():
             for name in stale:  # a checkpoint-sized file per kill would otherwise pile up
                 (p / name).unlink(missing_ok=True)
@@ -434,15 +438,16 @@ class RunStart:
 
 
 @contextlib.contextmanager
-def start_run(config: ConfigFile, out_dir: PathLike, *, resume: bool, overwrite: bool) -> Iterator[RunStart]:
+def start_run(config: ConfigFile, out_dir: PathLike, *, resume: bool, overwrite: bool, kind: str = "train",
+              inputs: Sequence[Any] = ()) -> Iterator[RunStart]:
     """Join the process group (starting one, and destroying it on exit, when none is running) and open
-    ``out_dir`` (:meth:`RunDir.open`). With ``resume`` and a ``last.pt`` there, the checkpoint is
+    ``out_dir`` (:meth:`RunDir.open`, ``kind`` and ``inputs`` as there). With ``resume`` and a ``last.pt`` there, the checkpoint is
     loaded and refused when it was trained with another configuration (:func:`check_resume_config`).
     ``config`` is a run config with ``run.device`` and ``to_dict``."""
     created_group = not dist.is_initialized()
     info = dist.init_distributed(config.run.device)  # type: ignore[attr-defined]
     try:
-        run, resumable = RunDir.open(Path(out_dir), resume=resume, overwrite=overwrite)
+        run, resumable = RunDir.open(Path(out_dir), resume=resume, overwrite=overwrite, kind=kind, inputs=inputs)
         ckpt = load_resume_checkpoint(run) if resumable else None
         cfg_dict = config.to_dict()
         if ckpt is not None:

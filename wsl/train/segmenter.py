@@ -41,7 +41,7 @@ from wsl.errors import DataError
 from wsl.train.config import BaseDataConfig, ConfigFile, OptimConfig, RunConfig, ScheduleConfig
 from wsl.train.engine import Trainer, backbone_head_groups, seed_everything, start_run
 from wsl.utils import dist
-from wsl.utils.io import PathLike
+from wsl.utils.io import PathLike, existing_paths
 
 log = logging.getLogger(__name__)
 
@@ -270,17 +270,19 @@ def train_segmenter(config: SegTrainConfig, out_dir: PathLike, *, resume: bool =
     only rank 0 writes. Checkpoints are :func:`wsl.models.segmenter_checkpoint` dicts plus
     ``train_config`` and ``input_size`` (the crop size, used by :mod:`wsl.segment`).
     """
-    from wsl.data.spec import build_dataset
+    from wsl.data.spec import build_dataset, spec_paths
     from wsl.models import load_segmenter, segmenter_checkpoint
 
     if not config.data.spec:
         raise ValueError("no training data: pass --data SPEC (e.g. synth:runs/demo/scenes) or a --config file")
-    with start_run(config, out_dir, resume=resume, overwrite=overwrite) as start:
+    # The data is read before the run directory is touched: a bad dataset leaves no output behind.
+    d, m = config.data, config.model
+    train_set = training_set(d)
+    classes = list(train_set.classes)
+    val_set = build_dataset(d.spec, d.val_split, classes=classes, masks=True, skip_bad=d.skip_bad)
+    inputs = [*spec_paths(d.spec), d.masks, *existing_paths(m.weights, m.backbone_weights)]
+    with start_run(config, out_dir, resume=resume, overwrite=overwrite, kind="train-seg", inputs=inputs) as start:
         info, ckpt, cfg_dict = start.info, start.checkpoint, start.config
-        d = config.data
-        train_set = training_set(d)
-        classes = list(train_set.classes)
-        val_set = build_dataset(d.spec, d.val_split, classes=classes, masks=True, skip_bad=d.skip_bad)
         dist.log_main(log, logging.INFO, "training on %s (%d images, %s), validating on %s (%d images), "
                       "%d classes + background", d.train_split, len(train_set),
                       "ground-truth masks" if d.masks is None else f"pseudo-masks from {d.masks}", d.val_split,

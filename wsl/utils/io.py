@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from wsl.errors import CheckpointError, DataError, OutputExistsError
 
 PathLike = Union[str, os.PathLike]
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -109,18 +111,75 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
     return obj
 
 
-def prepare_output_dir(path: PathLike, overwrite: bool = False) -> Path:
-    """Create ``path`` for fresh results. An existing non-empty directory is an error unless
-    ``overwrite`` is set, in which case its contents are removed first."""
+#: The file :func:`prepare_output_dir` writes first into every output directory: which ``wsl`` command
+#: owns it. ``--overwrite`` empties only a directory that holds this file naming the same command.
+OUTPUT_MARKER = "wsl-output.json"
+
+
+def prepare_output_dir(path: PathLike, overwrite: bool = False, *, kind: str = "output",
+                       inputs: Iterable[Optional[PathLike]] = ()) -> Path:
+    """Create ``path`` for fresh results of the command ``kind`` (``"cam"``, ``"train"``, ...) and write
+    :data:`OUTPUT_MARKER` into it.
+
+    An existing non-empty directory is an error unless ``overwrite``; then its contents are removed,
+    but only when it is this command's own earlier output: it must hold the marker naming ``kind``, and
+    none of ``inputs`` (the files and folders the command reads: dataset, checkpoint, masks, CAMs) may
+    be the directory or lie inside it. Anything else raises :class:`OutputExistsError` and nothing is
+    removed. What was removed is logged.
+    """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputExistsError(f"output path exists and is not a directory: {path}")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise OutputExistsError(f"output directory is not empty: {path} (pass --overwrite to replace it)")
-        shutil.rmtree(path)
+        check_replaceable(path, kind=kind, inputs=inputs)
+        files = dirs = 0
+        for entry in list(path.iterdir()):
+            if entry.is_dir() and not entry.is_symlink():
+                files += sum(1 for q in entry.rglob("*") if not q.is_dir())
+                dirs += 1
+                shutil.rmtree(entry)
+            else:
+                files += 1
+                entry.unlink()
+        log.info("--overwrite: removed %d file(s) in %d folder(s) and the top level of the previous `wsl %s` "
+                 "output %s", files, dirs, kind, path)
     path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path / OUTPUT_MARKER, {"format": "wsl-output/1", "command": kind})
     return path
+
+
+def existing_paths(*values: Any) -> list:
+    """The values that name an existing file or folder (weights may be a path or an enum name)."""
+    return [Path(v).expanduser() for v in values
+            if isinstance(v, (str, os.PathLike)) and str(v) and Path(v).expanduser().exists()]
+
+
+def check_replaceable(path: PathLike, *, kind: str, inputs: Iterable[Optional[PathLike]] = ()) -> None:
+    """Raise :class:`OutputExistsError` unless ``--overwrite`` may empty the directory ``path``
+    (:func:`prepare_output_dir`): it holds none of ``inputs`` and is an earlier ``wsl kind`` output."""
+    path = Path(path)
+    out = path.resolve()
+    for item in inputs:
+        if item is None or str(item) == "":
+            continue
+        p = Path(item).expanduser().resolve()
+        if p == out or out in p.parents:
+            raise OutputExistsError(f"refusing --overwrite: {path} holds this command's input {item}; "
+                                    "choose another --out")
+    marker = path / OUTPUT_MARKER
+    try:
+        owner = json.loads(marker.read_text(encoding="utf-8")).get("command")
+    except FileNotFoundError:
+        raise OutputExistsError(f"refusing --overwrite: {path} is not a `wsl {kind}` output (no {OUTPUT_MARKER}); "
+                                "choose another --out, or empty it yourself") from None
+    except (OSError, ValueError, AttributeError) as e:
+        raise OutputExistsError(f"refusing --overwrite: {marker} is unreadable ({e}); choose another --out, "
+                                "or empty it yourself") from e
+    if owner != kind:
+        raise OutputExistsError(f"refusing --overwrite: {path} holds a `wsl {owner}` output, not a `wsl {kind}` "
+                                "one; choose another --out")
 
 
 def read_image(path: PathLike) -> np.ndarray:

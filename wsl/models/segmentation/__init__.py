@@ -20,12 +20,11 @@ from wsl.models.backbones import BACKBONES
 from wsl.models.checkpoint import make_checkpoint, restore_model, unwrap
 from wsl.models.segmentation.deeplab import DeepLabLargeFOV
 from wsl.models.segmentation.fcn import FCN, bilinear_kernel
+from wsl.models.segmentation.registry import SEGMENTERS
 from wsl.models.weights import load_matching, load_weights
-from wsl.registry import Registry
 
 log = logging.getLogger(__name__)
 KIND = "wsl.segmenter"
-SEGMENTERS = Registry("segmenter")
 
 # Backbone options each head needs (FCN: fc6 padded so any size works; LargeFOV: stride-8 conv5
 # features, its own fc6/fc7 sized to the backbone and image scale).
