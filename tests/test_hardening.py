@@ -3,6 +3,8 @@ numerical corner cases and one-line CLI errors. One section per item of the issu
 made here, from a copy of the tiny generated scenes (``scenes_root``) or from scratch."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -174,6 +176,125 @@ def test_decompression_bomb_is_refused_naming_the_file(tmp_path, monkeypatch):
     ds = TagsDataset(tmp_path / "tags.txt")
     with pytest.raises(DataError, match=r"bomb\.png: Image size \(10000 pixels\) exceeds limit.*MAX_IMAGE_PIXELS"):
         ds[0]
+
+
+def test_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path, monkeypatch):
+    # PIL itself only warns between MAX_IMAGE_PIXELS and twice that; wsl refuses at the limit.
+    Image.fromarray(_gradient(40, 40)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DataError, match=r"huge\.png: 40x40 = 1,600 pixels is over the 1,000 pixel limit"):
+        read_image(tmp_path / "huge.png")
+    from wsl.utils.io import image_size
+    with pytest.raises(DataError, match=r"huge\.png: .*pixel limit"):
+        image_size(tmp_path / "huge.png")
+
+
+def _exif_rotated(path: Path) -> np.ndarray:
+    """A 24x32 (HxW) JPEG stored as is, with EXIF orientation 6 (viewers turn it 90 degrees clockwise)."""
+    rgb = np.zeros((24, 32, 3), np.uint8)
+    rgb[:, :16] = (250, 0, 0)  # left half red: after the turn the top half is red
+    im = Image.fromarray(rgb)
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(path, exif=exif, quality=95)
+    return rgb
+
+
+def test_exif_orientation_is_applied_as_viewers_show_the_photo(tmp_path):
+    from wsl.utils.io import image_size
+
+    _exif_rotated(tmp_path / "phone.jpg")
+    img = read_image(tmp_path / "phone.jpg")
+    assert img.shape == (32, 24, 3) and image_size(tmp_path / "phone.jpg") == (32, 24)
+    assert img[:14, :, 0].mean() > 200 and img[18:, :, 0].mean() < 50  # red on top after the turn
+    assert read_image(tmp_path / "phone.jpg", exif=False).shape == (24, 32, 3)
+
+
+def test_annotated_size_of_the_stored_pixels_keeps_them_unrotated(tmp_path):
+    # An annotation made on the stored pixels (its size is the stored one) keeps them: its boxes fit.
+    _exif_rotated(tmp_path / "phone.jpg")
+    from wsl.data.base import WSLDataset, make_annotation
+
+    ann = make_annotation("phone", tmp_path / "phone.jpg", 1, size=(24, 32))
+    assert WSLDataset(["x"], [ann]).load_image(0).shape == (24, 32, 3)
+
+
+def test_utf8_bom_and_crlf_are_stripped_from_tags_and_class_files(tmp_path):
+    Image.fromarray(_gradient(8, 8)).save(tmp_path / "a.png")
+    Image.fromarray(_gradient(8, 8)).save(tmp_path / "b.png")
+    (tmp_path / "tags.txt").write_bytes("\ufeffa.png\tcat\r\nb.png\tdog cat\r\n".encode("utf-8"))
+    (tmp_path / "classes.txt").write_bytes("\ufeffcat\r\ndog\r\n".encode("utf-8"))
+    ds = TagsDataset(tmp_path / "tags.txt")
+    assert ds.classes == ["cat", "dog"] and [a.id for a in ds.annotations] == ["a", "b"]
+    (tmp_path / "classes.txt").unlink()
+    (tmp_path / "tags.txt").write_bytes("\ufeff# classes: cat dog\r\na.png\tcat\r\n".encode("utf-8"))
+    assert TagsDataset(tmp_path / "tags.txt").classes == ["cat", "dog"]
+
+
+def _coco_file(scenes_root: Path, tmp_path: Path, edit: Callable[[dict], None]) -> str:
+    data = json.loads((scenes_root / "coco" / "instances_val.json").read_text())
+    edit(data)
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    return f"coco:{tmp_path / 'bad.json'}:{scenes_root / 'VOCdevkit' / 'VOC2012' / 'JPEGImages'}"
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda d: d["annotations"][0].update(image_id=987654), "refers to image_id 987654, which is not in 'images'"),
+    (lambda d: d["annotations"][0].update(bbox=[3, 4, -5, 6]), "has bbox [3, 4, -5, 6] with a negative"),
+    (lambda d: d["annotations"][0].update(bbox=[3, 4]), "has bbox [3, 4]; expected [x, y, width, height]"),
+], ids=["unknown-image-id", "negative-width", "short-bbox"])
+def test_bad_coco_annotation_is_one_line_naming_it(edit, needle, scenes_root, tmp_path, capsys):
+    spec = _coco_file(scenes_root, tmp_path, edit)
+    with pytest.raises(DataError, match=re.escape(needle)):
+        build_dataset(spec, "val")
+    code, err = run_cli(["train", "--data", spec, "--val-split", "val", "--train-split", "val", "--device", "cpu",
+                         "--out", str(tmp_path / "out")], capsys)
+    assert_one_line_error(code, err, "train", f"{tmp_path / 'bad.json'}: annotation ", needle)
+    assert not (tmp_path / "out").exists()
+
+
+def _image_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(_gradient(40, 48)).save(folder / "ok.png")
+    return folder
+
+
+def test_cam_images_with_a_symlink_loop_is_one_line_naming_it(checkpoints, tmp_path, capsys):
+    folder = _image_folder(tmp_path)
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    out = tmp_path / "out"
+    code, err = run_cli(["cam", "--checkpoint", str(checkpoints / "clf.pt"), "--images", str(folder), "--out",
+                         str(out), "--device", "cpu"], capsys)
+    assert_one_line_error(code, err, "cam", f"{folder / 'loop.jpg'}: broken or looping symbolic link")
+    assert not out.exists()
+
+
+def test_cam_images_with_a_bomb_is_one_line_naming_it(checkpoints, tmp_path, capsys, monkeypatch):
+    folder = _image_folder(tmp_path)
+    Image.fromarray(_gradient(100, 100)).save(folder / "bomb.png")  # 10000 px against a 1000 px limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    code, err = run_cli(["cam", "--checkpoint", str(checkpoints / "clf.pt"), "--images", str(folder), "--out",
+                         str(tmp_path / "out"), "--device", "cpu"], capsys)
+    assert_one_line_error(code, err, "cam", f"{folder / 'bomb.png'}: ", "pixel limit")
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("size", [(1, 1), (5, 9), (40, 3)])
+def test_cam_images_smaller_than_the_network_are_padded_with_a_log_line(size, tmp_path, caplog):
+    from wsl.cam.export import ImageFolderDataset, export_cams
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(_gradient(*size) if min(size) > 1 else np.full((*size, 3), 90, np.uint8)).save(folder / "t.png")
+    torch.manual_seed(0)
+    model = build_classifier(backbone="vgg_tiny", num_classes=2, pooling="lse").eval()
+    assert model.min_input_size == 8  # three stride-2 pools (the fourth has stride 1)
+    with caplog.at_level("INFO", logger="wsl.cam.extract"):
+        export_cams(model, ["x", "y"], ImageFolderDataset(folder, ["x", "y"]), tmp_path / "out", progress=False)
+    cams = np.load(tmp_path / "out" / "cams" / "t.npz")["cams"]
+    assert cams.shape == (2, *size) and np.isfinite(cams.astype(np.float32)).all()
+    assert any("smaller than the model's 8 px minimum" in r.getMessage() for r in caplog.records)
 
 
 def _break_images(voc: Path, ids: List[str]) -> List[Path]:
@@ -351,7 +472,9 @@ def _evil_argv(name: str, ckpt: Path, data: str, out: Path) -> List[str]:
                                   "train-seg --backbone-weights"])
 def test_pickle_that_runs_code_is_refused_everywhere(name, checkpoints, scenes_root, tmp_path, capsys):
     code, err = run_cli(_evil_argv(name, checkpoints, f"voc:{scenes_root}", tmp_path / "out"), capsys)
-    assert_one_line_error(code, err, name.split()[0], f"{checkpoints / 'evil.pt'}: refused to load")
+    line = assert_one_line_error(code, err, name.split()[0], f"{checkpoints / 'evil.pt'}: refused to load: it holds "
+                                 "Python objects that would run code", "GLOBAL")
+    assert "weights_only" not in line  # torch's advice to load it unsafely is not repeated
     assert not (checkpoints / "pwned").exists()
 
 
@@ -386,6 +509,18 @@ def test_checkpoint_of_another_model_is_refused_saying_what_it_holds(checkpoints
     line = assert_one_line_error(code, err, "train", "made for another model: ")
     assert "pooling='max' (expected 'lse')" in line
     assert "3 classes [disc, square, triangle] (expected 4: [disc, square, triangle, star])" in line
+
+
+def test_checkpoint_whose_weights_do_not_fit_says_so_in_a_short_line(checkpoints, scenes_root, tmp_path, capsys):
+    ckpt = load_checkpoint(checkpoints / "clf.pt")
+    ckpt["model"] = {f"renamed.{k}": v for k, v in ckpt["model"].items()}
+    save_checkpoint(tmp_path / "renamed.pt", ckpt)
+    code, err = run_cli(["cam", "--checkpoint", str(tmp_path / "renamed.pt"), "--data", f"voc:{scenes_root}",
+                         "--split", "val", "--out", str(tmp_path / "cam")], capsys)
+    n = len(ckpt["model"])
+    line = assert_one_line_error(code, err, "cam", "weights do not fit the model in its config",
+                                 f"{n} missing: backbone.features.0.weight", f"+{n - 3} more", f"{n} unexpected: renamed.")
+    assert len(line) < 400
 
 
 @pytest.mark.parametrize("command", ["train", "train-seg"])
@@ -685,6 +820,97 @@ def test_overwrite_replaces_results(tmp_path, capsys):
     (out / "keep.txt").write_text("earlier results\n")
     code, _ = run_cli([*synth, "--overwrite"], capsys)
     assert code == 0 and not (out / "keep.txt").exists() and (out / "VOCdevkit").is_dir()
+
+
+# -------------------------------------------------------------------------------------- resources
+@contextlib.contextmanager
+def _tmpfs(path: Path, size: str):
+    """A tmpfs of ``size`` mounted at ``path`` (a real full disk); skips where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or done.returncode})")
+    try:
+        yield lambda options: subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _cam_argv(ckpt: Path, data: str, out: Path) -> List[str]:
+    return ["cam", "--checkpoint", str(ckpt), "--data", data, "--split", "val", "--device", "cpu", "--out", str(out)]
+
+
+def _assert_complete_files_only(out: Path) -> None:
+    """No temporary file left, and every .npz / .png / .json there reads back whole."""
+    assert not [p for p in out.rglob(".*") if p.is_file()], "temporary files left behind"
+    for p in out.rglob("*"):
+        if p.suffix == ".npz":
+            np.load(p)["cams"]
+        elif p.suffix == ".png":
+            Image.open(p).load()
+        elif p.suffix == ".json":
+            json.loads(p.read_text())
+
+
+def test_cam_on_a_full_disk_is_one_line_then_resumes_to_the_same_files(checkpoints, scenes_root, tmp_path, capsys):
+    reference = tmp_path / "reference"
+    assert run_cli(_cam_argv(checkpoints / "clf.pt", f"voc:{scenes_root}", reference), capsys)[0] == 0
+    disk = tmp_path / "disk"
+    with _tmpfs(disk, "48k") as remount:
+        out = disk / "cams"
+        code, err = run_cli(_cam_argv(checkpoints / "clf.pt", f"voc:{scenes_root}", out), capsys)
+        line = assert_one_line_error(code, err, "cam", "No space left on device; free some space, then rerun "
+                                     "with --resume")
+        assert line.startswith(f"wsl cam: error: {out}/")  # names the file it could not write
+        _assert_complete_files_only(out)
+        remount("size=16m")
+        assert run_cli(_cam_argv(checkpoints / "clf.pt", f"voc:{scenes_root}", out) + ["--resume"], capsys)[0] == 0
+        for p in reference.rglob("*.npz"):
+            np.testing.assert_array_equal(np.load(p)["cams"], np.load(out / p.relative_to(reference))["cams"])
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == sorted(p.relative_to(reference)
+                                                                           for p in reference.rglob("*"))
+
+
+def test_train_on_a_full_disk_is_one_line_then_resumes(scenes_root, tmp_path, capsys):
+    disk = tmp_path / "disk"
+    argv = _outputs_argv("train", tmp_path, f"voc:{scenes_root}", disk / "run")
+    with _tmpfs(disk, "256k") as remount:  # the config and log fit, the first checkpoint does not
+        code, err = run_cli(argv, capsys)
+        assert_one_line_error(code, err, "train", f"{disk / 'run'}/", "No space left on device", "--resume")
+        _assert_complete_files_only(disk / "run")
+        remount("size=64m")
+        assert run_cli(argv + ["--resume"], capsys)[0] == 0
+        assert [r["epoch"] for r in read_jsonl(disk / "run" / "metrics.jsonl")] == [1]
+
+
+@pytest.mark.parametrize("command", ["train", "cam", "bench"])
+def test_read_only_output_is_one_line(command, checkpoints, scenes_root, tmp_path, capsys):
+    disk = tmp_path / "disk"
+    with _tmpfs(disk, "16m") as remount:
+        remount("ro")
+        out = disk / "out"
+        code, err = run_cli(_outputs_argv(command, checkpoints, f"voc:{scenes_root}", out), capsys)
+        assert_one_line_error(code, err, command, "Read-only file system; choose an --out on a writable file system")
+
+
+def test_a_write_error_anywhere_is_one_line_naming_the_file(checkpoints, scenes_root, tmp_path, capsys, monkeypatch):
+    """Where no tmpfs can be mounted: ENOSPC injected into the atomic writer's final rename."""
+    import wsl.utils.io as wio
+
+    calls = {"n": 0}
+    real = os.replace
+
+    def full(src, dst):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(src, dst)
+
+    monkeypatch.setattr(wio.os, "replace", full)
+    out = tmp_path / "cams"
+    code, err = run_cli(_cam_argv(checkpoints / "clf.pt", f"voc:{scenes_root}", out), capsys)
+    assert_one_line_error(code, err, "cam", f"{out}/", "No space left on device", "--resume")
+    _assert_complete_files_only(out)
 
 
 # --------------------------------------------------------------------------------------- numerics

@@ -7,8 +7,10 @@ errors into one line on stderr (the full traceback with ``--debug``).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -20,7 +22,18 @@ COMMANDS = ["synth", "train", "cam", "bench", "train_seg", "segment", "demo", "p
 
 # Exceptions that mean "the user gave us something wrong"; anything else is a bug and keeps its traceback.
 USER_ERRORS = (WSLError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-               IsADirectoryError, PermissionError, KeyboardInterrupt)
+               IsADirectoryError, PermissionError)
+
+
+# OS errors that come from the machine's resources, not from a bug: one line too, saying what to do.
+RESOURCE_ERRORS = {
+    errno.ENOSPC: "free some space", errno.EDQUOT: "free some space or raise the quota",
+    errno.EROFS: "choose an --out on a writable file system", errno.EACCES: "check the permissions",
+    errno.EPERM: "check the permissions", errno.EMFILE: "raise the open-files limit (ulimit -n)",
+    errno.ENAMETOOLONG: "use a shorter path", errno.EIO: "check the disk",
+}
+# Commands that finish an interrupted run with --resume.
+RESUMABLE = ("train", "train-seg", "cam", "demo", "pipeline")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,14 +65,30 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except USER_ERRORS as e:
+    except KeyboardInterrupt:
         if args.debug:
             raise
-        if isinstance(e, KeyboardInterrupt):
-            print("wsl: interrupted", file=sys.stderr)
-            return 130
-        print(f"wsl {args.command}: error: {one_line(e)}", file=sys.stderr)
-        return 1
+        print("wsl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        if isinstance(e, OSError) and e.errno in RESOURCE_ERRORS and not isinstance(e, WSLError):
+            print(f"wsl {args.command}: error: {resource_line(e, args.command)}", file=sys.stderr)
+            return 1
+        if isinstance(e, USER_ERRORS):
+            print(f"wsl {args.command}: error: {one_line(e)}", file=sys.stderr)
+            return 1
+        raise  # a bug: keep its traceback
+
+
+def resource_line(error: OSError, command: str) -> str:
+    """``PATH: No space left on device; free some space, then rerun with --resume (every file written so
+    far is complete)``: what failed, where, and what to do."""
+    where = f"{error.filename}: " if error.filename else ""
+    what = error.strerror or os.strerror(error.errno)
+    then = ", then rerun with --resume (every file written so far is complete)" if command in RESUMABLE else ""
+    return f"{where}{what}; {RESOURCE_ERRORS[error.errno]}{then}"
 
 
 def one_line(error: BaseException) -> str:

@@ -46,7 +46,6 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -58,7 +57,7 @@ from wsl.cam.files import (IMAGE_DIRS, OPTIONS_FILE, file_stem, open_output_dir,
                            save_rgb_png)
 from wsl.data.base import WSLDataset, make_annotation
 from wsl.errors import DataError
-from wsl.utils.io import PathLike, atomic_write_json
+from wsl.utils.io import PathLike, atomic_write_json, image_size
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +76,11 @@ class ImageFolderDataset(WSLDataset):
         root = Path(root)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
-        files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink()))
+        broken = [p for p in files if not p.is_file()]
+        if broken:  # a dangling or looping link: say so rather than skip the image without a word
+            raise DataError(f"{broken[0]}: broken or looping symbolic link; remove it or point it at an image"
+                            + (f" ({len(broken) - 1} more in {root})" if len(broken) > 1 else ""))
         if not files:
             raise DataError(f"{root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
         super().__init__(classes, [make_annotation(p.stem, p, len(classes)) for p in files], source=root)
@@ -172,9 +175,8 @@ def _image_size(dataset: Any, i: int) -> Optional[Tuple[int, int]]:
     if getattr(ann, "size", None) is not None:
         return tuple(ann.size)
     try:
-        with Image.open(ann.image_path) as im:
-            return im.height, im.width
-    except (OSError, ValueError):
+        return image_size(ann.image_path)
+    except (OSError, ValueError):  # DataError included
         return None  # unreadable: __getitem__ raises the named error when it gets there
 
 

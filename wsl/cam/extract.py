@@ -170,6 +170,18 @@ class CAMExtractor:
                              f"{tuple(maps.shape[:2])} like its class maps")
         return scores
 
+    def _pad_to_minimum(self, x: Tensor) -> Tensor:
+        """Pad an input smaller than the model's ``min_input_size`` at the bottom and right by repeating
+        its border: the map cells keep their positions (cell ``(i, j)`` at ``offset + stride * (i, j)``
+        from the top-left), so the upsampled maps cover the real pixels and the rest is dropped."""
+        need = int(getattr(self.model, "min_input_size", 1))
+        h, w = x.shape[-2:]
+        if h >= need and w >= need:
+            return x
+        logger.info("CAMExtractor: a %dx%d input is smaller than the model's %d px minimum; padded by repeating "
+                    "its border (maps cropped back to the image)", h, w, need)
+        return F.pad(x, (0, max(0, need - w), 0, max(0, need - h)), mode="replicate")
+
     def raw(self, images: Tensor) -> CAMOutput:
         """Aggregated maps before normalisation (same as ``normalize="none"``)."""
         if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
@@ -190,6 +202,7 @@ class CAMExtractor:
                 size = (max(1, round(H * s)), max(1, round(W * s)))
                 x = images if size == (H, W) else F.interpolate(
                     images, size=size, mode="bilinear", align_corners=False, antialias=s < 1)
+                x = self._pad_to_minimum(x)
                 if self.flip:
                     x = torch.cat([x, x.flip(-1)])
                 if self.channels_last:

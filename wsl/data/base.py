@@ -20,11 +20,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 import numpy as np
 import torch
-from PIL import Image
 
 from wsl.data.classes import IGNORE_INDEX
 from wsl.errors import DataError
-from wsl.utils.io import read_image
+from wsl.utils.io import open_image, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -93,19 +92,14 @@ def check_annotations(annotations: Sequence[Annotation], source: Any) -> None:
 def read_mask_png(path: Path) -> np.ndarray:
     """Read a class-index mask PNG as (H, W) uint8 indices (palette indices, not colours)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not os.path.islink(path):
         raise FileNotFoundError(f"mask not found: {path}")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode not in ("P", "L"):
-                raise DataError(f"{path}: mask must be a palette ('P') or grayscale ('L') PNG of class "
-                                f"indices, found mode {im.mode!r}")
-            return np.asarray(im, dtype=np.uint8).copy()
-    except DataError:
-        raise
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: unreadable mask ({e})") from e
+    with open_image(path) as im:  # the image reader's guards (bombs, truncation) name the file
+        im.load()
+        if im.mode not in ("P", "L"):
+            raise DataError(f"{path}: mask must be a palette ('P') or grayscale ('L') PNG of class "
+                            f"indices, found mode {im.mode!r}")
+        return np.asarray(im, dtype=np.uint8).copy()
 
 
 class WSLDataset(torch.utils.data.Dataset):
@@ -186,6 +180,9 @@ class WSLDataset(torch.utils.data.Dataset):
         """Image ``i`` as (H, W, 3) uint8 RGB; a truncated or unreadable file raises naming it."""
         ann = self.annotations[i]
         img = read_image(ann.image_path)
+        if ann.size is not None and tuple(img.shape[:2]) != tuple(ann.size) and img.shape[1::-1] == tuple(ann.size):
+            # The annotation was made on the stored pixels, not the EXIF-rotated view: keep those.
+            img = read_image(ann.image_path, exif=False)
         if ann.size is not None and tuple(img.shape[:2]) != tuple(ann.size):
             raise DataError(f"{ann.image_path}: image is {img.shape[0]}x{img.shape[1]} (HxW) but its "
                             f"annotation says {ann.size[0]}x{ann.size[1]}")

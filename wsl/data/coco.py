@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -34,7 +35,7 @@ def _load_coco(ann_json: Path) -> Any:
         raise ImportError("reading COCO annotations needs pycocotools: pip install 'wsl[coco]'") from e
     coco = COCO()
     try:
-        with open(ann_json, encoding="utf-8") as f:
+        with open(ann_json, encoding="utf-8-sig") as f:
             coco.dataset = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{ann_json}: not a valid COCO JSON file ({e})") from e
@@ -47,6 +48,25 @@ def _load_coco(ann_json: Path) -> Any:
     except (KeyError, TypeError) as e:
         raise DataError(f"{ann_json}: malformed COCO file (missing field {e})") from e
     return coco
+
+
+def _check_annotations(ann_json: Path, dataset: Dict[str, Any]) -> None:
+    """Refuse annotations that pycocotools accepts silently: an ``image_id`` no image has (the object
+    would be dropped without a word) and a ``bbox`` that is not 4 finite numbers with width, height >= 0."""
+    image_ids = {img.get("id") for img in dataset["images"]}
+    for a in dataset["annotations"]:
+        if a.get("image_id") not in image_ids:
+            raise DataError(f"{ann_json}: annotation {a.get('id')} refers to image_id {a.get('image_id')!r}, which "
+                            "is not in 'images'; fix or remove the annotation")
+        box = a.get("bbox")
+        try:
+            x, y, w, h = (float(v) for v in box)
+        except (TypeError, ValueError):
+            raise DataError(f"{ann_json}: annotation {a.get('id')} has bbox {box!r}; expected [x, y, width, "
+                            "height]") from None
+        if not all(math.isfinite(v) for v in (x, y, w, h)) or w < 0 or h < 0:
+            raise DataError(f"{ann_json}: annotation {a.get('id')} has bbox {box!r} with a negative or non-finite "
+                            "value; COCO boxes are [x, y, width, height] with width, height >= 0")
 
 
 class COCODataset(WSLDataset):
@@ -70,6 +90,7 @@ class COCODataset(WSLDataset):
         if unknown_ids:
             raise DataError(f"{self.ann_json}: annotations use category ids {sorted(unknown_ids)} that are "
                             "not in 'categories'")
+        _check_annotations(self.ann_json, self.coco.dataset)
         found = {c["name"] for c in cats if c["id"] in used}
         source = self.ann_json if classes is None else f"{self.ann_json} (with the given class list)"
         names = resolve_classes(found, classes, file_classes, source)

@@ -26,7 +26,7 @@ def parse_tags_file(path: Path) -> Tuple[Optional[List[str]], List[Tuple[int, st
     if not path.is_file():
         raise FileNotFoundError(f"tags file not found: {path}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not a UTF-8 text file ({e})") from e
     header = None

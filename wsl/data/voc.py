@@ -38,7 +38,7 @@ def find_voc_root(path: PathLike) -> Path:
 
 def read_class_list(path: Path) -> List[str]:
     """One class name per line (blank lines and ``#`` comments skipped)."""
-    names = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    names = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines()]
     names = [n for n in names if n and not n.startswith("#")]
     if not names:
         raise DataError(f"{path}: empty class list")
@@ -52,7 +52,7 @@ def read_split(path: Path, what: str = "split") -> List[str]:
             if path.parent.is_dir() else []
         raise FileNotFoundError(f"{what} file not found: {path} "
                                 f"(available: {', '.join(available) or 'none'})")
-    return [ln.split()[0] for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    return [ln.split()[0] for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
 
 
 def _text(node: ET.Element, tag: str, path: Path) -> str:

@@ -107,9 +107,26 @@ def load_state(model: nn.Module, state: Any, label: str) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:2])
-        raise CheckpointError(f"{label}: weights do not fit the model in its config ({detail})") from e
+        raise CheckpointError(f"{label}: weights do not fit the model in its config ({state_mismatch(model, state)})") from e
+
+
+def state_mismatch(model: nn.Module, state: Mapping[str, Any], *, show: int = 3) -> str:
+    """A short account of how ``state`` differs from ``model``'s state dict: counts of missing,
+    unexpected and wrongly shaped keys with the first ``show`` of each (torch's message lists them all,
+    thousands of characters for a whole network)."""
+    own = model.state_dict()
+
+    def some(keys: list) -> str:
+        more = f", +{len(keys) - show} more" if len(keys) > show else ""
+        return ", ".join(keys[:show]) + more
+
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    parts = [f"{len(found)} {what}: {some(found)}" for what, found in
+             (("missing", missing), ("unexpected", unexpected), ("of another shape (file vs model)", shapes)) if found]
+    return "; ".join(parts) or "the state dict was refused"
 
 
 def check_tensors(state: Mapping[str, Any], label: str) -> None:

@@ -81,6 +81,11 @@ class WSLClassifier(nn.Module):
     def offset(self) -> float:
         return self.backbone.offset
 
+    @property
+    def min_input_size(self) -> int:
+        """The smallest input side the backbone maps (:class:`~wsl.models.backbones.base.Backbone`)."""
+        return int(getattr(self.backbone, "min_input_size", 1))
+
     def class_maps(self, x: torch.Tensor) -> torch.Tensor:
         maps = self.head(self.backbone(x))
         m = self.config.maps_per_class

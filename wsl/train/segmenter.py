@@ -32,7 +32,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
@@ -41,7 +40,7 @@ from wsl.errors import DataError
 from wsl.train.config import BaseDataConfig, ConfigFile, OptimConfig, RunConfig, ScheduleConfig
 from wsl.train.engine import Trainer, backbone_head_groups, seed_everything, start_run
 from wsl.utils import dist
-from wsl.utils.io import PathLike, existing_paths
+from wsl.utils.io import PathLike, existing_paths, image_size
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +162,7 @@ class PseudoMaskDataset(Dataset):
         if ann.size is not None:
             return tuple(ann.size)  # type: ignore[return-value]
         try:
-            with Image.open(ann.image_path) as im:  # header only
-                return im.height, im.width
+            return image_size(ann.image_path)  # header only
         except (OSError, ValueError):
             return tuple(self.base.load_image(i).shape[:2])  # type: ignore[return-value]  # raises naming the file
 

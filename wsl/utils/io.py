@@ -14,12 +14,13 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Iterable, Iterator, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from wsl.errors import CheckpointError, DataError, OutputExistsError
 
@@ -45,6 +46,11 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
+    except OSError as e:
+        if e.errno is not None and (e.filename is None or str(e.filename) == str(tmp_path)):
+            # name the result the user asked for, not its temporary
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -101,8 +107,9 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: refused to load (not a plain weights file: {first})") from e
+        raise CheckpointError(f"{path}: refused to load: {_unsafe_reason(e)}; wsl loads only plain weights "
+                              "(tensors, numbers, strings, lists, dicts). Use a checkpoint written by wsl, or "
+                              "re-save the state dict with torch.save from code you trust") from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from e
@@ -114,6 +121,16 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
 #: The file :func:`prepare_output_dir` writes first into every output directory: which ``wsl`` command
 #: owns it. ``--overwrite`` empties only a directory that holds this file naming the same command.
 OUTPUT_MARKER = "wsl-output.json"
+
+
+def _unsafe_reason(error: BaseException) -> str:
+    """What torch's weights-only unpickler refused, without its advice to retry with
+    ``weights_only=False`` (which would run the file's code)."""
+    for line in str(error).splitlines():
+        line = line.strip()
+        if "GLOBAL" in line or line.lower().startswith(("unsupported", "weightsunpickler error")):
+            return f"it holds Python objects that would run code when loaded ({line.rstrip('.')})"
+    return "it is not a plain weights file"
 
 
 def prepare_output_dir(path: PathLike, overwrite: bool = False, *, kind: str = "output",
@@ -182,20 +199,36 @@ def check_replaceable(path: PathLike, *, kind: str, inputs: Iterable[Optional[Pa
                                 "one; choose another --out")
 
 
-def read_image(path: PathLike) -> np.ndarray:
-    """Read an image file as an RGB uint8 array (H, W, 3).
+# Over Image.MAX_IMAGE_PIXELS PIL only warns (it refuses at twice that); the reader below refuses at the
+# limit itself with a message naming the file, so PIL's warning would only add a stray stderr line.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
-    Handles grayscale, palette, alpha (dropped), CMYK and 16-bit images. A missing, truncated, empty or non-image file raises an error that names the file.
-    """
+#: EXIF orientations (tag 0x0112) that turn the stored image by 90 degrees: width and height swap.
+_TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+@contextlib.contextmanager
+def open_image(path: PathLike) -> Iterator[Image.Image]:
+    """``Image.open`` behind every guard: missing / empty / looping files, non-images, and images over
+    ``PIL.Image.MAX_IMAGE_PIXELS`` (a guard against decompression bombs and out-of-memory decoding)
+    raise one error naming the file, before any pixel is decoded."""
     path = Path(path)
     if not path.is_file():
+        if os.path.islink(path):
+            raise DataError(f"{path}: broken or looping symbolic link; remove it or point it at an image")
         raise FileNotFoundError(f"image not found: {path}")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty image file (0 bytes)")
     try:
         with Image.open(path) as im:
-            im.load()  # decode now so truncation surfaces here, not in a worker later
-            return _to_rgb_array(im)
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and im.width * im.height > limit:
+                raise DataError(f"{path}: {im.width}x{im.height} = {im.width * im.height:,} pixels is over the "
+                                f"{limit:,} pixel limit (PIL.Image.MAX_IMAGE_PIXELS, against decompression bombs "
+                                "and out-of-memory); resize the image, or raise the limit if the file is trusted")
+            yield im
+    except DataError:
+        raise
     except UnidentifiedImageError as e:
         raise DataError(f"{path}: not an image file PIL can read") from e
     except Image.DecompressionBombError as e:  # not an OSError
@@ -203,6 +236,38 @@ def read_image(path: PathLike) -> np.ndarray:
                         "trusted)") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: unreadable image ({e})") from e
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # a malformed EXIF block is no reason to refuse the pixels
+        return 1
+
+
+def image_size(path: PathLike, *, exif: bool = True) -> Tuple[int, int]:
+    """``(H, W)`` of an image from its header (no decoding), as :func:`read_image` returns it: after
+    the EXIF orientation when ``exif``. Errors as :func:`read_image`."""
+    with open_image(path) as im:
+        if exif and _orientation(im) in _TRANSPOSING_ORIENTATIONS:
+            return im.width, im.height
+        return im.height, im.width
+
+
+def read_image(path: PathLike, *, exif: bool = True) -> np.ndarray:
+    """Read an image file as an RGB uint8 array (H, W, 3): the one guarded reader every image goes
+    through.
+
+    Handles grayscale, palette, alpha (dropped), CMYK and 16-bit images; with ``exif`` the EXIF
+    orientation is applied (a phone photo comes out upright, as viewers show it). A missing, looping,
+    truncated, empty or non-image file, or one over ``PIL.Image.MAX_IMAGE_PIXELS``, raises an error that
+    names the file.
+    """
+    with open_image(path) as im:  # its guards also name the file when decoding fails
+        im.load()  # decode now so truncation surfaces here, not in a worker later
+        if exif and _orientation(im) != 1:
+            im = ImageOps.exif_transpose(im)
+        return _to_rgb_array(im)
 
 
 def _to_rgb_array(im: Image.Image) -> np.ndarray:

@@ -28,6 +28,8 @@ class Backbone(nn.Module):
     stride: int
     offset: float
     taps: Dict[str, Tap]
+    #: The smallest input side the network maps to at least one cell (smaller inputs must be padded).
+    min_input_size: int = 1
 
     def forward_taps(self, x: torch.Tensor, names: Sequence[str]) -> Dict[str, torch.Tensor]:
         """Run the network once; return ``{"out": final map, name: tap map for name in names}``."""

@@ -118,6 +118,12 @@ class VGGBackbone(Backbone):
         self.out_channels = channels
         self._fc6_valid = bool(fc_channels) and fc6_padding == "valid"
         self.stride, self.offset = conv_geometry(self.modules())
+        # Each stride-2 pool floors its input: a side below the features' stride leaves no cell, and an
+        # unpadded fc6 needs its kernel's extent in cells.
+        feature_stride = conv_geometry(self.features)[0]
+        fc6 = self.fc.fc6 if self.fc is not None else None
+        self.min_input_size = feature_stride * (fc6.dilation[0] * (fc6.kernel_size[0] - 1) + 1
+                                                if self._fc6_valid else 1)
         self.taps = {}
         for i, idx in enumerate(self._pool_index, start=1):
             stride, offset = conv_geometry(self.features[: idx + 1])
