@@ -3,6 +3,8 @@
 They are written differently on purpose: literal transcriptions of the protocols (the VOC devkit's
 VOCevalcls/VOCap, TorchRay's pointing game, wsolevaluation's per-threshold loop) with Python loops,
 scipy.ndimage connected components instead of the component tree, and brute force everywhere.
+wsolevaluation's contours are derived from the regions they bound (scipy labels), not found with
+OpenCV, so the "published" boxes are checked against a second reading of what findContours returns.
 """
 from __future__ import annotations
 
@@ -156,18 +158,151 @@ def box_sweep(norm, gt_boxes, thresholds, connectivity=8):
     return np.array(largest), np.array(best)
 
 
-def max_box_acc(pairs, thresholds, iou_thresholds=(0.3, 0.5, 0.7)):
-    """``pairs``: list of (norm map, gt boxes). Returns (MaxBoxAcc, MaxBoxAccV2)."""
+def max_box_acc(pairs, thresholds, iou_thresholds=(0.3, 0.5, 0.7), sweep=None):
+    """``pairs``: list of (norm map, gt boxes). Returns (MaxBoxAcc, MaxBoxAccV2). ``sweep``: the IoU
+    curves, :func:`box_sweep` (wsl-exact, default) or :func:`wsol_box_sweep` (published)."""
+    sweep = sweep or box_sweep
     correct_v1 = np.zeros(len(thresholds))
     correct_v2 = np.zeros((len(iou_thresholds), len(thresholds)))
     for norm, gt in pairs:
-        largest, best = box_sweep(norm, gt, thresholds)
+        largest, best = sweep(norm, gt, thresholds)
         for i in range(len(thresholds)):
             correct_v1[i] += largest[i] >= 0.5
             for j, thr in enumerate(iou_thresholds):
                 correct_v2[j, i] += best[i] >= thr
     n = len(pairs)
     return correct_v1.max() / n, float(np.mean([row.max() / n for row in correct_v2]))
+
+
+# ------------------------------------------------------------------------------------ wsolevaluation boxes
+_CROSS = ndimage.generate_binary_structure(2, 1)
+
+
+def _window_counts(region):
+    """How many of the four pixels of every 2 x 2 window are in ``region``."""
+    r = region.astype(np.int64)
+    return r[:-1, :-1] + r[1:, :-1] + r[:-1, 1:] + r[1:, 1:]
+
+
+def opencv_contours(binary):
+    """What ``cv2.findContours(binary, RETR_TREE, CHAIN_APPROX_SIMPLE)`` returns, as
+    ``[((x, y, w, h) of cv2.boundingRect, cv2.contourArea), ...]`` in its order, without tracing.
+
+    Suzuki & Abe's border following treats 1-pixels as 8-connected and 0-pixels as 4-connected, the
+    image framed by 0s. So there is one outer contour per 8-connected component and one hole contour
+    per 4-connected 0-region that does not reach the frame; the regions nest as a tree, each one's
+    parent being the adjacent region that encloses it. A contour passes through the centres of its
+    border pixels: an outer one through the component's own pixels (box: the component's extent),
+    a hole's through the 1-pixels 4-adjacent to the hole (box: the hole's extent grown by one pixel).
+    Its polygon area, counted over 2 x 2 windows of pixel centres, is
+    - outer contour of a component filled with everything it encloses (S): 1 per window inside S,
+      1/2 per window with three pixels of S (the corner is cut diagonally);
+    - hole contour around a hole filled with what it encloses (T): 1 per window with two or more
+      pixels of T, 1/2 per window with one (the corner pixel's triangle).
+    OpenCV lists the tree depth first, each contour before its children, siblings in reverse order
+    of their first pixel in raster order (where the scan finds them).
+    """
+    b = np.pad(np.asarray(binary, bool), 1)
+    fg, nf = ndimage.label(b, structure=np.ones((3, 3)))
+    bg, _ = ndimage.label(~b, structure=_CROSS)
+    adjacent = {}
+    for one, two in ((np.s_[:, :-1], np.s_[:, 1:]), (np.s_[:-1, :], np.s_[1:, :])):
+        for f, g in ((fg[one], bg[two]), (fg[two], bg[one])):
+            m = (f > 0) & (g > 0)
+            for i, j in set(zip(f[m].tolist(), g[m].tolist())):
+                adjacent.setdefault(i, set()).add(nf + j)  # background region j is node nf + j
+                adjacent.setdefault(nf + j, set()).add(i)
+    root = nf + int(bg[0, 0])  # the frame
+    parent, queue = {root: None}, [root]
+    for node in queue:  # breadth first from the frame: each region's parent encloses it
+        for nxt in sorted(adjacent.get(node, ())):
+            if nxt not in parent:
+                parent[nxt] = node
+                queue.append(nxt)
+    pixels = {n: (fg == n) if n <= nf else (bg == n - nf) for n in queue}
+    children = {n: [m for m in queue if parent[m] == n] for n in queue}
+
+    def filled(n):
+        out = pixels[n].copy()
+        for m in children[n]:
+            out |= filled(m)
+        return out
+
+    def first_pixel(n):
+        return int(np.flatnonzero(pixels[n].ravel())[0])
+
+    result = []
+
+    def visit(n):
+        ys, xs = np.nonzero(pixels[n])
+        counts = _window_counts(filled(n))
+        if n <= nf:
+            x0, y0, x1, y1 = xs.min() - 1, ys.min() - 1, xs.max() - 1, ys.max() - 1  # minus the frame
+            area = float((counts == 4).sum() + 0.5 * (counts == 3).sum())
+        else:
+            x0, y0, x1, y1 = xs.min() - 2, ys.min() - 2, xs.max(), ys.max()
+            area = float((counts >= 2).sum() + 0.5 * (counts == 1).sum())
+        result.append(((int(x0), int(y0), int(x1 - x0 + 1), int(y1 - y0 + 1)), area))
+        for m in sorted(children[n], key=first_pixel, reverse=True):
+            visit(m)
+
+    for m in sorted(children[root], key=first_pixel, reverse=True):
+        visit(m)
+    return result
+
+
+def plus_one_iou(a, b):
+    """wsolevaluation's IoU of integer (x0, y0, x1, y1) boxes: both corners count as pixels."""
+    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
+    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
+    inter = iw * ih
+    union = (a[2] - a[0] + 1) * (a[3] - a[1] + 1) + (b[2] - b[0] + 1) * (b[3] - b[1] + 1) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def wsol_boxes(binary):
+    """wsolevaluation's boxes of a mask: boundingRect (x, y, w, h) -> (x, y, x + w, y + h), the far
+    corner clipped to the last column / row; (0, 0, 0, 0) when the mask is empty. With the areas."""
+    h, w = binary.shape
+    contours = opencv_contours(binary)
+    if not contours:
+        return [(0, 0, 0, 0)], [0.0]
+    boxes = [(x, y, min(x + bw, w - 1), min(y + bh, h - 1)) for (x, y, bw, bh), _ in contours]
+    return boxes, [area for _, area in contours]
+
+
+def wsol_box_sweep(norm, gt_boxes, thresholds):
+    """wsolevaluation's compute_bboxes_from_scoremaps + BoxEvaluator.accumulate, one threshold at a time:
+    (IoU of the largest contour's box, best IoU over all contours' boxes) per threshold."""
+    u8 = (np.asarray(norm, dtype=np.float64) * 255).astype(np.uint8)
+    peak = u8.max()
+    gts = [[int(v) for v in g] for g in gt_boxes]  # its boxes are ints (x0, y0, x0 + w, y0 + h)
+    largest, best = [], []
+    for t in thresholds:
+        boxes, areas = wsol_boxes(u8 > int(t * peak))
+        if not gts:
+            largest.append(0.0)
+            best.append(0.0)
+            continue
+        ious = [max(plus_one_iou(box, g) for g in gts) for box in boxes]
+        big = max(range(len(areas)), key=lambda i: areas[i])  # Python's max keeps the first of equals
+        largest.append(ious[big])
+        best.append(max(ious))
+    return np.array(largest), np.array(best)
+
+
+# ------------------------------------------------------------------------------------ pointing game (TorchRay)
+def torchray_pointing_game(samples, num_classes, tol=15):
+    """TorchRay's PointingGame counters: ``samples`` is a list of (class, point, region mask); the mean
+    of ``hits / max(hits + misses, 1)`` over all ``num_classes`` (a class without samples gives 0)."""
+    hits, misses = [0] * num_classes, [0] * num_classes
+    for c, point, region in samples:
+        if torchray_hit(point, region, tol):
+            hits[c] += 1
+        else:
+            misses[c] += 1
+    acc = [hits[c] / max(hits[c] + misses[c], 1) for c in range(num_classes)]
+    return sum(acc) / num_classes, acc
 
 
 # ------------------------------------------------------------------------------------ pixels

@@ -107,8 +107,12 @@ def bench_run(scenes, tmp_path_factory):
     return metrics, out
 
 
-def _reference_metrics(dataset, cam_dir):
-    """Every headline metric recomputed image by image with tests/reference_metrics.py."""
+def _reference_metrics(dataset, cam_dir, protocol="published"):
+    """Every headline metric recomputed image by image with tests/reference_metrics.py: MaxBoxAcc(V2) and
+    top-1 with wsolevaluation's boxes and the pointing game as TorchRay (boxes, mean over all classes)
+    under "published", with exact components and the masks under "wsl-exact"."""
+    published = protocol == "published"
+    sweep = ref.wsol_box_sweep if published else ref.box_sweep
     loaded = [np.load(cam_dir / f"{a.id}.npz") for a in dataset.annotations]
     cams = [z["cams"].astype(np.float64) for z in loaded]
     scores = np.stack([z["scores"].astype(np.float64) for z in loaded])
@@ -124,7 +128,7 @@ def _reference_metrics(dataset, cam_dir):
     out["cls_map"] = np.nanmean(aps)
     out["point_map"] = np.nanmean(ref.point_map(cams, labels, [a.boxes for a in anns], [a.box_labels for a in anns],
                                                 [a.difficult for a in anns], rank_scores=scores))
-    hits, corloc, pairs, pair_cls = {}, {}, [], []
+    samples, hard, corloc, pairs, pair_cls = [], [], {}, [], []
     v1_curves, px_maps, px_pos, px_neg = {}, [], [], []
     for i, (a, cam, mask) in enumerate(zip(anns, cams, masks)):
         for c in range(3):
@@ -133,20 +137,29 @@ def _reference_metrics(dataset, cam_dir):
                 continue
             boxes = a.boxes[a.box_labels == c].astype(np.float64)
             _, point = ref.first_argmax(cam[c])
-            region = mask == c + 1 if (mask == c + 1).any() else ref.voc_box_mask(boxes, (H, W))
-            hits.setdefault(c, []).append(ref.torchray_hit(point, region))
+            region = ref.voc_box_mask(boxes, (H, W))  # every box of the class, difficult ones too
+            if not published and (mask == c + 1).any():
+                region = mask == c + 1
+            samples.append((c, point, region))
+            if labels[i].sum() >= 2 and region.sum() < 0.25 * H * W:
+                hard.append((c, point, region))
             norm = ref.minmax(cam[c])
             corloc.setdefault(c, []).append(ref.box_sweep(norm, boxes, [0.2])[0][0] >= 0.5)
             pairs.append((norm, boxes))
             pair_cls.append(c)
-            v1_curves[(i, c)] = ref.box_sweep(norm, boxes, THRESHOLDS)[0] >= 0.5
+            v1_curves[(i, c)] = sweep(norm, boxes, THRESHOLDS)[0] >= 0.5
             if (mask == c + 1).any():
                 px_maps.append(norm)
                 px_pos.append(mask == c + 1)
                 px_neg.append((mask != c + 1) & (mask != 255))
-    out["pointing_game"] = np.mean([np.mean(v) for v in hits.values()])
+    if published:  # TorchRay's counters over all three classes
+        out["pointing_game"] = ref.torchray_pointing_game(samples, 3)[0]
+        out["pointing_game_difficult"] = ref.torchray_pointing_game(hard, 3)[0]
+    else:
+        out["pointing_game"] = np.mean([np.mean([ref.torchray_hit(p, r) for k, p, r in samples if k == c])
+                                        for c in sorted({k for k, _, _ in samples})])
     out["corloc"] = np.mean([np.mean(v) for v in corloc.values()])
-    out["maxboxacc"], out["maxboxaccv2"] = ref.max_box_acc(pairs, THRESHOLDS)
+    out["maxboxacc"], out["maxboxaccv2"] = ref.max_box_acc(pairs, THRESHOLDS, sweep=sweep)
     best = int(np.argmax(np.mean(list(v1_curves.values()), axis=0)))
     top1 = []
     for i, a in enumerate(anns):
@@ -172,13 +185,86 @@ def _reference_metrics(dataset, cam_dir):
     return out
 
 
-def test_evaluate_agrees_with_reference_metrics(scenes, bench_run):
+@pytest.mark.parametrize("protocol", ["published", "wsl-exact"])
+def test_evaluate_agrees_with_reference_metrics(scenes, bench_run, protocol):
     dataset, cam_dir = scenes
-    metrics, _ = bench_run
-    expected = _reference_metrics(dataset, cam_dir)
+    if protocol == "published":
+        metrics, _ = bench_run  # the default
+    else:
+        metrics = evaluate(NpzCamSource(cam_dir, CLASSES), dataset, thresholds=THRESHOLDS, protocol=protocol)
+    expected = _reference_metrics(dataset, cam_dir, protocol)
     for key, value in expected.items():
-        assert metrics[key] == pytest.approx(value, abs=1e-9), key
+        assert metrics[key] == pytest.approx(value, abs=1e-6), key
     assert 0.0 < metrics["maxboxacc"] <= 1.0 and metrics["num_images"] == len(dataset)
+    assert metrics["protocol"] == protocol
+
+
+def test_protocols_differ_where_the_conventions_do(scenes, bench_run):
+    dataset, cam_dir = scenes
+    published, _ = bench_run
+    exact = evaluate(NpzCamSource(cam_dir, CLASSES), dataset, thresholds=THRESHOLDS,
+                     settings=BenchSettings(protocol="wsl-exact"))
+    for key in ("cls_map", "point_map", "corloc", "pxap", "pseudo_mask_miou"):  # the same in both
+        assert published[key] == exact[key], key
+    assert published["maxboxaccv2"] != exact["maxboxaccv2"]  # +1 boxes and holes on these scenes
+
+
+def _pointing_scene():
+    """Two images of 3 classes, built by hand for the pointing-game conventions: class 0's mask lies
+    beside its box; class 1 is missed; class 2 never appears."""
+    h, w = 24, 40
+    mask = np.zeros((h, w), np.uint8)
+    mask[4:14, 2:9] = 1  # class 0's mask pixels, x 2..8 ...
+    boxes0 = np.array([[20, 4, 30, 14]], np.float32)  # ... but its box is at x 20..29
+    cams0 = np.zeros((3, h, w), np.float32)
+    cams0[0, 8, 5] = 1.0  # in the mask, 15 px from the box (not strictly closer): hit only on the mask
+    ann0 = Annotation(id="a", image_path=Path("a.jpg"), labels=np.array([1, 0, 0], np.float32), boxes=boxes0,
+                      box_labels=np.array([0]), difficult=np.array([False]), mask_path=Path("a.png"), size=(h, w))
+    mask1 = np.zeros((h, w), np.uint8)
+    mask1[0:6, 0:6] = 2
+    cams1 = np.zeros((3, h, w), np.float32)
+    cams1[1, 20, 35] = 1.0  # far from class 1's box: a miss in both protocols
+    ann1 = Annotation(id="b", image_path=Path("b.jpg"), labels=np.array([0, 1, 0], np.float32),
+                      boxes=np.array([[0, 0, 6, 6]], np.float32), box_labels=np.array([1]),
+                      difficult=np.array([False]), mask_path=Path("b.png"), size=(h, w))
+    return MemoryDataset([ann0, ann1], [mask, mask1]), [(cams0, np.ones(3)), (cams1, np.ones(3))]
+
+
+def test_pointing_game_conventions_built_by_hand(caplog):
+    dataset, pairs = _pointing_scene()
+    published = evaluate(pairs, dataset, metrics=["pointing_game"])
+    exact = evaluate(pairs, dataset, metrics=["pointing_game"], protocol="wsl-exact")
+    # published (TorchRay): class 0 misses its box, class 1 misses, class 2 has no pair and counts 0
+    assert published["pointing_game"] == 0.0
+    assert [published[f"per_class/pointing_game/{c}"] for c in CLASSES] == [0.0, 0.0, 0.0]
+    assert "1 of 3 classes have no (image, class) pair" in caplog.text and "star" in caplog.text
+    # wsl-exact: class 0 hits its mask, class 1 misses, class 2 is left out of the mean
+    assert exact["pointing_game"] == 0.5
+    assert math.isnan(exact["per_class/pointing_game/star"])
+    # the same scene against TorchRay's counters, written out in the reference
+    h, w = dataset.masks[0].shape
+    samples = [(0, (5, 8), ref.voc_box_mask(dataset.annotations[0].boxes, (h, w))),
+               (1, (35, 20), ref.voc_box_mask(dataset.annotations[1].boxes, (h, w)))]
+    assert published["pointing_game"] == pytest.approx(ref.torchray_pointing_game(samples, 3)[0], abs=1e-6)
+    # a hit on class 0 alone: 1/3 over all classes (TorchRay), 1/2 over the classes with pairs
+    pairs[0][0][0, 8, 5], pairs[0][0][0, 8, 22] = 0.0, 1.0
+    assert evaluate(pairs, dataset, metrics=["pointing_game"])["pointing_game"] == pytest.approx(1 / 3, abs=1e-12)
+    assert evaluate(pairs, dataset, metrics=["pointing_game"], protocol="wsl-exact")["pointing_game"] == 0.5
+
+
+def test_protocol_is_recorded_in_every_output(bench_run, tmp_path):
+    metrics, out = bench_run
+    assert metrics["protocol"] == "published"
+    assert json.loads((out / "metrics.json").read_text())["protocol"] == "published"
+    assert json.loads((out / "config.json").read_text())["settings"]["protocol"] == "published"
+    report = (out / "report.md").read_text()
+    assert "- Protocol: `published`, each metric as its published code computes it" in report
+    assert "\n| protocol |" not in report  # stated once above the table, not as a metric row
+    assert "largest contour (cv2.contourArea" in report and "union of the class's boxes" in report
+    table = compare_runs([out])
+    assert table.splitlines()[2] == "| protocol | published |"
+    with pytest.raises(ValueError, match="unknown protocol 'torchray'"):
+        BenchSettings(protocol="torchray")
 
 
 def test_outputs_are_nan_free_and_complete(bench_run):
@@ -208,7 +294,7 @@ def test_difficult_only_images_count_for_nothing_in_box_metrics(tmp_path):
     with_0 = evaluate(NpzCamSource(cam_dir, CLASSES), dataset, thresholds=THRESHOLDS)
     without_0 = evaluate(NpzCamSource(cam_dir, CLASSES),
                          MemoryDataset(dataset.annotations[1:], dataset.masks[1:]), thresholds=THRESHOLDS)
-    assert all(math.isfinite(v) for k, v in with_0.items() if "/" not in k)
+    assert all(math.isfinite(v) for k, v in with_0.items() if "/" not in k and k != "protocol")
     for key in ("pointing_game", "corloc", "maxboxacc", "maxboxaccv2", "pxap", "top1_loc"):
         assert with_0[key] == without_0[key], key
 
@@ -225,7 +311,7 @@ def test_metric_selection_follows_the_dataset(scenes, caplog):
     coco_like = MemoryDataset(no_masks.annotations, dataset.masks)  # masks rasterised on demand, no files
     assert "pxap" in evaluate(NpzCamSource(cam_dir, CLASSES), coco_like, metrics=["pxap"], thresholds=THRESHOLDS)
     only = evaluate(NpzCamSource(cam_dir, CLASSES), dataset, metrics=["cls_map"])
-    assert set(k for k in only if "/" not in k) == {"cls_map", "num_images"}
+    assert set(k for k in only if "/" not in k) == {"cls_map", "num_images", "protocol"}
 
 
 def test_point_map_ranked_by_map_maximum_and_settings_validation(scenes, caplog):
@@ -358,7 +444,15 @@ def test_cli_bench_on_generated_scenes(scenes_root, tmp_path, capsys):
     assert main(argv) == 0
     metrics = load_run(out)
     assert metrics["num_images"] == len(dataset) and metrics["pxap"] > 0.5
+    assert metrics["protocol"] == "published"  # the default
     assert (out / "report.md").is_file() and (out / "config.json").is_file()
+    exact = tmp_path / "exact"
+    assert main(["bench", "--data", f"synth:{scenes_root}", "--split", "val", "--cams", str(cam_dir), "--out",
+                 str(exact), "--cam-interval", "0.01", "--protocol", "wsl-exact", "--metrics", "pointing_game",
+                 "maxboxacc"]) == 0
+    assert load_run(exact)["protocol"] == "wsl-exact"
+    assert json.loads((exact / "config.json").read_text())["settings"]["protocol"] == "wsl-exact"
+    assert "- Protocol: `wsl-exact`" in (exact / "report.md").read_text()
     assert main(argv) == 1  # refuses to overwrite
     assert "pass --overwrite" in capsys.readouterr().err
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 import reference_metrics as ref
-from wsl.metrics import (BoxAccuracy, PixelAP, box_sweep, component_box_ious, default_thresholds, normalize_map,
-                         per_class_accuracy, point_hits_region, point_in_boxes, point_localization_ap)
-from wsl.metrics.localization import boxes_to_region, in_pointing_difficult_subset, peaks
+from wsl.metrics import (BoxAccuracy, PixelAP, box_sweep, component_box_ious, contour_box_sweep, contour_boxes,
+                         default_thresholds, normalize_map, per_class_accuracy, point_hits_region, point_in_boxes,
+                         point_localization_ap, wsol_iou)
+from wsl.metrics.localization import boxes_to_region, check_protocol, in_pointing_difficult_subset, peaks
 
 
 def smooth_map(rng, h, w, cells=6):
@@ -97,6 +98,19 @@ def test_per_class_accuracy_skips_empty_classes():
     assert math.isnan(per_class[1]) and math.isnan(per_class[3])
     assert mean == pytest.approx(0.75)
     assert math.isnan(per_class_accuracy([], [], 2)[0])
+
+
+def test_per_class_accuracy_counts_empty_classes_as_zero_like_torchray():
+    # TorchRay: hits / max(hits + misses, 1) for every class, then the plain mean over all of them
+    mean, per_class = per_class_accuracy([1, 0, 1, 1], [0, 0, 2, 2], 4, empty="zero")
+    assert per_class.tolist() == [0.5, 0.0, 1.0, 0.0]
+    assert mean == pytest.approx(1.5 / 4)
+    _, expected = ref.torchray_pointing_game([], 4)
+    assert per_class_accuracy([], [], 4, empty="zero")[1].tolist() == expected == [0.0] * 4
+    with pytest.raises(ValueError, match="empty"):
+        per_class_accuracy([1], [0], 1, empty="nan")
+    with pytest.raises(ValueError, match="unknown protocol 'voc'.*published, wsl-exact"):
+        check_protocol("voc")
 
 
 def test_point_localization_ap_hand_case():
@@ -246,6 +260,131 @@ def test_box_sweep_is_at_least_10x_faster_than_the_per_threshold_loop():
     for f, s in zip(fast, slow):
         assert np.array_equal(f[0], s[0]) and np.array_equal(f[1], s[1])
     assert t_slow > 10 * t_fast, (t_slow, t_fast)
+
+
+# --------------------------------------------------------------------------- boxes, wsolevaluation's way
+def test_wsol_iou_counts_both_corners():
+    # (0, 0, 2, 2) and (1, 1, 3, 3) span 3 x 3 pixels each and share 2 x 2: 4 / 14
+    assert wsol_iou(np.array([[0, 0, 2, 2]]), np.array([[1, 1, 3, 3]]))[0, 0] == pytest.approx(2 / 7)
+    assert ref.plus_one_iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(2 / 7)
+    assert wsol_iou(np.array([[0, 0, 0, 0]]), np.array([[0, 0, 0, 0]]))[0, 0] == 1.0  # a 1-pixel box
+    assert wsol_iou(np.array([[5, 5, 3, 3]]), np.array([[5, 5, 3, 3]]))[0, 0] == 0.0  # no area: 0, not NaN
+
+
+def test_contour_boxes_include_holes_in_opencv_order():
+    mask = np.zeros((12, 14), bool)
+    mask[2:10, 3:11] = True
+    mask[4:8, 5:9] = False  # a 4 x 4 hole
+    mask[11, 0] = True  # a single pixel in the bottom-left corner
+    boxes, areas = contour_boxes(mask)
+    # the pixel (found last by the raster scan) comes first, then the ring and its hole; a box ends
+    # one past its last pixel (x 0 -> 1) except at the bottom / right border (y 11 stays 11)
+    assert boxes.tolist() == [[0, 11, 1, 11], [3, 2, 11, 10], [4, 3, 10, 9]]
+    assert areas.tolist() == [0.0, 49.0, 23.0]  # (8 - 1)^2; the hole's polygon 5 x 5 minus 4 corners
+    assert contour_boxes(np.zeros((4, 5), bool))[0].tolist() == [[0, 0, 0, 0]]
+
+
+def test_contour_boxes_agree_with_reference_reading_of_opencv():
+    rng = np.random.default_rng(8)
+    for trial in range(150):
+        h, w = (int(x) for x in rng.integers(1, 28, 2))
+        if trial % 2:
+            mask = rng.random((h, w)) < rng.uniform(0.1, 0.9)  # many holes, diagonal contacts, nesting
+        else:
+            mask = smooth_map(rng, h, w) > rng.uniform(0.3, 0.7)
+        boxes, areas = contour_boxes(mask)
+        want_boxes, want_areas = ref.wsol_boxes(mask)
+        assert boxes.tolist() == [list(b) for b in want_boxes], trial
+        assert areas.tolist() == want_areas, trial
+
+
+def test_published_boxes_on_a_component_with_a_hole():
+    # a ring around the object: V2 may match the hole's contour, MaxBoxAcc takes the outer one
+    cam = np.zeros((12, 14))
+    cam[2:10, 3:11] = 1.0
+    cam[4:8, 5:9] = 0.0
+    gt = np.array([[5, 4, 9, 8]], dtype=np.float64)  # the hole: x 5..8, y 4..7
+    largest, best = contour_box_sweep(normalize_map(cam), gt, np.array([0.5]))
+    # outer box (3, 2, 11, 10): 9 x 9 pixels; hole box (4, 3, 10, 9): 7 x 7; GT 5 x 5 inside both
+    assert largest[0] == pytest.approx(25 / 81, abs=1e-12) and best[0] == pytest.approx(25 / 49, abs=1e-12)
+    want = ref.wsol_box_sweep(normalize_map(cam), gt, [0.5])
+    assert largest[0] == pytest.approx(want[0][0], abs=1e-6) and best[0] == pytest.approx(want[1][0], abs=1e-6)
+    exact_largest, exact_best = box_sweep(normalize_map(cam), gt, np.array([0.5]))
+    assert exact_largest[0] == exact_best[0] == pytest.approx(16 / 64)  # components have no hole boxes
+
+
+def test_published_largest_region_is_by_contour_area_not_pixel_count():
+    cam = np.zeros((10, 20))
+    cam[1, 1:19] = 1.0  # a line: 18 pixels, contour area 0
+    cam[5:8, 5:8] = 1.0  # a 3 x 3 block: 9 pixels, contour area 4
+    gt = np.array([[5, 5, 8, 8]], dtype=np.float64)
+    largest, best = contour_box_sweep(normalize_map(cam), gt, np.array([0.2]))
+    assert largest.tolist() == best.tolist() == [1.0]  # (5, 5, 8, 8) against (5, 5, 8, 8)
+    assert box_sweep(normalize_map(cam), gt, np.array([0.2]))[0].tolist() == [0.0]  # the line has more pixels
+    assert ref.wsol_box_sweep(normalize_map(cam), gt, [0.2])[0].tolist() == [1.0]
+
+
+def test_published_box_touching_the_border_and_plus_one_iou():
+    cam = np.zeros((10, 12))
+    cam[0:4, 6:12] = 1.0  # touches the top and right borders
+    gt = np.array([[6, 0, 12, 4]], dtype=np.float64)
+    largest, _ = contour_box_sweep(normalize_map(cam), gt, np.array([0.3]))
+    # predicted (6, 0, min(12, 11), 4): 6 x 5 pixels; GT (6, 0, 12, 4): 7 x 5
+    assert largest[0] == pytest.approx(30 / 35, abs=1e-12)
+    assert ref.wsol_box_sweep(normalize_map(cam), gt, [0.3])[0][0] == pytest.approx(30 / 35, abs=1e-6)
+    assert box_sweep(normalize_map(cam), gt, np.array([0.3]))[0][0] == 1.0
+    # away from the border both boxes grow by one pixel, so an exact match stays 1 ...
+    cam = np.zeros((10, 12))
+    cam[2:6, 3:9] = 1.0
+    assert contour_box_sweep(normalize_map(cam), np.array([[3, 2, 9, 6]]), np.array([0.0, 0.5]))[0].tolist() == [1, 1]
+    # ... but overlaps are larger: 2 x 2 pixels at (0, 0) against (1, 1, 3, 3): 4/14 instead of 1/7
+    cam = np.zeros((10, 12))
+    cam[0:2, 0:2] = 1.0
+    gt = np.array([[1, 1, 3, 3]], dtype=np.float64)
+    assert contour_box_sweep(normalize_map(cam), gt, np.array([0.5]))[0][0] == pytest.approx(2 / 7, abs=1e-12)
+    assert box_sweep(normalize_map(cam), gt, np.array([0.5]))[0][0] == pytest.approx(1 / 7)
+
+
+@pytest.mark.parametrize("cam", [np.zeros((8, 8)), np.full((8, 8), 3.0), np.full((8, 8), np.nan)],
+                         ids=["zero", "flat", "nan"])
+def test_published_uninformative_maps_give_wsolevaluations_empty_box(cam):
+    # an empty mask becomes the box (0, 0, 0, 0), which covers pixel (0, 0) under the +1 convention
+    largest, best = contour_box_sweep(normalize_map(cam), np.array([[0, 0, 8, 8]]), default_thresholds(0.1))
+    assert np.allclose(largest, 1 / 81) and np.allclose(best, 1 / 81)
+    largest, _ = contour_box_sweep(normalize_map(cam), np.array([[2, 2, 8, 8]]), default_thresholds(0.1))
+    assert not largest.any()
+
+
+def test_contour_box_sweep_agrees_with_reference():
+    rng = np.random.default_rng(9)
+    thresholds = default_thresholds(0.02)
+    for trial in range(30):
+        h, w = (int(x) for x in rng.integers(2, 36, 2))
+        cam = smooth_map(rng, h, w) if trial % 2 else rng.random((h, w))
+        if trial % 3 == 0:
+            cam = np.floor(cam * 4) / 4  # plateaus
+        norm = normalize_map(cam)
+        gt = random_boxes(rng, h, w, int(rng.integers(1, 4)))
+        if trial % 5 == 0:
+            gt = gt + 0.5  # non-integer boxes are truncated, as wsolevaluation's int boxes
+        got, want = contour_box_sweep(norm, gt, thresholds), ref.wsol_box_sweep(norm, gt, thresholds)
+        np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-6, err_msg=str(trial))
+        np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-6, err_msg=str(trial))
+
+
+def test_published_box_accuracy_agrees_with_reference():
+    rng = np.random.default_rng(10)
+    thresholds = default_thresholds(0.05)
+    pairs = []
+    acc = BoxAccuracy(num_classes=2, thresholds=thresholds)
+    for i in range(14):
+        norm = normalize_map(smooth_map(rng, 18, 22))
+        gt = random_boxes(rng, 18, 22, int(rng.integers(1, 3)))
+        pairs.append((norm, gt))
+        acc.update(i % 2, *contour_box_sweep(norm, gt, thresholds))
+    v1, v2 = ref.max_box_acc(pairs, thresholds, sweep=ref.wsol_box_sweep)
+    assert acc.maxboxacc()["value"] == pytest.approx(v1, abs=1e-6)
+    assert acc.maxboxaccv2()["value"] == pytest.approx(v2, abs=1e-6)
 
 
 # -------------------------------------------------------------------------------------------- pixels

@@ -10,7 +10,7 @@ Figures (``figures/``, each written atomically):
   ground-truth boxes, the CAMs of the tagged classes with their peak points and CAM boxes, the
   pseudo-mask, the ground-truth mask and the segmenter's prediction.
 - ``per_class.png``: per-class benchmark metrics, pseudo-mask IoU and segmenter IoU.
-- ``thresholds.png``: box accuracy (largest component, IoU >= 0.5; Choe et al., CVPR 2020) and
+- ``thresholds.png``: box accuracy (largest contour, IoU >= 0.5; Choe et al., CVPR 2020) and
   pseudo-mask mIoU as functions of the CAM threshold, computed with the benchmark's own metrics
   (:data:`wsl.bench.METRICS`) on the exported val CAMs.
 - ``training.png``: the classifier's and the segmenter's curves per epoch.
@@ -294,7 +294,7 @@ def _train_split(out: Path) -> str:
 
 def threshold_curves(out: Path, dataset: Any, max_images: int) -> Optional[Dict[str, Any]]:
     """Box accuracy and pseudo-mask mIoU over CAM thresholds on (at most ``max_images``, evenly spaced)
-    val images, with the benchmark's metrics: ``maxboxacc`` (largest component, IoU >= 0.5, thresholds
+    val images, with the benchmark's metrics: ``maxboxacc`` (largest contour, IoU >= 0.5, thresholds
     0.01..0.99) and ``pseudo_mask_miou`` (one background score per threshold 0.05..0.95, no ignore band)."""
     from dataclasses import replace
 
@@ -349,7 +349,7 @@ def thresholds_figure(curves: Dict[str, Any], cam_options: Dict[str, Any], path:
     ax = fig.add_subplot()
     if "box" in curves:
         ax.plot(curves["box_thresholds"], 100 * curves["box"], lw=2,
-                label="box accuracy: largest component, IoU >= 0.5")
+                label="box accuracy: largest contour, IoU >= 0.5")
         ax.axvline(curves["box_best"], color="C0", lw=1.0, ls=":", label="best box threshold")
         ax.axvline(cam_options.get("tau", 0.5), color="C0", lw=1.2, ls="--", label="box threshold tau used")
     if "mask" in curves:

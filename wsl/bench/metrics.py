@@ -142,15 +142,29 @@ class PointLocalizationMAP(Metric):
 
 @METRICS.register("pointing_game")
 class PointingGame(Metric):
-    """Pointing game (Zhang et al. ECCV 2016 / TorchRay): hit when the map's maximum is within 15 px of
-    the class's mask (or its boxes without a mask); per-class accuracy averaged; also on the
-    "difficult" subset (>= 2 classes in the image, the class under 1/4 of the image)."""
+    """Pointing game (Zhang et al. "Top-down Neural Attention by Excitation Backprop", ECCV 2016), as
+    TorchRay's ``PointingGameBenchmark`` scores VOC: for every (image, class) pair with a non-difficult
+    object, a hit when the map's maximum is strictly within ``pointing_tolerance`` (15) px of a pixel of
+    the class's region; per-class accuracy ``hits / max(hits + misses, 1)``. Also on the "difficult"
+    subset (:func:`~wsl.metrics.localization.in_pointing_difficult_subset`: another class in the
+    image, the class's region under 1/4 of the image).
+
+    - ``"published"``: the region is the union of all the class's boxes, difficult ones included, also
+      when the dataset has masks (TorchRay's ``voc_as_mask``), and the mean is over all the dataset's
+      classes, a class without pairs counting 0 (TorchRay's ``accuracy``; a warning names them);
+    - ``"wsl-exact"``: the region is the class's mask pixels when the image has them (its boxes
+      otherwise), and the mean skips classes without pairs.
+
+    TorchRay scores COCO against the union of the class's instance masks instead; wsl's COCO masks
+    hold one class per pixel, so the published protocol uses boxes there as well.
+    """
 
     requires = ("boxes",)
-    uses_masks = True
 
     def __init__(self, classes, settings) -> None:
         super().__init__(classes, settings)
+        self.published = settings.protocol == "published"
+        self.uses_masks = not self.published
         self.hits: List[bool] = []
         self.cls: List[int] = []
         self.hard: List[bool] = []
@@ -159,21 +173,29 @@ class PointingGame(Metric):
         _, points = rec.peaks
         n_present = int(rec.present.sum())
         for c in np.flatnonzero(rec.localizable):
-            region = rec.mask == c + 1 if rec.mask is not None else None
+            region = None if self.published or rec.mask is None else rec.mask == c + 1
             if region is None or not region.any():
                 region = boxes_to_region(rec.boxes(c), rec.shape)
             self.hits.append(point_hits_region(points[c], region, self.settings.pointing_tolerance))
             self.cls.append(int(c))
             self.hard.append(in_pointing_difficult_subset(float(region.sum()), float(region.size), n_present))
 
+    def _accuracy(self, hits: np.ndarray, cls: np.ndarray, what: str) -> Tuple[float, np.ndarray]:
+        empty = np.bincount(cls, minlength=self.num_classes) == 0
+        if self.published and empty.any():
+            logger.warning("%s: %d of %d classes have no (image, class) pair and count as 0 in the mean, as in "
+                           "TorchRay: %s", what, int(empty.sum()), self.num_classes,
+                           ", ".join(n for n, e in zip(self.classes, empty) if e))
+        return per_class_accuracy(hits, cls, self.num_classes, empty="zero" if self.published else "skip")
+
     def result(self) -> MetricResult:
         if not self.hits:
             return MetricResult()
         hits, cls, hard = np.array(self.hits), np.array(self.cls), np.array(self.hard)
-        mean, per_class = per_class_accuracy(hits, cls, self.num_classes)
+        mean, per_class = self._accuracy(hits, cls, "pointing_game")
         out = MetricResult({"pointing_game": mean}, {"pointing_game": self._named(per_class)})
         if hard.any():
-            mean_d, per_d = per_class_accuracy(hits[hard], cls[hard], self.num_classes)
+            mean_d, per_d = self._accuracy(hits[hard], cls[hard], "pointing_game_difficult")
             out.values["pointing_game_difficult"] = mean_d
             out.per_class["pointing_game_difficult"] = self._named(per_d)
         return out
@@ -182,7 +204,9 @@ class PointingGame(Metric):
 @METRICS.register("corloc")
 class CorLoc(Metric):
     """CorLoc (Deselaers et al. IJCV 2012): per class, the fraction of its images whose box (largest
-    component above ``corloc_threshold`` x max, Zhou et al. CVPR 2016) has IoU >= 0.5; mean over classes."""
+    component above ``corloc_threshold`` x max, Zhou et al. CVPR 2016) has IoU >= 0.5; mean over classes.
+    The same in both protocols: exact component boxes and the PASCAL IoU (whose "+1" on inclusive
+    corners is the exact pixel count)."""
 
     requires = ("boxes",)
 
@@ -193,7 +217,7 @@ class CorLoc(Metric):
 
     def update(self, rec: ImageRecord) -> None:
         for c in np.flatnonzero(rec.localizable):
-            self.correct.append(bool(rec.sweep(c)[0][-1] >= CORLOC_IOU))
+            self.correct.append(rec.corloc_iou(c) >= CORLOC_IOU)
             self.cls.append(int(c))
 
     def result(self) -> MetricResult:
@@ -205,7 +229,9 @@ class CorLoc(Metric):
 
 @METRICS.register("maxboxacc")
 class MaxBoxAcc(Metric):
-    """MaxBoxAcc and MaxBoxAccV2 over (image, present class) pairs (Choe et al. CVPR 2020)."""
+    """MaxBoxAcc and MaxBoxAccV2 over (image, present class) pairs (Choe et al. CVPR 2020): under
+    ``"published"`` exactly wsolevaluation's numbers (contours, its boxes and "+1" IoU), under
+    ``"wsl-exact"`` with exact component boxes (:class:`~wsl.metrics.localization.BoxAccuracy`)."""
 
     requires = ("boxes",)
 
@@ -214,10 +240,8 @@ class MaxBoxAcc(Metric):
         self.acc = BoxAccuracy(self.num_classes, np.asarray(settings.thresholds), settings.iou_thresholds)
 
     def update(self, rec: ImageRecord) -> None:
-        t = len(self.settings.thresholds)
         for c in np.flatnonzero(rec.localizable):
-            largest, best = rec.sweep(c)
-            self.acc.update(int(c), largest[:t], best[:t])
+            self.acc.update(int(c), *rec.box_ious(c))
 
     def result(self) -> MetricResult:
         if self.acc.count.sum() == 0:
@@ -234,9 +258,10 @@ class MaxBoxAcc(Metric):
 
 @METRICS.register("top1_loc")
 class Top1Localization(Metric):
-    """Top-1 localization: the top-scoring class is in the image AND its largest-component box has
-    IoU >= 0.5, at the MaxBoxAcc-optimal threshold. Images whose top class is present only as
-    difficult objects are ignored; images with nothing localizable are skipped."""
+    """Top-1 localization: the top-scoring class is in the image AND its MaxBoxAcc box (the largest
+    region's, with the protocol's geometry) has IoU >= 0.5, at the MaxBoxAcc-optimal threshold. Images
+    whose top class is present only as difficult objects are ignored; images with nothing localizable
+    are skipped."""
 
     requires = ("boxes",)
 
@@ -253,13 +278,11 @@ class Top1Localization(Metric):
         if rec.scores is None:
             self.missing += 1
             return
-        t = len(self.settings.thresholds)
         for c in np.flatnonzero(rec.localizable):
-            largest, best = rec.sweep(c)
-            self.acc.update(int(c), largest[:t], best[:t])
+            self.acc.update(int(c), *rec.box_ious(c))
         top = int(np.argmax(rec.scores))
         if rec.localizable[top]:
-            self.correct += rec.sweep(top)[0][:t] >= CORLOC_IOU
+            self.correct += rec.box_ious(top)[0] >= CORLOC_IOU
         elif rec.present[top]:
             return  # the right class, but only difficult objects of it: not scored
         self.count += 1
@@ -276,7 +299,8 @@ class Top1Localization(Metric):
 @METRICS.register("pxap")
 class PxAPMetric(Metric):
     """PxAP (Choe et al. CVPR 2020) of each present class's normalised map against its mask pixels;
-    other classes and background are negatives, 255 is ignored."""
+    other classes and background are negatives, 255 is ignored. wsolevaluation's formula in both
+    protocols (:class:`~wsl.metrics.localization.PixelAP`)."""
 
     requires = ("masks",)
     uses_masks = True

@@ -7,8 +7,9 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from wsl.metrics.localization import (IOU_THRESHOLDS, POINT_TOLERANCE, POINTING_TOLERANCE, box_sweep,
-                                      check_thresholds, default_thresholds, normalize_map, peaks)
+from wsl.metrics.localization import (DEFAULT_PROTOCOL, IOU_THRESHOLDS, POINT_TOLERANCE, POINTING_TOLERANCE, box_sweep,
+                                      check_protocol, check_thresholds, contour_box_sweep, default_thresholds,
+                                      normalize_map, peaks)
 
 RANK_BY = ("map", "score")
 CORLOC_THRESHOLD = 0.2  # Zhou et al. CVPR 2016: keep the regions above 20% of the map's maximum
@@ -17,7 +18,13 @@ MASK_THRESHOLD = 0.3  # background score of the pseudo-masks (wsl.cam's confiden
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """Protocol knobs (defaults are the papers'); saved to ``config.json`` beside the results."""
+    """Protocol knobs (defaults are the papers'); saved to ``config.json`` beside the results.
+
+    ``protocol``: ``"published"`` (MaxBoxAcc/MaxBoxAccV2 as wsolevaluation's code, the pointing game as
+    TorchRay's) or ``"wsl-exact"`` (exact component boxes and IoU; the pointing game on masks, mean over
+    the classes with pairs); see :mod:`wsl.metrics.localization`. ``connectivity`` is that of CorLoc's
+    components, and of MaxBoxAcc's under ``"wsl-exact"`` (contours are 8-connected).
+    """
 
     thresholds: Tuple[float, ...] = tuple(default_thresholds().tolist())
     iou_thresholds: Tuple[float, ...] = IOU_THRESHOLDS
@@ -27,8 +34,10 @@ class BenchSettings:
     mask_threshold: float = MASK_THRESHOLD
     rank_by: str = "score"
     connectivity: int = 8
+    protocol: str = DEFAULT_PROTOCOL
 
     def __post_init__(self) -> None:
+        check_protocol(self.protocol)
         check_thresholds(self.thresholds)
         if self.rank_by not in RANK_BY:
             raise ValueError(f"rank_by must be one of {', '.join(RANK_BY)}, got {self.rank_by!r}")
@@ -39,7 +48,7 @@ class BenchSettings:
 
     @cached_property
     def sweep(self) -> np.ndarray:
-        """The CAM thresholds plus the CorLoc threshold last (one sweep serves both)."""
+        """The CAM thresholds plus the CorLoc threshold last (under wsl-exact one sweep serves both)."""
         return np.append(np.asarray(self.thresholds), self.corloc_threshold)
 
 
@@ -68,6 +77,7 @@ class ImageRecord:
         self._labels = labels
         self._norm: Dict[int, np.ndarray] = {}
         self._sweep: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+        self._corloc: Dict[int, float] = {}
         self._peaks: Optional[Tuple[np.ndarray, np.ndarray]] = None
 
     @property
@@ -82,11 +92,29 @@ class ImageRecord:
             self._norm[c] = normalize_map(self.cams[c])
         return self._norm[c]
 
-    def sweep(self, c: int) -> Tuple[np.ndarray, np.ndarray]:
-        """IoU curves (largest component, best component) over ``settings.sweep``."""
+    def box_ious(self, c: int) -> Tuple[np.ndarray, np.ndarray]:
+        """IoU curves over ``settings.thresholds`` of the largest region's box (MaxBoxAcc) and of the
+        best region's box (MaxBoxAccV2), with the geometry of ``settings.protocol``."""
         if c not in self._sweep:
-            self._sweep[c] = box_sweep(self.norm(c), self.boxes(c), self.settings.sweep, self.settings.connectivity)
+            if self.settings.protocol == "published":
+                self._sweep[c] = contour_box_sweep(self.norm(c), self.boxes(c), np.asarray(self.settings.thresholds))
+            else:
+                largest, best = box_sweep(self.norm(c), self.boxes(c), self.settings.sweep, self.settings.connectivity)
+                self._corloc[c] = float(largest[-1])
+                self._sweep[c] = largest[:-1], best[:-1]
         return self._sweep[c]
+
+    def corloc_iou(self, c: int) -> float:
+        """IoU of the box of the largest component above ``corloc_threshold`` (exact geometry in both
+        protocols)."""
+        if c not in self._corloc:
+            if self.settings.protocol == "wsl-exact":
+                self.box_ious(c)
+            else:
+                largest, _ = box_sweep(self.norm(c), self.boxes(c), np.array([self.settings.corloc_threshold]),
+                                       self.settings.connectivity)
+                self._corloc[c] = float(largest[0])
+        return self._corloc[c]
 
     @property
     def peaks(self) -> Tuple[np.ndarray, np.ndarray]:

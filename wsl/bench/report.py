@@ -19,21 +19,43 @@ PROTOCOLS = {
     "cls_map": "classification mAP, VOC 2010+ AP; difficult-only images ignored",
     "point_map": "point localization mAP (Oquab et al. CVPR 2015): {rank_by} ranks images; hit inside a GT box "
                  "+ {point_tolerance:g} px",
-    "pointing_game": "pointing game (Zhang et al. ECCV 2016, TorchRay): max within {pointing_tolerance:g} px of the "
-                     "GT; mean over classes",
-    "pointing_game_difficult": "pointing game on the difficult subset (>= 2 classes, class < 1/4 of the image)",
+    "pointing_game": "pointing game (Zhang et al. ECCV 2016, TorchRay): max within {pointing_tolerance:g} px of "
+                     "{pointing_region}; {pointing_mean}",
+    "pointing_game_difficult": "pointing game on the difficult subset (>= 2 classes, class region < 1/4 of the "
+                               "image)",
     "corloc": "CorLoc (Deselaers et al. IJCV 2012): largest component above {corloc_threshold:g} x max, IoU >= 0.5; "
               "mean over classes",
-    "maxboxacc": "MaxBoxAcc (Choe et al. CVPR 2020): largest component, IoU >= 0.5, best CAM threshold",
+    "maxboxacc": "MaxBoxAcc (Choe et al. CVPR 2020): {box_largest}, IoU >= 0.5, best CAM threshold",
     "maxboxacc_threshold": "CAM threshold where MaxBoxAcc peaks",
-    "maxboxaccv2": "MaxBoxAccV2: best match over all components, mean over IoU 0.3 / 0.5 / 0.7",
+    "maxboxaccv2": "MaxBoxAccV2: best match over {box_all}, mean over IoU 0.3 / 0.5 / 0.7",
     "maxboxaccv2_iou30": "MaxBoxAccV2 at IoU 0.3",
     "maxboxaccv2_iou50": "MaxBoxAccV2 at IoU 0.5",
     "maxboxaccv2_iou70": "MaxBoxAccV2 at IoU 0.7",
-    "top1_loc": "top-1 localization: top-scoring class present and its box IoU >= 0.5 (MaxBoxAcc threshold)",
-    "pxap": "PxAP (Choe et al. CVPR 2020): pixel AP of normalised maps against GT masks",
+    "top1_loc": "top-1 localization: top-scoring class present and its MaxBoxAcc box IoU >= 0.5 (MaxBoxAcc "
+                "threshold)",
+    "pxap": "PxAP (Choe et al. CVPR 2020, wsolevaluation): pixel AP of normalised maps against GT masks",
     "pseudo_mask_miou": "mIoU of CAM pseudo-masks (background + classes), background score {mask_threshold:g}",
     "num_images": "images scored",
+}
+#: What each benchmark protocol (``BenchSettings.protocol``) means, for the report, and the wording it
+#: puts into the ``PROTOCOLS`` lines.
+PROTOCOL_SUMMARY = {
+    "published": "each metric as its published code computes it: MaxBoxAcc, MaxBoxAccV2 and PxAP as "
+                 "wsolevaluation (Choe et al. CVPR 2020), the pointing game as TorchRay (Zhang et al. ECCV 2016), "
+                 "point localization mAP as Oquab et al. (CVPR 2015)",
+    "wsl-exact": "wsl's exact-geometry variants: MaxBoxAcc(V2) from connected components' exact boxes and IoU, "
+                 "the pointing game on the class's mask and averaged over the classes with pairs; the other "
+                 "metrics as published",
+}
+_PROTOCOL_WORDS = {
+    "published": {"box_largest": "box of the largest contour (cv2.contourArea; wsolevaluation's boxes and +1 IoU)",
+                  "box_all": "all contours' boxes, holes included",
+                  "pointing_region": "the union of the class's boxes",
+                  "pointing_mean": "mean over all classes, a class without pairs = 0"},
+    "wsl-exact": {"box_largest": "exact box of the largest {connectivity}-connected component",
+                  "box_all": "all components' exact boxes",
+                  "pointing_region": "the class's mask (its boxes without one)",
+                  "pointing_mean": "mean over the classes with pairs"},
 }
 _NOT_PERCENT = ("num_images", "maxboxacc_threshold")
 
@@ -52,6 +74,8 @@ def _json_safe(obj: Any) -> Any:
 
 
 def _fmt(key: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "–"
     if key in _NOT_PERCENT or key.endswith("_threshold"):
@@ -97,7 +121,7 @@ def _plot_box_curves(curves: Dict[str, Any], path: Path) -> bool:
     t = np.asarray(curves["box_thresholds"])
     ax.plot(t, 100 * curves["box_v1"], lw=2, label="MaxBoxAcc (largest, IoU 0.5)")
     for iou, c in zip(curves["box_iou_thresholds"], curves["box_v2"]):
-        ax.plot(t, 100 * c, lw=1, ls="--", label=f"V2 all components, IoU {iou:g}")
+        ax.plot(t, 100 * c, lw=1, ls="--", label=f"V2 all regions, IoU {iou:g}")
     ax.axvline(curves["box_best"], color="grey", lw=0.8)
     ax.set_xlabel("CAM threshold")
     ax.set_ylabel("box accuracy (%)")
@@ -155,9 +179,11 @@ def write_report(out_dir, flat: Dict[str, Any], results: Dict[str, MetricResult]
     plots = [name for name, ok in (("per_class.png", _plot_per_class(results, classes, out / "per_class.png")),
                                    ("box_accuracy.png", _plot_box_curves(curves, out / "box_accuracy.png")),
                                    ("pr_curves.png", _plot_pr(curves, classes, out / "pr_curves.png"))) if ok]
-    top = [k for k in flat if "/" not in k]
+    top = [k for k in flat if "/" not in k and k != "protocol"]
     knobs = {**asdict(settings), "rank_by": "the map maximum" if settings.rank_by == "map" else "the image score"}
+    knobs.update({k: v.format(**knobs) for k, v in _PROTOCOL_WORDS[settings.protocol].items()})
     parts = ["# wsl bench report", "",
+             f"- Protocol: `{settings.protocol}`, {PROTOCOL_SUMMARY[settings.protocol]}",
              f"- CAMs: {info.get('source', '?')}", f"- Dataset: {info.get('dataset', '?')}",
              f"- Scored {flat.get('num_images', 0)} images in {timing['total_s']:.1f} s "
              f"({timing['source_s']:.1f} s reading or computing CAMs and masks, {timing['scoring_s']:.1f} s metrics)",
@@ -192,7 +218,7 @@ def load_run(run_dir) -> Dict[str, Any]:
 
 def compare_runs(run_dirs: Sequence[Any]) -> str:
     """A Markdown table of the headline metrics of several ``wsl bench`` runs, side by side (best in
-    bold)."""
+    bold), with the protocol of each run first ("–" for runs written before protocols were recorded)."""
     if not run_dirs:
         raise ValueError("compare_runs needs at least one run directory")
     paths = [Path(d) for d in run_dirs]
@@ -200,7 +226,7 @@ def compare_runs(run_dirs: Sequence[Any]) -> str:
     names = [p.name or str(p) for p in paths]
     if len(set(names)) < len(names):
         names = [str(p) for p in paths]
-    keys: List[str] = []
+    keys: List[str] = ["protocol"]
     for key in list(PROTOCOLS) + sorted({k for r in runs for k in r}):
         if "/" not in key and key not in keys and any(key in r for r in runs):
             keys.append(key)

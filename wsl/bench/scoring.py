@@ -66,21 +66,26 @@ def _check_item(item: Any, ann, num_classes: int, mask: Optional[np.ndarray]) ->
 
 
 def evaluate(source, dataset, *, metrics: Optional[Sequence[str]] = None,
-             thresholds: Optional[Sequence[float]] = None, out_dir=None, settings: Optional[BenchSettings] = None,
-             progress: bool = False, info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+             thresholds: Optional[Sequence[float]] = None, protocol: Optional[str] = None, out_dir=None,
+             settings: Optional[BenchSettings] = None, progress: bool = False,
+             info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Score every image of ``dataset`` with the CAMs of ``source`` and return the flat metrics dict.
 
     ``source`` yields ``(cams, scores)`` per dataset index, in order: :class:`NpzCamSource`,
     :class:`ModelCamSource` (anything with ``iter_cams(dataset)``) or any iterable of pairs.
     ``metrics``: names from ``METRICS`` (default: all the dataset supports). ``thresholds``: the CAM
     threshold sweep (default ``0:0.001:1``, wsolevaluation's), overriding ``settings.thresholds``;
-    ``settings``: the other protocol knobs (:class:`BenchSettings`). With ``out_dir`` the results are
+    ``protocol``: ``"published"`` (default) or ``"wsl-exact"``, overriding ``settings.protocol``;
+    ``settings``: the other protocol knobs (:class:`BenchSettings`). The dict holds the metrics,
+    ``num_images``, ``protocol`` and ``per_class/METRIC/CLASS`` entries. With ``out_dir`` the results are
     written there (metrics.json, report.md, config.json and plots; see :func:`write_report`), with
     ``info`` (e.g. the command line) added to config.json. ``progress`` shows a tqdm bar.
     """
     settings = settings or BenchSettings()
     if thresholds is not None:
         settings = replace(settings, thresholds=tuple(check_thresholds(thresholds).tolist()))
+    if protocol is not None:
+        settings = replace(settings, protocol=protocol)
     classes = list(dataset.classes)
     names = _select_metrics(metrics, dataset)
     meters = [METRICS.build(n, classes=classes, settings=settings) for n in names]
@@ -116,6 +121,7 @@ def evaluate(source, dataset, *, metrics: Optional[Sequence[str]] = None,
     for r in results.values():
         flat.update(r.values)
     flat["num_images"] = len(dataset)
+    flat["protocol"] = settings.protocol
     for r in results.values():
         for metric, values in r.per_class.items():
             for cname, v in values.items():

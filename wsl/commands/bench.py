@@ -5,7 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from wsl.bench import METRIC_ORDER, METRICS, RANK_BY, BenchSettings, CORLOC_THRESHOLD, MASK_THRESHOLD
+from wsl.bench import (CORLOC_THRESHOLD, DEFAULT_PROTOCOL, MASK_THRESHOLD, METRIC_ORDER, METRICS, PROTOCOL_NAMES,
+                       RANK_BY, BenchSettings)
 from wsl.metrics.localization import CAM_CURVE_INTERVAL, default_thresholds
 
 
@@ -29,6 +30,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g = p.add_argument_group("protocol")
     g.add_argument("--metrics", nargs="+", choices=METRICS.names(), metavar="NAME",
                    help=f"metrics to compute (default: all the dataset supports): {', '.join(METRIC_ORDER)}")
+    g.add_argument("--protocol", choices=PROTOCOL_NAMES, default=DEFAULT_PROTOCOL,
+                   help="published: MaxBoxAcc(V2) and PxAP as wsolevaluation, the pointing game as TorchRay; "
+                        "wsl-exact: exact component boxes and IoU, pointing game on masks averaged over the "
+                        f"classes with pairs (default: {DEFAULT_PROTOCOL})")
     g.add_argument("--cam-interval", type=float, default=CAM_CURVE_INTERVAL, metavar="STEP",
                    help=f"CAM threshold sweep step (default: {CAM_CURVE_INTERVAL})")
     g.add_argument("--rank-by", choices=RANK_BY, default="score",
@@ -53,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = BenchSettings(thresholds=tuple(default_thresholds(args.cam_interval).tolist()),
                              rank_by=args.rank_by, corloc_threshold=args.corloc_threshold,
-                             mask_threshold=args.mask_threshold)
+                             mask_threshold=args.mask_threshold, protocol=args.protocol)
     compare = [Path(d) for d in args.compare]
     for d in compare:
         if not (d / "metrics.json").is_file():

@@ -1,48 +1,74 @@
 """Localization metrics for class activation maps: points, boxes and pixels.
 
+Two protocols (``PROTOCOL_NAMES``; :class:`wsl.bench.BenchSettings` ``protocol``, ``wsl bench --protocol``):
+
+- ``"published"`` (the default) computes each metric as the code that published it does, so numbers can
+  be set beside the papers': MaxBoxAcc / MaxBoxAccV2 as Choe et al.'s wsolevaluation
+  (:func:`contour_box_sweep`: OpenCV contours of the 8-bit map, holes included, ``cv2.boundingRect``
+  boxes and wsolevaluation's "+1" IoU), the pointing game as TorchRay (the union of the class's boxes,
+  mean over all the dataset's classes, a class without pairs counting 0);
+- ``"wsl-exact"`` keeps the exact-geometry variants: boxes of 8-connected components with their exact
+  pixel extent and the plain IoU of continuous boxes (:func:`box_sweep`), the pointing game on the
+  class's mask when there is one, mean over the classes that have pairs.
+
+Point localization mAP (Oquab et al.), CorLoc and PxAP are the same in both.
+
 Conventions shared by every metric here (docs/design.md):
 
 - A map ``(H, W)`` is at image resolution; higher means more of the class. Box metrics and PxAP use
   the map min-max normalised to [0, 1]; a map that is flat or has a NaN/inf becomes all zeros and so
-  localizes nothing (``normalize_map``, as ``normalize_scoremap`` in Choe et al.'s wsolevaluation).
+  localizes nothing (``normalize_map``, as ``normalize_scoremap`` in Choe et al.'s wsolevaluation,
+  which rejects inf rather than zeroing it). Maps are scored at image resolution, not resized to
+  wsolevaluation's 224 x 224.
 - Boxes are ``xyxy`` in continuous pixel-edge coordinates, x2/y2 exclusive; pixel ``(px, py)`` is in a
-  box when ``x1 <= px < x2 and y1 <= py < y2``. A connected component's box is its exact pixel extent.
+  box when ``x1 <= px < x2 and y1 <= py < y2``.
 - Points are integer pixel indices ``(x, y)``: the first maximum of the map in row-major order.
 - Difficult objects (VOC) follow the classification protocol: an image whose only instances of class
   ``c`` are 'difficult' is ignored for ``c`` (neither right nor wrong). Elsewhere difficult instances
   are valid targets: pointing at or boxing a real object is never penalised.
 - Per-class means skip classes with nothing to evaluate (NaN per class), so no metric is ever NaN
-  because one class is missing from a small split.
+  because one class is missing from a small split; the published pointing game is the exception
+  (TorchRay counts such a class as 0).
 
 Metrics:
 
 - Point localization mAP (Oquab et al., "Is object localization for free?", CVPR 2015): see
   :func:`point_localization_ap`.
 - Pointing game (Zhang et al., "Top-down Neural Attention by Excitation Backprop", ECCV 2016, as
-  implemented by TorchRay's ``benchmark/pointing_game.py``): see :func:`point_hits_region` and
-  :func:`in_pointing_difficult_subset`.
+  implemented by TorchRay's ``benchmark/pointing_game.py``): see :func:`point_hits_region`,
+  :func:`boxes_to_region`, :func:`in_pointing_difficult_subset` and :func:`per_class_accuracy`.
 - CorLoc (Deselaers et al., "Weakly supervised localization and learning with generic knowledge",
   IJCV 2012) and MaxBoxAcc / MaxBoxAccV2 (Choe et al., "Evaluating Weakly Supervised Object
-  Localization Methods Right", CVPR 2020): see :class:`BoxAccuracy` and :func:`box_sweep`.
+  Localization Methods Right", CVPR 2020): see :class:`BoxAccuracy`, :func:`contour_box_sweep` and
+  :func:`box_sweep`.
 - PxAP (Choe et al., CVPR 2020): see :class:`PixelAP`.
 """
 from __future__ import annotations
 
 from typing import Dict, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 
 from wsl.metrics.classification import ap_from_counts, ranked_counts
 
 POINT_TOLERANCE = 18  # Oquab et al. CVPR 2015
 POINTING_TOLERANCE = 15  # Zhang et al. ECCV 2016 / TorchRay default
-IOU_THRESHOLDS = (0.3, 0.5, 0.7)  # MaxBoxAccV2 (Choe et al. CVPR 2020)
+IOU_THRESHOLDS = (0.3, 0.5, 0.7)  # MaxBoxAccV2 (Choe et al. CVPR 2020): wsolevaluation's 30 / 50 / 70
 CORLOC_IOU = 0.5
-CAM_CURVE_INTERVAL = 0.001  # wsolevaluation's cam_curve_interval
+CAM_CURVE_INTERVAL = 0.001  # wsolevaluation's cam_curve_interval (its evaluate_wsol and training config)
+PROTOCOL_NAMES = ("published", "wsl-exact")
+DEFAULT_PROTOCOL = "published"
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOL_NAMES:
+        raise ValueError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOL_NAMES)}")
+    return protocol
 
 
 def default_thresholds(interval: float = CAM_CURVE_INTERVAL) -> np.ndarray:
-    """The CAM threshold sweep ``0, interval, ..., < 1`` of wsolevaluation."""
+    """The CAM threshold sweep ``0, interval, ..., < 1`` of wsolevaluation (``np.arange(0, 1, interval)``)."""
     if not 0.0 < interval < 1.0:
         raise ValueError(f"threshold interval must be in (0, 1), got {interval}")
     return np.arange(0.0, 1.0, interval)
@@ -98,7 +124,9 @@ def point_in_boxes(point: Sequence[int], boxes: np.ndarray, tolerance: float = 0
 
 
 def boxes_to_region(boxes: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
-    """Bool ``(H, W)``: the pixels inside any of ``boxes`` (TorchRay's ``voc_as_mask``)."""
+    """Bool ``(H, W)``: the pixels inside any of ``boxes``. For VOC boxes this is TorchRay's
+    ``voc_as_mask``: the union of the boxes' pixels, ``bndbox`` corners inclusive (1-based), which in
+    wsl's coordinates (``xmin - 1``, ``xmax``) is ``region[y1:y2, x1:x2]``."""
     region = np.zeros(shape, dtype=bool)
     for x1, y1, x2, y2 in np.ceil(np.asarray(boxes, dtype=np.float64)).astype(np.int64):
         region[max(y1, 0):max(y2, 0), max(x1, 0):max(x2, 0)] = True
@@ -116,24 +144,34 @@ def point_hits_region(point: Sequence[int], region: np.ndarray, tolerance: float
 
 
 def in_pointing_difficult_subset(region_area: float, image_area: float, num_classes_in_image: int) -> bool:
-    """The "difficult" pointing-game subset of Zhang et al. (ECCV 2016), whose VOC07/COCO lists TorchRay
-    ships: images with at least two object classes where the target class covers less than a quarter
-    of the image (area of its ground-truth region: mask pixels, or the union of its boxes)."""
+    """The "difficult" pointing-game subset of Zhang et al. (ECCV 2016): an (image, class) pair whose
+    image holds at least one other class (``num_classes_in_image >= 2``, difficult objects included)
+    and whose class covers less than a quarter of the image. TorchRay ships this subset as lists for
+    VOC 2007 test and COCO val2014 only; here the rule is applied to any dataset, with the area of the
+    region the hit is tested against (published: the union of the class's boxes; wsl-exact: its mask
+    when there is one)."""
     return num_classes_in_image >= 2 and region_area < 0.25 * image_area
 
 
-def per_class_accuracy(correct: np.ndarray, classes: np.ndarray, num_classes: int) -> Tuple[float, np.ndarray]:
-    """Accuracy of each class over its samples ``(C,)`` (NaN without samples) and their mean.
+def per_class_accuracy(correct: np.ndarray, classes: np.ndarray, num_classes: int,
+                       empty: str = "skip") -> Tuple[float, np.ndarray]:
+    """Accuracy of each class over its samples ``(C,)`` and their mean.
 
-    This is TorchRay's ``class_accuracies`` / ``accuracy`` (pointing game) and the per-class CorLoc,
-    except that a class with no sample is skipped instead of counting as 0.
+    ``empty="skip"``: a class without samples is NaN and left out of the mean (wsl-exact pointing
+    game, CorLoc). ``empty="zero"``: TorchRay's ``PointingGame.class_accuracies`` /
+    ``accuracy``, ``hits / max(hits + misses, 1)`` averaged over all ``num_classes``, so a class without
+    samples counts as 0 (published pointing game).
     """
+    if empty not in ("skip", "zero"):
+        raise ValueError(f"empty must be 'skip' or 'zero', got {empty!r}")
     correct = np.asarray(correct, dtype=np.float64).reshape(-1)
     classes = np.asarray(classes, dtype=np.int64).reshape(-1)
     hits = np.bincount(classes, weights=correct, minlength=num_classes)
     total = np.bincount(classes, minlength=num_classes)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        acc = np.where(total > 0, hits / np.maximum(total, 1), np.nan)
+    acc = hits / np.maximum(total, 1)
+    if empty == "zero":
+        return (float(acc.mean()) if num_classes else float("nan")), acc
+    acc = np.where(total > 0, acc, np.nan)
     valid = ~np.isnan(acc)
     return (float(acc[valid].mean()) if valid.any() else float("nan")), acc
 
@@ -375,19 +413,132 @@ def component_box_ious(u8: np.ndarray, levels: np.ndarray, gt_boxes: np.ndarray,
     return largest, best
 
 
-def box_sweep(norm: np.ndarray, gt_boxes: np.ndarray, thresholds: np.ndarray,
-              connectivity: int = 8) -> Tuple[np.ndarray, np.ndarray]:
-    """IoU curves ``(T,)`` of a normalised map over the CAM thresholds (wsolevaluation's protocol).
-
-    At threshold ``t`` the mask is ``u8 > int(t * max(u8))`` with ``u8 = uint8(255 * norm)``. Returns
-    the IoU (best over ``gt_boxes``) of the largest component's box (MaxBoxAcc) and the best IoU over
-    all components' boxes (MaxBoxAccV2's multi-contour matching); empty masks give 0.
-    """
+def _levels(norm: np.ndarray, thresholds: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """wsolevaluation's binarisation: ``u8 = uint8(255 * norm)`` (truncated) and, per CAM threshold
+    ``t``, the integer level ``int(t * max(u8))``; the mask at ``t`` is ``u8 > level``
+    (``cv2.threshold`` with ``THRESH_BINARY``)."""
     u8 = quantize_map(norm)
     t = np.asarray(thresholds, dtype=np.float64)
-    k = np.floor(t * float(u8.max())).astype(np.int64)
+    return u8, np.floor(t * float(u8.max())).astype(np.int64)
+
+
+def box_sweep(norm: np.ndarray, gt_boxes: np.ndarray, thresholds: np.ndarray,
+              connectivity: int = 8) -> Tuple[np.ndarray, np.ndarray]:
+    """IoU curves ``(T,)`` of a normalised map over the CAM thresholds, with exact geometry (the
+    ``"wsl-exact"`` protocol; :func:`contour_box_sweep` is wsolevaluation's).
+
+    The masks are wsolevaluation's (``u8 > int(t * max(u8))``, ``u8 = uint8(255 * norm)``), but a
+    mask's boxes are those of its ``connectivity``-connected components, each the exact pixel extent
+    in continuous coordinates, compared with the plain IoU of continuous boxes. Returns the IoU (best
+    over ``gt_boxes``) of the largest component's box (most pixels; ties: first in raster order) for
+    MaxBoxAcc and the best IoU over all components' boxes for MaxBoxAccV2; empty masks give 0.
+
+    Where wsolevaluation differs (:func:`contour_box_sweep`): it also boxes the holes' contours, picks
+    the contour with the largest polygon area (a thin line of many pixels has area 0), makes its boxes
+    one pixel wider and taller except at the right/bottom border, and counts both corners in its IoU.
+    """
+    u8, k = _levels(norm, thresholds)
     levels, inverse = np.unique(k, return_inverse=True)
     largest, best = component_box_ious(u8, levels, gt_boxes, connectivity)
+    return largest[inverse], best[inverse]
+
+
+def _contour_rects(binary: np.ndarray, offset: Tuple[int, int] = (0, 0)) -> Tuple[list, int]:
+    """``cv2.boundingRect`` of every contour of ``binary`` (``cv2.findContours`` with ``RETR_TREE``, in
+    OpenCV's order, shifted by ``offset``) and the index of the one with the largest
+    ``cv2.contourArea`` (the first of equals, as Python's ``max``)."""
+    contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE, offset=offset)[-2]  # OpenCV 3: 3 outputs
+    rects = [cv2.boundingRect(c) for c in contours]
+    if len(contours) < 2:
+        return rects, 0
+    return rects, int(np.argmax([cv2.contourArea(c) for c in contours]))
+
+
+def _wsol_boxes(rects: np.ndarray, shape: Tuple[int, int]) -> np.ndarray:
+    """wsolevaluation's box of a ``cv2.boundingRect`` ``(x, y, w, h)``: ``(x, y, x + w, y + h)`` with the
+    far corner clipped to the last column / row."""
+    boxes = np.asarray(rects, dtype=np.int64).reshape(-1, 4).copy()
+    boxes[:, 2] = np.minimum(boxes[:, 0] + boxes[:, 2], shape[1] - 1)
+    boxes[:, 3] = np.minimum(boxes[:, 1] + boxes[:, 3], shape[0] - 1)
+    return boxes
+
+
+def contour_boxes(mask: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """The boxes wsolevaluation draws around a binary mask, one per contour, and the contours' areas.
+
+    The contours are ``cv2.findContours(mask, RETR_TREE, CHAIN_APPROX_SIMPLE)``: the outer border of
+    every 8-connected component *and* the border of every hole (a 4-connected background region
+    enclosed by one), in OpenCV's order. A contour's box is ``cv2.boundingRect``'s ``(x, y, w, h)`` as
+    ``(x, y, min(x + w, W - 1), min(y + h, H - 1))``: one past its last pixel, but the last pixel itself
+    at the right and bottom borders. Its area is ``cv2.contourArea``, the area of the polygon through
+    the centres of the border pixels (a ``w x h`` rectangle has ``(w - 1)(h - 1)``; a line, 0). An
+    empty mask gives the one box ``(0, 0, 0, 0)`` with area 0. Returns int64 ``(n, 4)`` and ``(n,)``.
+    """
+    binary = np.ascontiguousarray(mask, dtype=np.uint8)
+    contours = cv2.findContours(binary, cv2.RETR_TREE, cv2.CHAIN_APPROX_SIMPLE)[-2]
+    if len(contours) == 0:
+        return np.zeros((1, 4), dtype=np.int64), np.zeros(1)
+    boxes = _wsol_boxes([cv2.boundingRect(c) for c in contours], binary.shape)
+    return boxes, np.array([cv2.contourArea(c) for c in contours], dtype=np.float64)
+
+
+def wsol_iou(boxes: np.ndarray, gt_boxes: np.ndarray) -> np.ndarray:
+    """IoU ``(M, K)`` as wsolevaluation measures it (``calculate_multiple_iou``): integer corners, and a
+    box ``(x0, y0, x1, y1)`` spans ``(x1 - x0 + 1) x (y1 - y0 + 1)`` pixels (both corners counted), and
+    so do intersections; a non-positive union gives 0."""
+    a = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4)
+    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]) + 1, 0, None)
+    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]) + 1, 0, None)
+    inter = iw * ih
+    area_a = (a[:, 2] - a[:, 0] + 1) * (a[:, 3] - a[:, 1] + 1)
+    area_b = (b[:, 2] - b[:, 0] + 1) * (b[:, 3] - b[:, 1] + 1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def contour_box_sweep(norm: np.ndarray, gt_boxes: np.ndarray,
+                      thresholds: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """IoU curves ``(T,)`` of a normalised map over the CAM thresholds as wsolevaluation computes them
+    (Choe et al. CVPR 2020, ``compute_bboxes_from_scoremaps`` and ``BoxEvaluator``; the ``"published"``
+    protocol).
+
+    At threshold ``t`` the mask is ``u8 > int(t * max(u8))`` with ``u8 = uint8(255 * norm)``; its boxes
+    are :func:`contour_boxes` (holes included). Returns, per threshold, the IoU (:func:`wsol_iou`, best
+    over ``gt_boxes``) of the box of the contour with the largest ``cv2.contourArea`` (ties: the first
+    in OpenCV's order, as Python's ``max``) for MaxBoxAcc, and the best IoU over all the contours'
+    boxes for MaxBoxAccV2 (``multi_contour_eval``). Ground-truth boxes are compared as wsolevaluation
+    stores them, ``(x0, y0, x0 + w, y0 + h)``, which is wsl's ``(x1, y1, x2, y2)``, truncated to integers
+    like its ``resize_bbox``.
+
+    One contour search per distinct mask (the mask only changes where the level passes a value of
+    ``u8``), from the lowest level up, each inside the extent of the mask before it: the masks are
+    nested, and outside that extent there is only background, so the contours, their order (the
+    raster order of the crop is the image's) and their boxes are the same as on the whole image.
+    """
+    u8, k = _levels(norm, thresholds)
+    gt = np.trunc(np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 4))
+    if len(gt) == 0:
+        return np.zeros(len(k)), np.zeros(len(k))
+    step = np.searchsorted(np.unique(u8), k, side="right")  # levels with the same step give the same mask
+    _, first, inverse = np.unique(step, return_index=True, return_inverse=True)  # ascending levels
+    rects: list = []
+    starts, largest_at = np.zeros(len(first), dtype=np.int64), np.zeros(len(first), dtype=np.int64)
+    y0, y1, x0, x1 = 0, u8.shape[0], 0, u8.shape[1]
+    for j, i in enumerate(first.tolist()):
+        binary = cv2.threshold(u8[y0:y1, x0:x1], int(k[i]), 1, cv2.THRESH_BINARY)[1]
+        found, big = _contour_rects(binary, (x0, y0))
+        starts[j], largest_at[j] = len(rects), len(rects) + big
+        if not found:  # an empty mask: wsolevaluation's box (0, 0, 0, 0); every higher level is empty too
+            found = [(0, 0, 0, 0)]
+            y0 = y1 = x0 = x1 = 0
+        else:  # the outer contours' rectangles cover the mask: the next, smaller mask lies inside
+            x0, y0 = min(r[0] for r in found), min(r[1] for r in found)
+            x1, y1 = max(r[0] + r[2] for r in found), max(r[1] + r[3] for r in found)
+        rects.extend(found)
+    iou = wsol_iou(_wsol_boxes(rects, u8.shape), gt).max(axis=1)
+    largest, best = iou[largest_at], np.maximum.reduceat(iou, starts)
+    inverse = inverse.reshape(-1)
     return largest[inverse], best[inverse]
 
 
@@ -396,17 +547,16 @@ class BoxAccuracy:
 
     A pair is an image and a class it contains (the class is given: "GT-known" localization); its box
     is correct at threshold ``t`` when its IoU with a ground-truth box of the class is at least the IoU
-    threshold. Following Choe et al. (CVPR 2020), the accuracy at each ``t`` is pooled over all pairs:
+    threshold. Following Choe et al. ("Evaluating Weakly Supervised Object Localization Methods
+    Right", CVPR 2020), the accuracy at each ``t`` is pooled over all pairs:
 
-    - MaxBoxAcc = ``max_t`` accuracy of the largest component's box at IoU 0.5;
+    - MaxBoxAcc = ``max_t`` accuracy of the largest region's box at IoU 0.5;
     - MaxBoxAccV2 = mean over IoU in {0.3, 0.5, 0.7} of ``max_t`` accuracy when the best of all
-      components' boxes is used (each IoU threshold picks its own ``t``).
+      regions' boxes is used (each IoU threshold picks its own ``t``).
 
-    Differences from wsolevaluation's code, which finds the mask's contours with ``cv2.findContours``:
-    components are 8-connected pixel sets (contour tracing also follows 8-connectivity), the largest
-    is the one with most pixels rather than the largest contour polygon, the inner (hole) contours
-    that ``RETR_TREE`` also returns are not extra boxes, and boxes are the exact pixel extent in
-    continuous coordinates rather than inclusive corners clipped to ``W - 1``.
+    The IoU curves come from :func:`contour_box_sweep` under the ``"published"`` protocol
+    (wsolevaluation's contours, boxes and IoU, so the numbers are its own) or from :func:`box_sweep`
+    under ``"wsl-exact"`` (connected components, exact boxes and IoU); see there for the differences.
     """
 
     def __init__(self, num_classes: int, thresholds: np.ndarray,
@@ -461,15 +611,18 @@ class BoxAccuracy:
 class PixelAP:
     """PxAP (Choe et al., CVPR 2020): the area under the pixel precision-recall curve of normalised maps
     against ground-truth masks, swept over the CAM thresholds and pooled over all pixels of all
-    (image, class) pairs.
+    (image, class) pairs. It is wsolevaluation's ``MaskEvaluator`` in both protocols.
 
-    A pixel is predicted positive at ``t`` when its normalised score is ``>= t``. wsolevaluation's
-    ``MaskEvaluator`` histograms the scores with edges ``thresholds + [1, 2, 3]`` and reverse-cumsums
-    them; here every pixel gets its bin ``b = #(edges <= score)`` and one ``np.bincount`` over
+    A pixel is predicted positive at ``t`` when its normalised score is ``>= t``. wsolevaluation
+    histograms the scores of the positive and of the negative pixels with the edges
+    ``thresholds + [1, 2, 3]`` and reverse-cumsums them into ``tp`` and ``fp`` from the highest edge
+    down; here every pixel gets its bin ``b = #(edges <= score)`` and one ``np.bincount`` over
     ``(bin, positive, negative)`` keys gives both histograms, whose reverse cumulative sums are the
-    counts ``#(score >= edge)`` (scores below the first threshold are left out, as by the histogram).
-    With ``tp``, ``fp`` counted from the highest edge down,
-    ``PxAP = sum_i precision_i * (recall_i - recall_{i-1})`` over the edges with a prediction.
+    counts ``#(score >= edge)`` (scores below the first threshold are left out, as by the histogram;
+    normalised scores never reach 2). With ``precision_i = tp_i / (tp_i + fp_i)`` and
+    ``recall_i = tp_i / #positives``,
+    ``PxAP = sum_i precision_i * (recall_i - recall_{i-1})`` over the edges with a prediction
+    (``tp_i + fp_i > 0``), i.e. wsolevaluation's ``auc`` / 100.
     """
 
     def __init__(self, thresholds: np.ndarray, num_classes: int = 1) -> None:
