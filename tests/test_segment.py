@@ -127,6 +127,31 @@ def test_cli_segment_and_one_line_errors(checkpoint, scenes_root, tmp_path, caps
     assert err[-1].startswith("wsl segment: error: output directory is not empty")
 
 
+def test_cli_segment_in_tiles_matches_whole_images(checkpoint, scenes_root, tmp_path, capsys):
+    margin = load_for_inference(checkpoint)[0].net.receptive_margin
+    tile = -(-margin // 8) * 8  # the smallest tile on vgg_tiny's stride-8 grid
+    # 64 px scenes at scale 2: 128 px passes, cut into 2 x 2 tiles
+    base = ["-q", "segment", "--checkpoint", str(checkpoint), "--data", f"voc:{scenes_root}", "--split", "val",
+            "--size", "0", "--scales", "2", "--amp", "none", "--device", "cpu"]
+    assert cli.main([*base, "--out", str(tmp_path / "whole")]) == 0
+    assert cli.main([*base, "--out", str(tmp_path / "tiled"), "--tile", str(tile)]) == 0
+    options = json.loads((tmp_path / "tiled" / "manifest.json").read_text())["options"]
+    assert options["tile"] == tile and options["tile_overlap"] == tile  # the margin, rounded up to the grid
+    assert json.loads((tmp_path / "whole" / "manifest.json").read_text())["options"]["tile"] is None
+    masks = sorted((tmp_path / "whole").glob("val_*.png"))
+    assert len(masks) == 8
+    for path in masks:
+        with Image.open(path) as whole, Image.open(tmp_path / "tiled" / path.name) as tiled:
+            assert np.array_equal(np.asarray(whole), np.asarray(tiled))
+    assert cli.main([*base, "--out", str(tmp_path / "bad"), "--tile", "12"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("wsl segment: error: tile=12 px does not fit") and f"smallest valid tile is {tile} px" in err
+    assert cli.main([*base, "--out", str(tmp_path / "bad"), "--tile-overlap", "8"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "wsl segment: error: tile_overlap=8 needs a tile size (tile=PX)"
+    assert not (tmp_path / "bad").exists()
+
+
 def test_a_classifier_checkpoint_is_refused_naming_the_file(tmp_path):
     path = tmp_path / "cls.pt"
     clf = build_classifier(backbone="vgg_tiny", num_classes=4, pooling="max")

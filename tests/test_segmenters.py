@@ -21,6 +21,13 @@ CASES = [
     ("deeplab_largefov", {"backbone": "vgg_tiny"}, 50, 70),
     ("deeplab_largefov", {}, 64, 72),  # VGG16
     ("deeplabv3_resnet50", {}, 64, 64),
+    ("unet", {"base_channels": 4, "depth": 2}, 37, 53),  # the paper's unpadded U-Net, mirrored context
+    ("unet", {"padding": "same", "base_channels": 4, "depth": 3, "batch_norm": True}, 37, 53),
+    ("unet", {"encoder": "vgg_tiny", "base_channels": 4}, 37, 53),
+    ("deeplab_aspp", {"backbone": "vgg_tiny"}, 37, 53),
+    ("deeplabv3plus_resnet50", {"backbone": "vgg_tiny"}, 37, 53),
+    ("deconvnet", {"backbone": "vgg_tiny"}, 37, 53),
+    ("deconvnet_shortcut", {"backbone": "vgg_tiny"}, 37, 53),
 ]
 
 
@@ -87,8 +94,8 @@ def test_maps_to_pixels_puts_cell_values_on_their_centres():
 
 
 def test_errors_name_the_problem():
-    with pytest.raises(ValueError, match="unknown segmenter 'unet'; known: deeplab_largefov"):
-        build_segmenter("unet", num_classes=3)
+    with pytest.raises(ValueError, match="unknown segmenter 'segformer'; known: deconvnet, .*deeplab_largefov"):
+        build_segmenter("segformer", num_classes=3)
     with pytest.raises(ValueError, match="deeplab_largefov supports backbones vgg16, vgg_tiny"):
         build_segmenter("deeplab_largefov", num_classes=3, backbone="resnet50")
     with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):

@@ -234,6 +234,10 @@ def _eval_worker(rank: int, world: int, port: int, ckpt: str, spec: str, out: st
         dist.barrier()
     finally:
         dist.cleanup()
+    # Still about one run in 30 under load: SIGABRT at interpreter finalisation, when gloo's worker
+    # threads release tensors after Python is torn down (pytorch/pytorch#179291). The results are
+    # written and checked by the parent; skip the finalisation.
+    os._exit(0)
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")

@@ -111,15 +111,19 @@ class CamSection:
 @dataclasses.dataclass(frozen=True)
 class BenchSection:
     """:func:`wsl.bench.evaluate` settings: ``metrics`` (empty: every metric the dataset supports), the
-    CAM threshold sweep step ``cam_interval`` and the point-mAP ranking ``rank_by``."""
+    CAM threshold sweep step ``cam_interval``, the point-mAP ranking ``rank_by`` and the ``protocol``
+    (``published``: wsolevaluation's and TorchRay's conventions; ``wsl-exact``)."""
 
     metrics: Tuple[str, ...] = ()
     cam_interval: float = 0.001
     rank_by: str = "score"
+    protocol: str = "published"
 
     def __post_init__(self) -> None:
-        from wsl.bench import RANK_BY
+        from wsl.bench import PROTOCOL_NAMES, RANK_BY
 
+        if self.protocol not in PROTOCOL_NAMES:
+            raise ValueError(f"bench.protocol must be one of {', '.join(PROTOCOL_NAMES)}, got {self.protocol!r}")
         _check_metrics("bench.metrics", self.metrics)
         if self.rank_by not in RANK_BY:
             raise ValueError(f"bench.rank_by must be one of {', '.join(RANK_BY)}, got {self.rank_by!r}")
@@ -150,18 +154,27 @@ class PoolingSection:
 
 @dataclasses.dataclass(frozen=True)
 class SegmentSection:
-    """Segmenter inference on val (:func:`wsl.segment.segment_dataset`): test-time scales, flip, CRF."""
+    """Segmenter inference on val (:func:`wsl.segment.segment_dataset`): test-time scales, flip, CRF,
+    and overlap-tile inference (``tile`` px cores with ``tile_overlap`` px of context; None: whole
+    images, and the model's receptive margin)."""
 
     scales: Tuple[float, ...] = (1.0,)
     flip: bool = False
     crf: bool = False
     crf_max_pixels: Optional[int] = None
     batch_size: int = 16
+    tile: Optional[int] = None
+    tile_overlap: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not self.scales or any(s <= 0 for s in self.scales):
             raise ValueError(f"segment.scales must be positive numbers, got {list(self.scales)}")
         _positive("segment.batch_size", self.batch_size)
+        for name, value, low in (("tile", self.tile, 1), ("tile_overlap", self.tile_overlap, 0)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise ValueError(f"segment.{name} must be an integer >= {low} px or null, got {value!r}")
+        if self.tile is None and self.tile_overlap is not None:
+            raise ValueError(f"segment.tile_overlap={self.tile_overlap} needs segment.tile (the tile size in px)")
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
 
 
@@ -383,7 +396,8 @@ def _bench_settings(cfg: BenchSection) -> Any:
     from wsl.bench import BenchSettings
     from wsl.metrics.localization import default_thresholds
 
-    return BenchSettings(thresholds=tuple(default_thresholds(cfg.cam_interval).tolist()), rank_by=cfg.rank_by)
+    return BenchSettings(thresholds=tuple(default_thresholds(cfg.cam_interval).tolist()), rank_by=cfg.rank_by,
+                         protocol=cfg.protocol)
 
 
 def _stage_bench(ctx: _Context) -> Dict[str, Any]:
@@ -485,7 +499,8 @@ def _stage_segment(ctx: _Context) -> Dict[str, Any]:
     dataset = ctx.dataset(split, classes, masks=has_ground_truth(ctx.spec, split))
     manifest = segment_dataset(model, classes, dataset, ctx.dir("segment"), scales=s.scales, flip=s.flip,
                                crf=DenseCRF(max_pixels=s.crf_max_pixels) if s.crf else None, input_size=size,
-                               batch_size=s.batch_size, amp=ctx.config.segmenter.run.amp, overwrite=True,
+                               batch_size=s.batch_size, amp=ctx.config.segmenter.run.amp, tile=s.tile,
+                               tile_overlap=s.tile_overlap, overwrite=True,
                                progress=ctx.progress)
     return {"images": manifest["count"], **manifest.get("metrics", {})}
 

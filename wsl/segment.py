@@ -16,10 +16,16 @@ with ``F`` = 2 with flip (the mirrored pass flipped back), else 1. The predictio
 ``input_size / max(H, W)`` before the ``scales`` factors, so objects appear at the size it learned.
 ``None`` keeps the native resolution (the usual setting for VOC-sized images).
 
+``tile``: every pass (each scale and flip) runs tile by tile (:class:`wsl.models.tiling.Tiler`:
+cores of ``tile`` px, each predicted with ``tile_overlap`` px of context on every side, default the
+model's receptive margin), so memory is bounded by the tiles whatever the image size; the logits
+equal the whole-image ones wherever the overlap covers the model's receptive field
+(:mod:`wsl.models.tiling` states the measured differences).
+
 Output of :func:`segment_dataset` (``out_dir``)::
 
     ID.png          class-index mask at the image's size, VOC palette (0 background, c+1 class c)
-    manifest.json   classes, options (scales, flip, crf, input size), counts
+    manifest.json   classes, options (scales, flip, crf, input size, tile and overlap), counts
     metrics.json    only when the dataset has ground-truth masks: mIoU, pixel accuracy, per-class IoU
 
 The masks use the same layout as ``wsl cam``'s pseudo-masks, so a segmentation output can itself be
@@ -69,6 +75,7 @@ class Segmenter:
         seg = Segmenter(model, scales=(0.75, 1.0, 1.25), flip=True, crf=DenseCRF())
         probs = seg.probabilities(images)   # uint8 (N, 3, H, W) -> float32 (N, K, H, W), sums to 1
         labels = seg(images)                # uint8 (N, H, W) class indices (0 = background)
+        big = Segmenter(model, tile=512)     # overlap-tile inference (wsl.models.tiling)
 
     The model runs in eval mode (its mode is restored) under ``torch.inference_mode`` on its own
     device; ``amp`` (``"none"``, ``"auto"``, ``"bf16"``, ``"fp16"``, see :func:`wsl.train.engine.autocast`)
@@ -76,7 +83,10 @@ class Segmenter:
     """
 
     def __init__(self, model: nn.Module, *, scales: Sequence[float] = (1.0,), flip: bool = False,
-                 input_size: Optional[int] = None, crf: Any = None, amp: str = "none") -> None:
+                 input_size: Optional[int] = None, crf: Any = None, amp: str = "none",
+                 tile: Optional[int] = None, tile_overlap: Optional[int] = None) -> None:
+        from wsl.models.tiling import Tiler
+
         scales = tuple(float(s) for s in scales)
         if not scales or any(not math.isfinite(s) or s <= 0 for s in scales):
             raise ValueError(f"scales must be positive numbers, got {scales!r}")
@@ -84,6 +94,12 @@ class Segmenter:
             raise ValueError(f"input_size must be >= {MIN_SIDE} pixels (or None for native size), got {input_size}")
         self.model, self.scales, self.flip = model, scales, bool(flip)
         self.input_size, self.crf, self.amp = input_size, crf, amp
+        if tile is None and tile_overlap is not None:
+            raise ValueError(f"tile_overlap={tile_overlap!r} needs a tile size (tile=PX)")
+        # Built here so that a tile that does not fit the model is refused before any image is read.
+        self.tiler = None if tile is None else Tiler(model, tile=tile, overlap=tile_overlap)
+        self.tile = tile
+        self.tile_overlap = None if self.tiler is None else self.tiler.overlap  # as used (rounded to the grid)
 
     @property
     def device(self) -> torch.device:
@@ -114,7 +130,7 @@ class Segmenter:
                 if self.flip:
                     x = torch.cat([x, x.flip(-1)])
                 with autocast(device, self.amp):
-                    logits = self.model(x)["out"]
+                    logits = self.model(x)["out"] if self.tiler is None else self.tiler(x)
                 logits = logits.float()
                 if logits.shape[-2:] != (height, width):
                     logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
@@ -244,7 +260,8 @@ def score_mask_dir(dataset: Any, mask_dir: PathLike, *, ignore_as_background: bo
 def segment_dataset(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir: PathLike, *,
                     scales: Sequence[float] = (1.0,), flip: bool = False, crf: Any = None,
                     input_size: Optional[int] = None, batch_size: int = 8, workers: int = 0,
-                    amp: str = "none", overwrite: bool = False, progress: bool = True,
+                    amp: str = "none", tile: Optional[int] = None, tile_overlap: Optional[int] = None,
+                    overwrite: bool = False, progress: bool = True,
                     inputs: Sequence[PathLike] = ()) -> Dict[str, Any]:
     """Segment every image of ``dataset`` and write ``out_dir/ID.png`` (module docstring).
 
@@ -253,7 +270,7 @@ def segment_dataset(model: nn.Module, classes: Sequence[str], dataset: Any, out_
     (``masks=True``) the predictions are scored and ``metrics.json`` is written. A non-empty
     ``out_dir`` is refused unless ``overwrite``, which never empties a folder holding the dataset's files or
     ``inputs`` (e.g. the checkpoint); every file is written atomically. Returns the manifest
-    (with ``metrics`` when scored).
+    (with ``metrics`` when scored). ``tile`` / ``tile_overlap``: overlap-tile inference (:class:`Segmenter`).
     """
     from wsl.metrics import confusion_matrix
 
@@ -263,7 +280,8 @@ def segment_dataset(model: nn.Module, classes: Sequence[str], dataset: Any, out_
         raise DataError(f"dataset classes [{', '.join(ds_classes)}] differ from the segmenter's "
                         f"[{', '.join(classes)}]; build the dataset with the model's class list")
     k = len(classes) + 1
-    segmenter = Segmenter(model, scales=scales, flip=flip, input_size=input_size, crf=crf, amp=amp)
+    segmenter = Segmenter(model, scales=scales, flip=flip, input_size=input_size, crf=crf, amp=amp, tile=tile,
+                          tile_overlap=tile_overlap)
     reads = [*inputs, *(dataset.input_paths() if hasattr(dataset, "input_paths") else ())]
     out = prepare_output_dir(out_dir, overwrite, kind="segment", inputs=reads)
     scored = bool(getattr(dataset, "masks", False))
@@ -285,7 +303,8 @@ def segment_dataset(model: nn.Module, classes: Sequence[str], dataset: Any, out_
     manifest: Dict[str, Any] = {
         "format": FORMAT, "classes": classes, "count": count,
         "options": {"scales": list(segmenter.scales), "flip": segmenter.flip, "input_size": input_size,
-                    "crf": None if crf is None else repr(crf), "batch_size": batch_size},
+                    "crf": None if crf is None else repr(crf), "batch_size": batch_size,
+                    "tile": tile, "tile_overlap": segmenter.tile_overlap},
         "files": {"masks": "{id}.png", "metrics": "metrics.json" if scored else None},
         "dataset": str(getattr(dataset, "source", type(dataset).__name__)),
     }

@@ -28,6 +28,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "0 = native resolution)")
     p.add_argument("--crf", action="store_true", help="refine with the dense CRF (DeepLab parameters)")
     p.add_argument("--crf-max-pixels", type=int, help="CRF working-resolution cap in pixels (default: full size)")
+    p.add_argument("--tile", type=int, metavar="PX",
+                   help="predict in tiles of PX px (overlap-tile inference: memory bounded by the tiles; "
+                        "a multiple of the model's pooling grid)")
+    p.add_argument("--tile-overlap", type=int, metavar="PX",
+                   help="context px on each side of a tile (default: the model's receptive margin)")
     add_loader_flags(p)
     p.add_argument("--amp", choices=AMP_MODES, default="auto",
                    help="autocast precision (default auto: bfloat16 where the hardware computes it natively)")
@@ -48,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
         crf = DenseCRF(max_pixels=args.crf_max_pixels)
     options = dict(scales=args.scales, flip=args.flip, crf=crf, input_size=size, batch_size=args.batch_size,
-                   workers=args.workers, amp=args.amp, overwrite=args.overwrite, inputs=[args.checkpoint],
+                   workers=args.workers, amp=args.amp, tile=args.tile, tile_overlap=args.tile_overlap,
+                   overwrite=args.overwrite, inputs=[args.checkpoint],
                    progress=not getattr(args, "quiet", False))
     if args.data:
         from wsl.data.spec import build_dataset

@@ -2,7 +2,8 @@
 CVPR 2016): the stem and ``layer1..layer4``, without the global pool and fc.
 
 ``output_stride`` 16 or 8 replaces the stride of layer4 (and layer3) by dilation, as torchvision's
-``replace_stride_with_dilation`` and DeepLabv3 do. Child names match torchvision's, so a torchvision
+``replace_stride_with_dilation`` and DeepLabv3 do; for BasicBlock ResNets (resnet18), which torchvision
+refuses to dilate, :func:`dilate_basic_blocks` applies the same rule. Child names match torchvision's, so a torchvision
 ResNet state dict loads directly (its ``fc.*`` entries are ignored).
 """
 from __future__ import annotations
@@ -34,6 +35,28 @@ VARIANTS: Dict[str, ResNetVariant] = {
 }
 
 
+def dilate_basic_blocks(net: nn.Module, dilate: Sequence[bool]) -> None:
+    """torchvision's ``replace_stride_with_dilation`` for BasicBlock ResNets, which torchvision refuses.
+
+    The a trous rule (as torchvision's ``_make_layer`` for Bottlenecks): in each dilated stage the
+    stride-2 conv (the first block's conv1) and its shortcut get stride 1 and keep the previous
+    dilation, every 3x3 conv after them takes the doubled one; padding = dilation keeps the grid. The
+    dilated net's map sampled every 2nd (4th) cell then equals the undilated net's exactly
+    (tests/test_deeplab.py). The modules change in place, so :func:`conv_geometry` reads the new
+    strides."""
+    dilation = 1
+    for name, flag in zip(("layer2", "layer3", "layer4"), dilate):
+        layer, previous = getattr(net, name), dilation
+        if flag:
+            dilation *= 2
+            layer[0].conv1.stride = (1, 1)
+            if layer[0].downsample is not None:
+                layer[0].downsample[0].stride = (1, 1)
+        for i, block in enumerate(layer):
+            for conv, d in ((block.conv1, previous if i == 0 else dilation), (block.conv2, dilation)):
+                conv.dilation, conv.padding = (d, d), (d, d)
+
+
 class ResNetBackbone(Backbone):
     """Dense ResNet trunk built by a torchvision ``resnet*`` function (random init; weights are loaded
     by the registered builder)."""
@@ -41,11 +64,14 @@ class ResNetBackbone(Backbone):
     def __init__(self, *, arch: Callable[..., nn.Module], output_stride: int = 32, name: str = "resnet",
                  bottleneck: bool = True) -> None:
         super().__init__()
-        allowed = (8, 16, 32) if bottleneck else (32,)
-        if output_stride not in allowed:
-            raise ValueError(f"{name}: output_stride={output_stride!r} not supported; choose one of {list(allowed)}")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"{name}: output_stride={output_stride!r} not supported; choose one of [8, 16, 32]")
         dilate = [False, output_stride <= 8, output_stride <= 16]  # layer2, layer3, layer4
-        net = arch(weights=None, replace_stride_with_dilation=dilate)
+        if bottleneck:
+            net = arch(weights=None, replace_stride_with_dilation=dilate)
+        else:
+            net = arch(weights=None)
+            dilate_basic_blocks(net, dilate)
         self.name = name
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         for layer in _LAYERS:
@@ -89,7 +115,7 @@ def _register(name: str, variant: ResNetVariant, registry: Registry) -> None:
     builder.__name__ = builder.__qualname__ = name
     builder.__doc__ = (f"``{name}`` backbone (torchvision ``{variant.arch}``). Keyword-only: ``weights`` "
                        f"(None, a ``{variant.weights_enum}`` member or name, or a .pth path) and "
-                       "``output_stride`` (32; 16 or 8 with dilation for bottleneck ResNets).")
+                       "``output_stride`` (32; 16 or 8 with dilation).")
     registry.register(name)(builder)
 
 

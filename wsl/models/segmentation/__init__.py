@@ -18,9 +18,11 @@ from torch import nn
 
 from wsl.models.backbones import BACKBONES
 from wsl.models.checkpoint import make_checkpoint, restore_model, unwrap
-from wsl.models.segmentation.deeplab import DeepLabLargeFOV
+from wsl.models.segmentation.deconvnet import DeconvNet
+from wsl.models.segmentation.deeplab import DeepLabASPP, DeepLabLargeFOV, DeepLabV3Plus
 from wsl.models.segmentation.fcn import FCN, bilinear_kernel
 from wsl.models.segmentation.registry import SEGMENTERS
+from wsl.models.segmentation.unet import UNet
 from wsl.models.weights import load_matching, load_weights
 
 log = logging.getLogger(__name__)
@@ -171,5 +173,6 @@ def load_segmenter(source: Union[str, os.PathLike, Mapping[str, Any]], *,
                          label=label)
 
 
-__all__ = ["SEGMENTERS", "SegmenterConfig", "WSLSegmenter", "FCN", "DeepLabLargeFOV", "bilinear_kernel",
-           "build_segmenter", "segmenter_checkpoint", "load_segmenter"]
+__all__ = ["SEGMENTERS", "SegmenterConfig", "WSLSegmenter", "FCN", "DeepLabLargeFOV", "DeepLabASPP",
+           "DeepLabV3Plus", "DeconvNet", "UNet",
+           "bilinear_kernel", "build_segmenter", "segmenter_checkpoint", "load_segmenter"]
