@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from wsl.cam.crf import DenseCRF
-from wsl.cam.export import ImageFolderDataset, export_cams, imagenet_normalizer
+from wsl.cam.export import export_cams, imagenet_normalizer
+from wsl.data.images import ImageFolderDataset
 from wsl.cam.extract import CAMExtractor
 from wsl.cli import main as cli_main
 from wsl.data.spec import build_dataset

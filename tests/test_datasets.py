@@ -166,7 +166,7 @@ def test_build_dataset_specs(scenes_root):
     assert isinstance(by_dir, COCODataset)
     assert by_dir.ids == by_file.ids == build_dataset(f"voc:{scenes_root}", "val").ids
     assert by_dir[0]["mask"] is not None
-    with pytest.raises(DataError, match="scheme must be one of coco, synth, tags, voc"):
+    with pytest.raises(DataError, match="scheme must be one of coco, images, synth, tags, voc"):
         build_dataset(f"pascal:{scenes_root}", "train")
     with pytest.raises(DataError, match="scheme must be one of"):
         build_dataset(str(scenes_root), "train")
@@ -323,3 +323,11 @@ def test_non_square_scenes_keep_height_and_width_apart(tmp_path):
             assert ds.annotations[i].size == (64, 40)
             assert torch.all(s["boxes"][:, 2] <= 40) and torch.all(s["boxes"][:, 3] <= 64)
             assert np.asarray(tv[i][1]).shape == (64, 40)
+
+
+def test_images_spec_reads_an_unlabelled_folder_with_the_models_classes(scenes_root):
+    folder = scenes_root / "VOCdevkit" / "VOC2012" / "JPEGImages"
+    ds = build_dataset(f"images:{folder}", "ignored", classes=["a", "b"])
+    assert ds.classes == ["a", "b"] and not ds.has_labels and len(ds) == len(list(folder.glob("*.jpg")))
+    with pytest.raises(DataError, match="needs the model's class list"):
+        build_dataset(f"images:{folder}", "val")

@@ -282,7 +282,8 @@ def test_cam_images_with_a_bomb_is_one_line_naming_it(checkpoints, tmp_path, cap
 
 @pytest.mark.parametrize("size", [(1, 1), (5, 9), (40, 3)])
 def test_cam_images_smaller_than_the_network_are_padded_with_a_log_line(size, tmp_path, caplog):
-    from wsl.cam.export import ImageFolderDataset, export_cams
+    from wsl.cam.export import export_cams
+    from wsl.data.images import ImageFolderDataset
 
     folder = tmp_path / "images"
     folder.mkdir()

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from wsl.cam.export import ImageFolderDataset, eval_mode
+from wsl.cam.export import eval_mode
+from wsl.data.images import ImageFolderDataset
 from wsl.cam.files import file_stem, save_palette_png
 from wsl.data.classes import IGNORE_INDEX
 from wsl.errors import CheckpointError, DataError

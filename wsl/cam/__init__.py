@@ -9,7 +9,8 @@ Typical use::
     masks = crf_pseudo_masks(DenseCRF(), images_uint8, out.cams, labels > 0)
 """
 from wsl.cam.crf import DenseCRF, crf_pseudo_masks
-from wsl.cam.export import ImageFolderDataset, export_cams
+from wsl.cam.export import export_cams
+from wsl.data.images import ImageFolderDataset
 from wsl.cam.extract import (CAMExtractor, CAMOutput, normalize_cams, select_classes, selected_maps,
                              upsample_cams)
 from wsl.cam.postprocess import (Boxes, Points, argmax_points, background_scores, cam_boxes,

@@ -55,35 +55,14 @@ from wsl.cam.extract import CAMExtractor, _model_device, select_classes
 from wsl.cam.postprocess import BOX_MODES, argmax_points, cam_boxes, local_maxima, mask_settings, pseudo_masks
 from wsl.cam.files import (IMAGE_DIRS, OPTIONS_FILE, file_stem, open_output_dir, save_cam_npz, save_palette_png,
                            save_rgb_png)
-from wsl.data.base import WSLDataset, make_annotation
 from wsl.errors import DataError
 from wsl.utils.io import PathLike, atomic_write_json, image_size
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "wsl-cams/1"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 COLORMAP = "jet"
 CAPTION_HEIGHT = 18
-
-
-class ImageFolderDataset(WSLDataset):
-    """The images directly inside a folder (sorted by name), without labels: id = file stem."""
-
-    has_labels = False
-
-    def __init__(self, root: PathLike, classes: Sequence[str]) -> None:
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {root}")
-        files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or p.is_symlink()))
-        broken = [p for p in files if not p.is_file()]
-        if broken:  # a dangling or looping link: say so rather than skip the image without a word
-            raise DataError(f"{broken[0]}: broken or looping symbolic link; remove it or point it at an image"
-                            + (f" ({len(broken) - 1} more in {root})" if len(broken) > 1 else ""))
-        if not files:
-            raise DataError(f"{root}: no images found (extensions {', '.join(IMAGE_EXTENSIONS)})")
-        super().__init__(classes, [make_annotation(p.stem, p, len(classes)) for p in files], source=root)
 
 
 def coco_ids(dataset: Any) -> Tuple[Dict[str, Any], Dict[str, Any]]:

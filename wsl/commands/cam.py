@@ -46,7 +46,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     from wsl.cam.crf import DenseCRF
-    from wsl.cam.export import ImageFolderDataset, export_cams
+    from wsl.cam.export import export_cams
+    from wsl.data.images import ImageFolderDataset
     from wsl.models import load_classifier
 
     device = inference_device(args)

@@ -9,6 +9,8 @@
                                which case ``ANN_JSON/instances_{split}.json`` is read. A literal
                                ``{split}`` in IMAGE_DIR is replaced by the split.
 ``tags:FILE``                  a tags file (``split`` ignored); ``tags:DIR`` reads ``DIR/{split}.txt``
+``images:DIR``                 the images directly inside DIR, unlabelled (``split`` ignored; needs
+                               ``classes``, the model's): what ``--images DIR`` reads
 =============================  =====================================================================
 
 Examples: generated scenes through their COCO files, ``coco:OUT/coco:OUT/VOCdevkit/VOC2012/JPEGImages``
@@ -23,7 +25,7 @@ from typing import Callable, List, Optional, Sequence
 from wsl.data.base import WSLDataset
 from wsl.errors import DataError
 
-SCHEMES = ("coco", "synth", "tags", "voc")
+SCHEMES = ("coco", "images", "synth", "tags", "voc")
 EXAMPLES = "voc:data/VOC, synth:data/scenes, coco:ANN.json:IMAGES, tags:tags.txt"
 
 
@@ -81,6 +83,13 @@ def _build(spec: str, split: str, *, classes: Optional[Sequence[str]], masks: bo
             ann_path = ann_path / f"instances_{split}.json"
         return COCODataset(ann_path, image_dir.replace("{split}", split), classes=classes, masks=masks,
                            transform=transform)
+    if scheme == "images":
+        from wsl.data.images import ImageFolderDataset
+
+        if classes is None or masks:
+            raise DataError(f"dataset spec {spec!r}: an image folder has no labels or masks; it needs the model's "
+                            "class list (classes=...)")
+        return ImageFolderDataset(Path(rest).expanduser(), classes, transform=transform)
     from wsl.data.tags import TagsDataset
 
     if masks:
