@@ -3,18 +3,23 @@ refusing a non-empty output; resuming without redoing finished stages; the JSON 
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from conftest import kill_wsl_at
 from wsl import cli
 from wsl.pipeline import (STAGES, PipelineConfig, active_stages, demo_config, read_stage, run_pipeline,
                           stage_complete)
 from wsl.train.classifier import TrainConfig
 from wsl.train.config import with_overrides
+from wsl.utils.io import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"
@@ -25,7 +30,13 @@ QUICK_STAGES = ["scenes", "classifier", "cams", "bench", "pseudo_masks", "segmen
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "run"
-    assert cli.main(["-q", "demo", "--out", str(out), "--quick"]) == 0
+    # One thread, as the `python -m wsl` children of the kill test run (CHILD_ENV): same sums, same bits.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert cli.main(["-q", "demo", "--out", str(out), "--quick"]) == 0
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
@@ -88,6 +99,39 @@ def test_resume_skips_complete_stages_and_reruns_from_the_first_missing(demo_dir
     ran = [s for s, r in summary["stages"].items() if not r["skipped"]]
     assert ran == ["segment", "report"]
     assert read_stage(out, "segmenter")["finished"] == before["segmenter"]
+
+
+def test_pipeline_killed_mid_stage_resumes_to_the_uninterrupted_outputs(demo_dir, tmp_path):
+    """SIGKILL at a random point from the segmenter stage on (the classifier, CAM and pseudo-mask stages
+    wrote their files; the segmenter takes about a second here), then --resume: every result equals the
+    uninterrupted run's."""
+    out = tmp_path / "run"
+    argv = ["demo", "--quick", "--out", str(out)]
+    seed = int(os.environ.get("WSL_KILL_SEED", random.SystemRandom().randrange(2**31)))  # replay with it
+    delay = random.Random(seed).uniform(0.0, 0.8)
+    kill_wsl_at(argv, out / "segmenter", None, delay=delay, why=f"the segmenter stage (WSL_KILL_SEED={seed})")
+    assert stage_complete(out, "pseudo_masks") and not stage_complete(out, "report"), f"WSL_KILL_SEED={seed}"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed child ran
+    try:
+        assert cli.main(["-q", *argv, "--resume"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    got, want = json.loads((out / "summary.json").read_text()), json.loads((demo_dir / "summary.json").read_text())
+    for stage in ("classifier", "bench", "pseudo_masks", "segmenter", "segment"):
+        assert got["results"][stage] == want["results"][stage], stage
+    for pattern in ("cams/cams/*.npz", "pseudo_masks/masks/*.png", "segment/*.png"):
+        names = sorted(p.relative_to(demo_dir) for p in demo_dir.glob(pattern))
+        assert names and names == sorted(p.relative_to(out) for p in out.glob(pattern)), pattern
+        for name in names:
+            if name.suffix == ".npz":
+                np.testing.assert_array_equal(np.load(out / name)["cams"], np.load(demo_dir / name)["cams"])
+            else:
+                assert (out / name).read_bytes() == (demo_dir / name).read_bytes(), name
+    a, b = load_checkpoint(out / "segmenter" / "last.pt"), load_checkpoint(demo_dir / "segmenter" / "last.pt")
+    for key, tensor in b["model"].items():
+        assert torch.equal(a["model"][key], tensor), key
+    assert not list(out.rglob(".*.tmp*")), "a temporary file was left behind"
 
 
 def test_resume_refuses_another_config(demo_dir, tmp_path):
