@@ -823,6 +823,95 @@ def test_overwrite_replaces_results(tmp_path, capsys):
     assert code == 0 and not (out / "keep.txt").exists() and (out / "VOCdevkit").is_dir()
 
 
+# ------------------------------------------------------------------------------------ input matrix
+# Every command that reads images x every kind of image file. A kind with a needle must end the command
+# with exit 1 and one stderr line naming the file; the others must work (converted, padded, rotated).
+# The pixel limit is lowered to 5000 px for the matrix: "huge" is over it (wsl's own refusal), "bomb" over
+# twice it (PIL's DecompressionBombError), the scenes' 64x64 images are under it.
+MATRIX_LIMIT = 5000
+
+
+def _kind_image(kind: str, path: Path, h: int, w: int) -> None:
+    rgb = _gradient(h, w) if h > 1 and w > 1 else np.full((h, w, 3), 120, np.uint8)
+    if kind == "truncated":
+        Image.fromarray(_gradient(64, 64)).save(path, format="JPEG", quality=90)
+        path.write_bytes(path.read_bytes()[:600])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "not_an_image":
+        path.write_text("<html>404 not found</html>\n")
+    elif kind == "huge":
+        Image.fromarray(_gradient(80, 80)).save(path, format="PNG")  # 6400 px: over the limit, under 2x
+    elif kind == "bomb":
+        Image.fromarray(_gradient(110, 110)).save(path, format="PNG")  # 12100 px: over twice the limit
+    elif kind == "tiny":
+        Image.fromarray(np.full((1, 1, 3), 120, np.uint8)).save(path, format="PNG")
+    elif kind == "exif_rotated":
+        im = Image.fromarray(_gradient(w, h))  # stored W x H, shown H x W after the turn
+        exif = im.getexif()
+        exif[0x0112] = 6
+        im.save(path, format="JPEG", exif=exif, quality=95)
+    elif kind == "cmyk":
+        Image.fromarray(rgb).convert("CMYK").save(path, format="JPEG", quality=95)
+    elif kind == "rgba":
+        Image.fromarray(np.dstack([rgb, np.full((h, w), 128, np.uint8)]), "RGBA").save(path, format="PNG")
+    elif kind == "sixteen_bit":
+        Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)).save(path, format="PNG")
+    elif kind == "palette":
+        Image.fromarray(rgb).quantize(colors=32).save(path, format="PNG")
+    else:
+        raise ValueError(kind)
+
+
+MATRIX_KINDS = {"truncated": "unreadable image", "empty": "empty image file", "not_an_image": "not an image file",
+                "huge": "pixel limit", "bomb": "exceeds limit", "tiny": None, "exif_rotated": None, "cmyk": None,
+                "rgba": None, "sixteen_bit": None, "palette": None}
+MATRIX_COMMANDS = ["train", "train-seg", "cam", "bench", "segment", "cam --images", "segment --images"]
+
+
+@pytest.mark.parametrize("kind", sorted(MATRIX_KINDS))
+@pytest.mark.parametrize("command", MATRIX_COMMANDS)
+def test_every_command_x_every_image_kind(command, kind, checkpoints, scenes_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", MATRIX_LIMIT)
+    needle = MATRIX_KINDS[kind]
+    name, *rest = command.split()
+    out = tmp_path / "out"
+    if rest:  # an unlabelled folder: one good image and the odd one
+        folder = tmp_path / "images"
+        folder.mkdir()
+        Image.fromarray(_gradient(40, 48)).save(folder / "good.png")
+        bad = folder / f"odd.{'jpg' if kind in ('truncated', 'empty', 'exif_rotated', 'cmyk') else 'png'}"
+        _kind_image(kind, bad, 40, 48)
+        ckpt = checkpoints / ("clf.pt" if name == "cam" else "seg.pt")
+        argv = [name, "--checkpoint", str(ckpt), "--images", str(folder), "--device", "cpu", "--out", str(out)]
+        size = (1, 1) if kind == "tiny" else (40, 48)
+    else:  # a VOC copy whose first image of the split the command reads is the odd one
+        voc = tmp_path / "data" / "VOCdevkit" / "VOC2012"
+        shutil.copytree(scenes_root / "VOCdevkit" / "VOC2012", voc)
+        split = "val" if name in ("cam", "bench", "segment") else "train"
+        listing = "Segmentation" if name in ("train-seg", "segment") else "Main"
+        image_id = _first_id(voc, f"{listing}/{split}.txt")
+        bad = voc / "JPEGImages" / f"{image_id}.jpg"
+        _kind_image(kind, bad, 64, 64)
+        argv = _outputs_argv(name, checkpoints, f"voc:{voc.parent.parent}", out)
+        # the annotation says 64x64: a 1x1 file does not match it, an EXIF-rotated 64x64 one does
+        needle = "but its annotation says 64x64" if kind == "tiny" else needle
+        size = (64, 64)
+    code, err = run_cli(argv, capsys)
+    if needle is not None:
+        assert_one_line_error(code, err, name, f"{bad}: ", needle)
+        assert not (out / "manifest.json").exists() and not (out / "metrics.json").exists()
+        assert not (out / "last.pt").exists()
+        return
+    assert code == 0, err
+    if name == "cam":
+        stem = bad.stem if rest else image_id
+        assert np.load(out / "cams" / f"{stem}.npz")["cams"].shape[1:] == size
+    elif name == "segment":
+        stem = bad.stem if rest else image_id
+        assert Image.open(out / f"{stem}.png").size[::-1] == size
+
+
 # -------------------------------------------------------------------------------------- resources
 @contextlib.contextmanager
 def _tmpfs(path: Path, size: str):
