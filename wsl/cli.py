@@ -11,6 +11,7 @@ import errno
 import importlib
 import logging
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -36,13 +37,51 @@ RESOURCE_ERRORS = {
 RESUMABLE = ("train", "train-seg", "cam", "demo", "pipeline")
 
 
+# Sphinx markup in the command modules' docstrings (which double as --help descriptions): shown plain.
+_ROLE = re.compile(r":(?:func|class|mod|meth|data|attr|obj|exc):`~?([^`<]+?)(?:\s*<[^`]*>)?`")
+
+
+def plain_text(text: str) -> str:
+    """``:func:`~wsl.segment.segment_dataset``` -> ``segment_dataset``, double backticks dropped."""
+    text = _ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1] if m.group(0)[m.group(0).index("`") + 1] == "~"
+                     else m.group(1), text)
+    return text.replace("``", "")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions keep their paragraphs; every option that has a default says it (unless its help
+    already does), so no --help leaves the user guessing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default in (None, False, argparse.SUPPRESS) or action.option_strings == []
+                or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)
+        if not shown:
+            return text
+        return f"{text}{' ' if text else ''}(default: {shown.replace('%', '%%')})"
+
+
+class Parser(argparse.ArgumentParser):
+    """Every wsl parser: plain-text help (:func:`plain_text`) with defaults (:class:`HelpFormatter`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
+
+    def format_help(self) -> str:
+        return plain_text(super().format_help())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="wsl", description="Weakly-supervised localization from image-level tags.")
     parser.add_argument("--version", action="version", version=f"wsl {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"wsl.commands.{name}")
@@ -58,6 +97,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    if os.environ.get("RANK", "0") not in ("", "0") and not args.debug:
+        level = max(level, logging.WARNING)  # under torchrun rank 0 tells the story once; others only warn
     logging.basicConfig(level=level, format="%(message)s" if not args.debug else
                         "%(asctime)s %(name)s %(levelname)s: %(message)s")
     if not getattr(args, "func", None):
@@ -76,6 +117,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if isinstance(e, OSError) and e.errno in RESOURCE_ERRORS and not isinstance(e, WSLError):
             print(f"wsl {args.command}: error: {resource_line(e, args.command)}", file=sys.stderr)
             return 1
+        if getattr(e, "echoed", False):
+            return 1  # rank 0's error, repeated on this rank of a torchrun job: rank 0 prints it once
         if isinstance(e, USER_ERRORS):
             print(f"wsl {args.command}: error: {one_line(e)}", file=sys.stderr)
             return 1

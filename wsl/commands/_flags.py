@@ -30,6 +30,19 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
+def show_config_defaults(parser: argparse.ArgumentParser, config: Any, fields: Mapping[str, str]) -> None:
+    """Append ``(default: VALUE)`` to the help of every flag in ``fields`` (dest -> dotted field of
+    ``config``, the trainer's defaults) whose help does not state one: the flags default to None so that
+    only the flags given override a config file, which would otherwise hide the values from --help."""
+    for action in parser._actions:
+        field = fields.get(action.dest)
+        if field is None or "default" in (action.help or ""):
+            continue
+        value = _field(config, field)
+        shown = "none" if value is None or value == "" else value
+        action.help = f"{action.help + ' ' if action.help else ''}(default: {str(shown).replace('%', '%%')})"
+
+
 def add_inference_flags(parser: argparse.ArgumentParser, *, checkpoint_help: str, images_help: str,
                         split_help: str) -> None:
     """``--checkpoint``, ``--data SPEC`` | ``--images DIR``, ``--split``, ``--out``: the model an
@@ -58,9 +71,12 @@ def inference_device(args: argparse.Namespace) -> torch.device:
     without ``--split`` (argparse cannot say that one flag needs another)."""
     if args.data and not args.split:
         raise ValueError("--data needs --split (e.g. --split val)")
+    import os
+
     from wsl.utils.dist import resolve_device
 
-    return resolve_device(args.device or "auto")
+    # Under torchrun each process takes the GPU of its LOCAL_RANK (cuda:N given explicitly wins).
+    return resolve_device(args.device or "auto", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def add_skip_bad_flag(group: Any) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from wsl.commands._flags import add_run_flags, add_skip_bad_flag, run_trainer, trainer_config
+from wsl.commands._flags import add_run_flags, add_skip_bad_flag, run_trainer, show_config_defaults, trainer_config
 from wsl.train.config import AMP_MODES, OPTIMIZERS, SCHEDULES
 
 # flag dest -> dotted config field
@@ -65,6 +65,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="channels_last memory format (default: on)")
     g.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--save-every", type=int, metavar="STEPS", help="also write last.pt every STEPS steps")
+    from wsl.train.segmenter import SegTrainConfig
+
+    show_config_defaults(p, SegTrainConfig(), FIELDS)
     p.set_defaults(func=run)
     return p
 
