@@ -261,3 +261,19 @@ def test_batch_must_split_over_ranks(tmp_path):
     info = dist.DistInfo(rank=0, local_rank=0, world_size=3, device=torch.device("cpu"))
     with pytest.raises(ValueError, match="multiple of 3"):
         make_trainer(tmp_path, info=info)
+
+
+def test_progress_shows_the_learning_rate_the_step_used(tmp_path):
+    """The scheduler steps right after the optimizer: reading the rate then gives the next step's (0 at
+    the end of a cosine schedule), which read as a run that did not train."""
+    trainer, _ = make_trainer(tmp_path, epochs=1)
+    used = []
+    real = trainer.scaler.step
+
+    def step(optimizer):
+        used.append(optimizer.param_groups[-1]["lr"])
+        return real(optimizer)
+
+    trainer.scaler.step = step
+    trainer.fit()
+    assert trainer.step_lr == used[-1] > 0

@@ -1,4 +1,4 @@
-"""``wsl train-seg``: train a segmenter (FCN, DeepLab) from pseudo-masks or ground-truth masks.
+"""``wsl train-seg``: train any registered segmenter (FCN, DeconvNet, U-Net, DeepLab) from pseudo-masks or ground-truth masks.
 
 Pseudo-masks: ``--masks DIR`` with one ``ID.png`` per training image (``wsl cam --out DIR`` writes them
 to ``DIR/masks``; either folder works). Without ``--masks`` the dataset's own masks are used (the fully

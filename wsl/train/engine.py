@@ -573,8 +573,9 @@ class Trainer:
             self.loss_sum += self._step(batch, epoch, step)
             self.loss_count += 1
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{self.loss_sum / self.loss_count:.4f}",
-                                lr=f"{self.optimizer.param_groups[0]['lr']:.2g}", refresh=False)
+                # the rate this step used (the scheduler has already moved to the next one); the head's
+                bar.set_postfix(loss=f"{self.loss_sum / self.loss_count:.4f}", lr=f"{self.step_lr:.2g}",
+                                refresh=False)
             every = self.run_cfg.save_every
             if every and (step + 1) % every == 0 and step + 1 < self.sampler.batches:
                 self.step_in_epoch = step + 1
@@ -594,6 +595,7 @@ class Trainer:
         if self.optim_cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
+        self.step_lr = float(self.optimizer.param_groups[-1]["lr"])
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
