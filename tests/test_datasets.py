@@ -282,9 +282,8 @@ def test_mask_ids_beyond_class_list_name_the_file(voc_copy):
 
 def test_tags_file_errors(tmp_path):
     f = tmp_path / "tags.txt"
-    f.write_text("a.jpg\tcat\nb.jpg\t  \n")
-    with pytest.raises(DataError, match=r"tags.txt:2: empty tag list for 'b.jpg'"):
-        TagsDataset(f)
+    f.write_text("a.jpg\tcat\nb.jpg\t  \n")  # b: a negative (no tags), not an error
+    assert TagsDataset(f).annotations[1].labels.sum() == 0
     f.write_text("a.jpg cat\n")
     with pytest.raises(DataError, match=r"tags.txt:1: expected 'image_path<TAB>tag"):
         TagsDataset(f)
@@ -331,3 +330,42 @@ def test_images_spec_reads_an_unlabelled_folder_with_the_models_classes(scenes_r
     assert ds.classes == ["a", "b"] and not ds.has_labels and len(ds) == len(list(folder.glob("*.jpg")))
     with pytest.raises(DataError, match="needs the model's class list"):
         build_dataset(f"images:{folder}", "val")
+
+
+def test_a_single_tags_file_holds_out_a_fixed_val_part_and_takes_negatives(tmp_path, caplog):
+    from wsl.data.tags import HOLDOUT_FRACTION, TagsDataset
+
+    for i in range(30):
+        Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(tmp_path / f"im{i:02d}.png")
+    lines = [f"im{i:02d}.png\t{'cat' if i % 3 else ''}" for i in range(30)]  # every third: no tags
+    (tmp_path / "tags.txt").write_text("# classes: cat dog\n" + "\n".join(lines) + "\n")
+    with caplog.at_level("INFO", logger="wsl.data.tags"):
+        train, val = (build_dataset(f"tags:{tmp_path / 'tags.txt'}", s) for s in ("train", "val"))
+    everything = build_dataset(f"tags:{tmp_path / 'tags.txt'}", "all")
+    assert len(val) == round(HOLDOUT_FRACTION * 30) and len(train) + len(val) == len(everything) == 30
+    assert not set(train.ids) & set(val.ids)
+    assert any("held out for val" in r.getMessage() for r in caplog.records)
+    # the same images are held out whatever the order of the lines
+    (tmp_path / "tags.txt").write_text("# classes: cat dog\n" + "\n".join(reversed(lines)) + "\n")
+    assert sorted(build_dataset(f"tags:{tmp_path / 'tags.txt'}", "val").ids) == sorted(val.ids)
+    negatives = [s for s in (everything[i] for i in range(30)) if s["labels"].sum() == 0]
+    assert len(negatives) == 10
+    with pytest.raises(DataError, match="a single tags file has the splits train, val, all"):
+        TagsDataset(tmp_path / "tags.txt", split="test")
+
+
+def test_training_on_its_own_validation_images_is_said_loudly(tmp_path, caplog):
+    from wsl.train.classifier import train_classifier
+    from conftest import tiny_train_config
+    import dataclasses
+
+    for i in range(4):
+        Image.fromarray(np.full((16, 16, 3), 60 * i, np.uint8)).save(tmp_path / f"im{i}.png")
+    (tmp_path / "d").mkdir()
+    for split in ("train", "val"):  # tags:DIR with the same file for both splits
+        (tmp_path / "d" / f"{split}.txt").write_text("".join(f"../im{i}.png\t{'ab'[i % 2]}\n" for i in range(4)))
+    cfg = tiny_train_config(tmp_path, epochs=1, batch_size=2)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, spec=f"tags:{tmp_path / 'd'}"))
+    with caplog.at_level("WARNING", logger="wsl.train.classifier"):
+        train_classifier(cfg, tmp_path / "run")
+    assert any("validating on 4 of the 4 training images" in r.getMessage() for r in caplog.records)

@@ -384,10 +384,10 @@ def unknown_class(voc: Path) -> Tuple[List[str], str]:
     return ["train"], f"unknown class(es) 'zebra'; known: disc, square, triangle, star ('zebra' is used in {xml})"
 
 
-def empty_tag_list(voc: Path) -> Tuple[List[str], str]:
+def line_without_a_tab(voc: Path) -> Tuple[List[str], str]:
     tags = voc / "tags.txt"
-    tags.write_text(f"# classes: disc square\nJPEGImages/{_first_id(voc)}.jpg\tdisc\nJPEGImages/x.jpg\t \n")
-    return ["train", "--data", f"tags:{tags}"], f"{tags}:3: empty tag list for 'JPEGImages/x.jpg'"
+    tags.write_text(f"# classes: disc square\nJPEGImages/{_first_id(voc)}.jpg\tdisc\nJPEGImages/x.jpg disc\n")
+    return ["train", "--data", f"tags:{tags}"], f"{tags}:3: expected 'image_path<TAB>tag tag ...', found no tab"
 
 
 def duplicate_ids(voc: Path) -> Tuple[List[str], str]:
@@ -414,7 +414,7 @@ def mask_id_outside_classes(voc: Path) -> Tuple[List[str], str]:
     return ["train-seg"], f"{png}: mask ids [9] exceed the 4 classes of the class list (valid: 0, 1..4, 255)"
 
 
-@pytest.mark.parametrize("corrupt", [unknown_class, empty_tag_list, duplicate_ids, missing_annotation,
+@pytest.mark.parametrize("corrupt", [unknown_class, line_without_a_tab, duplicate_ids, missing_annotation,
                                      mask_id_outside_classes], ids=lambda f: f.__name__)
 def test_label_problem_is_one_line_naming_the_file(corrupt, voc, tmp_path, capsys):
     command, message = corrupt(voc)

@@ -8,7 +8,8 @@
 ``coco:ANN_JSON:IMAGE_DIR``    a COCO instances file (``split`` ignored), or a directory of them, in
                                which case ``ANN_JSON/instances_{split}.json`` is read. A literal
                                ``{split}`` in IMAGE_DIR is replaced by the split.
-``tags:FILE``                  a tags file (``split`` ignored); ``tags:DIR`` reads ``DIR/{split}.txt``
+``tags:FILE``                  a tags file: ``train`` / ``val`` split it (a fixed 10% held out for
+                               val), ``all`` takes it whole; ``tags:DIR`` reads ``DIR/{split}.txt``
 ``images:DIR``                 the images directly inside DIR, unlabelled (``split`` ignored; needs
                                ``classes``, the model's): what ``--images DIR`` reads
 =============================  =====================================================================
@@ -95,6 +96,6 @@ def _build(spec: str, split: str, *, classes: Optional[Sequence[str]], masks: bo
     if masks:
         raise DataError(f"dataset spec {spec!r}: tags files have no masks (use voc:, synth: or coco:)")
     path = Path(rest).expanduser()
-    if path.is_dir():
-        path = path / f"{split}.txt"
-    return TagsDataset(path, classes=classes, transform=transform)
+    if path.is_dir():  # per-split files: each used whole
+        return TagsDataset(path / f"{split}.txt", classes=classes, transform=transform)
+    return TagsDataset(path, classes=classes, transform=transform, split=split)  # a held-out val part

@@ -169,6 +169,10 @@ def train_classifier(config: TrainConfig, out_dir: PathLike, *, resume: bool = F
     classes = list(train_set.classes)
     val_set = build_dataset(d.spec, d.val_split, classes=classes, transform=eval_transform(d.size),
                             skip_bad=d.skip_bad)
+    overlap = {a.id for a in train_set.annotations} & {a.id for a in val_set.annotations}
+    if overlap:
+        log.warning("validating on %d of the %d training images (%s): 'val mAP' is then no held-out measure; give "
+                    "the data disjoint splits", len(overlap), len(train_set), d.spec)
     inputs = [*spec_paths(d.spec), *existing_paths(config.model.weights)]
     with start_run(config, out_dir, resume=resume, overwrite=overwrite, kind="train", inputs=inputs) as start:
         info, ckpt, cfg_dict = start.info, start.checkpoint, start.config
