@@ -246,6 +246,11 @@ def examples_figure(out: Path, dataset: Any, path: Path, n: int) -> Optional[Pat
     handles = [Patch(color=_colour(c), label=name) for c, name in enumerate(classes)]
     handles.append(Patch(facecolor=IGNORE_COLOUR, edgecolor="grey", label="ignore (255)"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False)
+    # The CAM column's scale: each map divided by its maximum (the export's normalisation).
+    scale = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=cmap)
+    bar = fig.colorbar(scale, ax=list(grid[:, 1]), location="bottom", fraction=0.03, pad=0.02, aspect=25)
+    bar.set_label("CAM / its maximum (tagged classes, max over them)", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
     return _save(fig, path)
 
 
@@ -282,6 +287,10 @@ def training_figure(out: Path, results: Dict[str, Any], path: Path) -> Optional[
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        epochs = sorted({r["epoch"] for r in records})
+        if len(epochs) == 1:  # one point: matplotlib would pad the axis to 0.945 .. 1.050
+            ax.set_xlim(epochs[0] - 1, epochs[0] + 1)
+            ax.set_xticks(epochs)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, path)
@@ -345,13 +354,15 @@ def threshold_curves(out: Path, dataset: Any, max_images: int) -> Optional[Dict[
 
 
 def thresholds_figure(curves: Dict[str, Any], cam_options: Dict[str, Any], path: Path) -> Path:
-    fig = _figure(6.4, 3.9)
+    fig = _figure(8.4, 3.9)
     ax = fig.add_subplot()
     if "box" in curves:
         ax.plot(curves["box_thresholds"], 100 * curves["box"], lw=2,
                 label="box accuracy: largest contour, IoU >= 0.5")
-        ax.axvline(curves["box_best"], color="C0", lw=1.0, ls=":", label="best box threshold")
-        ax.axvline(cam_options.get("tau", 0.5), color="C0", lw=1.2, ls="--", label="box threshold tau used")
+        ax.axvline(curves["box_best"], color="C0", lw=1.0, ls=":",
+                   label=f"best box threshold ({curves['box_best']:.2f})")
+        tau = cam_options.get("tau", 0.5)
+        ax.axvline(tau, color="C0", lw=1.2, ls="--", label=f"box threshold tau used ({tau:g})")
     if "mask" in curves:
         ax.plot(curves["mask_thresholds"], 100 * curves["mask"], lw=2, marker="o", ms=3, color="C1",
                 label="pseudo-mask mIoU: background score = threshold")
@@ -365,7 +376,7 @@ def thresholds_figure(curves: Dict[str, Any], cam_options: Dict[str, Any], path:
     ax.set_ylabel("%")
     ax.set_title(f"Val CAMs over thresholds ({curves['images']} images)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.0, 0.9))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the curves, never on them
     return _save(fig, path)
 
 
@@ -402,10 +413,11 @@ def per_class_figure(results: Dict[str, Any], classes: Sequence[str], path: Path
     y = np.arange(len(classes))
     for k, (name, values) in enumerate(series):
         vals = [100 * v if v is not None else 0.0 for v in values]
-        ax.barh(y - 0.4 + (k + 0.5) * height, vals, height=height, label=name)
+        bars = ax.barh(y - 0.4 + (k + 0.5) * height, vals, height=height, label=name)
+        ax.bar_label(bars, labels=["-" if v is None else f"{100 * v:.0f}" for v in values], padding=2, fontsize=6)
     ax.set_yticks(y, list(classes))
     ax.invert_yaxis()
-    ax.set_xlim(0, 100)
+    ax.set_xlim(0, 108)  # room for the value labels
     ax.set_xlabel("%")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -475,12 +487,15 @@ def _percent_bars(path: Path, names: Sequence[str], series: Sequence[Tuple[str, 
     width = 0.8 / len(series)
     x = np.arange(len(names))
     for k, (label, vals) in enumerate(series):
-        ax.bar(x - 0.4 + (k + 0.5) * width, [100 * v if v is not None else 0 for v in vals], width, label=label)
+        bars = ax.bar(x - 0.4 + (k + 0.5) * width, [100 * v if v is not None else 0 for v in vals], width,
+                      label=label)
+        ax.bar_label(bars, labels=["-" if v is None else f"{100 * v:.0f}" for v in vals], padding=1, fontsize=6)
     ax.set_xticks(x, list(names), **(tick_kw or {}))
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 112)  # room for the value labels
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7)
+    # Beside the axes, not on them: the legend never hides a bar.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
