@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # some CPUs; experiments/results/speed.md measured no difference (0.94-1.05x) on the dev machine.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv clean notebooks notebook-outputs
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,15 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# JupyterLab on notebooks/ (installs the notebooks extra, exact versions from constraints.txt).
+notebooks: $(VENV)/.installed
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[notebooks]'
+	$(VENV)/bin/jupyter lab notebooks/
+
+# Executed copies of the notebooks (quick settings) in docs/notebooks/, viewable without running them.
+notebook-outputs: $(VENV)/.installed
+	$(PY) experiments/render_notebooks.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -2,8 +2,8 @@
 
 generate scenes -> train the classifier from tags -> CAMs -> benchmark -> pseudo-masks -> segmenter ->
 segment val -> ``OUT/report.md``. The settings are :func:`wsl.pipeline.demo_config` (also in
-``experiments/configs/pipeline_demo.json``): about 10 minutes on 2 CPU cores; ``--quick`` is a smoke
-test with tiny sizes that runs every stage in well under a minute.
+``experiments/configs/pipeline_demo.json``): about 5 to 7 minutes on 2 CPU cores (measured: README.md);
+``--quick`` is a smoke test with tiny sizes that runs every stage in well under a minute.
 """
 from __future__ import annotations
 
