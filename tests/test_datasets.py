@@ -166,7 +166,7 @@ def test_build_dataset_specs(scenes_root):
     assert isinstance(by_dir, COCODataset)
     assert by_dir.ids == by_file.ids == build_dataset(f"voc:{scenes_root}", "val").ids
     assert by_dir[0]["mask"] is not None
-    with pytest.raises(DataError, match="scheme must be one of coco, images, synth, tags, voc"):
+    with pytest.raises(DataError, match="one of coco, folder, images, synth, tags, voc, voc2007, voc2012 "):
         build_dataset(f"pascal:{scenes_root}", "train")
     with pytest.raises(DataError, match="scheme must be one of"):
         build_dataset(str(scenes_root), "train")
@@ -369,3 +369,255 @@ def test_training_on_its_own_validation_images_is_said_loudly(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="wsl.train.classifier"):
         train_classifier(cfg, tmp_path / "run")
     assert any("validating on 4 of the 4 training images" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------ VOC 2007, both years, train_aug
+VOC07 = {"train": ["000005", "000007"], "val": ["000009", "000012"], "test": ["000001", "000002", "000004"]}
+VOC07_SEG = ["000005", "000009", "000001", "000004"]
+
+
+@pytest.fixture(scope="module")
+def voc2007(tmp_path_factory):
+    """VOCdevkit/VOC2007 as the trainval and test tars unpack together (tests/voc_layouts.py)."""
+    from voc_layouts import write_voc_year
+
+    root = tmp_path_factory.mktemp("voc07")
+    return root, write_voc_year(root, "2007", VOC07, VOC07_SEG)
+
+
+@pytest.mark.parametrize("split", ["test", "trainval"])
+def test_voc2007_matches_torchvision(voc2007, split):
+    from voc_layouts import VOC_NAMES
+
+    root, _ = voc2007
+    tv = torchvision.datasets.VOCDetection(str(root), year="2007", image_set=split, download=False)
+    ds = build_dataset(f"voc:{root}", split)  # the only year there: no need to name it
+    assert ds.classes == VOC_NAMES and ds.root == root / "VOCdevkit" / "VOC2007" and len(ds) == len(tv) > 0
+    for i in range(len(ds)):
+        image, target = tv[i]
+        s = ds[i]
+        names, boxes, difficult = _tv_boxes(target)
+        assert Path(tv.images[i]).stem == s["id"]
+        assert names == [ds.classes[c] for c in s["box_labels"].tolist()] and difficult == s["difficult"].tolist()
+        assert np.array_equal(boxes, s["boxes"].numpy())
+        assert np.array_equal(np.asarray(image), s["image"].permute(1, 2, 0).numpy())
+    seg = torchvision.datasets.VOCSegmentation(str(root), year="2007", image_set=split, download=False)
+    masked = build_dataset(f"voc2007:{root}", split, masks=True)
+    assert len(masked) == len(seg) > 0
+    for i in range(len(masked)):
+        assert np.array_equal(np.asarray(seg[i][1]), masked[i]["mask"].numpy())
+
+
+def test_a_root_with_both_years_needs_the_year(tmp_path):
+    from voc_layouts import write_voc_year
+
+    write_voc_year(tmp_path, "2007", {"test": ["000001", "000002"]}, ["000001"])
+    write_voc_year(tmp_path, "2012", {"train": ["2008_000002"], "val": ["2008_000003"]}, ["2008_000003"], seed=1)
+    with pytest.raises(DataError) as err:
+        build_dataset(f"voc:{tmp_path}", "test")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message == (f"{tmp_path} holds VOCdevkit/VOC2007 and VOCdevkit/VOC2012; name the year: "
+                       f"voc2007:{tmp_path} or voc2012:{tmp_path}")
+    assert build_dataset(f"voc2007:{tmp_path}", "test").ids == ["000001", "000002"]
+    assert build_dataset(f"voc2012:{tmp_path}", "val", masks=True).ids == ["2008_000003"]
+    assert build_dataset(f"voc:{tmp_path / 'VOCdevkit' / 'VOC2007'}", "test").ids == ["000001", "000002"]
+    assert find_voc_root(tmp_path / "VOCdevkit", "2012") == tmp_path / "VOCdevkit" / "VOC2012"
+    with pytest.raises(DataError, match="VOC2007 is VOC 2007, not VOC 2012"):
+        build_dataset(f"voc2012:{tmp_path / 'VOCdevkit' / 'VOC2007'}", "test")
+    shutil.rmtree(tmp_path / "VOCdevkit" / "VOC2007")
+    with pytest.raises(FileNotFoundError, match=r"no VOC2007 found .*found: VOC2012"):
+        build_dataset(f"voc2007:{tmp_path}", "test")
+
+
+def test_cli_names_both_years_in_one_line(tmp_path, capsys, monkeypatch):
+    from voc_layouts import write_voc_year
+
+    import wsl.cli
+
+    write_voc_year(tmp_path, "2007", {"test": ["000001"]}, [])
+    write_voc_year(tmp_path, "2012", {"train": ["2008_000002"]}, [], seed=1)
+    monkeypatch.setattr(wsl.cli, "COMMANDS", ["train"])
+    code = wsl.cli.main(["-q", "train", "--data", f"voc:{tmp_path}", "--out", str(tmp_path / "run"),
+                         "--device", "cpu"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 1 and len(err) == 1, err
+    assert "name the year: voc2007:" in err[0] and "VOCdevkit/VOC2012" in err[0]
+
+
+@pytest.fixture
+def voc_aug(tmp_path):
+    """VOC 2012 with SegmentationClassAug as the widely shared SegmentationClassAug.zip unpacks (grayscale
+    'L' PNGs; VOC's own masks for its segmented images, SBD's for the rest) and train_aug.txt."""
+    from voc_layouts import write_voc_year
+
+    ids = [f"2008_{i:06d}" for i in range(1, 9)]
+    info = write_voc_year(tmp_path, "2012", {"train": ids[:5], "val": ids[5:]}, [ids[0], ids[1], ids[5]])
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    (voc / "SegmentationClassAug").mkdir()
+    rng = np.random.default_rng(3)
+    for i in ids:
+        h, w = info[i]["size"]
+        mask = info[i].get("mask", rng.integers(0, 21, (h, w)).astype(np.uint8))
+        Image.fromarray(mask, mode="L").save(voc / "SegmentationClassAug" / f"{i}.png")
+    train_aug = [ids[0], ids[1], ids[2], ids[3], ids[4]]
+    (voc / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("".join(f"{i}\n" for i in train_aug))
+    return tmp_path, voc, train_aug, info
+
+
+def test_train_aug_reads_segmentationclassaug(voc_aug):
+    from wsl.data.spec import has_masks
+
+    root, voc, train_aug, info = voc_aug
+    ds = build_dataset(f"voc:{root}", "train_aug", masks=True)
+    assert ds.ids == train_aug and ds.mask_dir == voc / "SegmentationClassAug"
+    for i in range(len(ds)):
+        with Image.open(voc / "SegmentationClassAug" / f"{ds.ids[i]}.png") as im:
+            assert im.mode == "L" and np.array_equal(np.asarray(im), ds[i]["mask"].numpy())
+    assert np.array_equal(ds[0]["mask"].numpy(), info[train_aug[0]]["mask"])
+    # tags only: the list is found under ImageSets/Segmentation; the masks stay known for scoring
+    tags = build_dataset(f"voc:{root}", "train_aug")
+    assert tags.ids == train_aug and tags[2]["mask"] is None
+    assert all(a.mask_path.parent.name == "SegmentationClassAug" for a in tags.annotations)
+    assert [tags.classes[c] for c in tags[2]["box_labels"]] == [o[0] for o in info[train_aug[2]]["objects"]]
+    # other splits keep SegmentationClass unless asked
+    val = VOCDataset(root, "val", masks=True)
+    assert val.mask_dir.name == "SegmentationClass"
+    asked = VOCDataset(root, "val", masks=True, mask_dir="SegmentationClassAug")
+    assert asked.ids == val.ids and torch.equal(asked[0]["mask"], val[0]["mask"])
+    assert has_masks(f"voc:{root}", "train_aug") and not has_masks(f"voc:{root}", "nope")
+
+
+def test_train_aug_listing_images_without_masks(voc_aug):
+    root, voc, train_aug, _ = voc_aug
+    for i in train_aug[3:]:
+        (voc / "SegmentationClassAug" / f"{i}.png").unlink()
+    with pytest.raises(FileNotFoundError) as err:
+        build_dataset(f"voc:{root}", "train_aug", masks=True)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"mask not found: {voc / 'SegmentationClassAug' / (train_aug[3] + '.png')} and 1 more "
+                              f"of its 5 images (listed in {voc / 'ImageSets' / 'Segmentation' / 'train_aug.txt'})")
+    assert "wsl sbd --sbd SBD_DIR --voc" in message
+    shutil.rmtree(voc / "SegmentationClassAug")
+    with pytest.raises(FileNotFoundError, match=r"mask folder not found: .*SegmentationClassAug .*wsl sbd"):
+        build_dataset(f"voc:{root}", "train_aug", masks=True)
+
+
+# ------------------------------------------------------------------------------------ class folders
+def _jpeg(path: Path, seed: int, size=(20, 24), mode="RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3 if mode == "RGB" else 1), np.uint8)
+    Image.fromarray(pixels if mode == "RGB" else pixels[..., 0], mode=mode).save(path, quality=90)
+
+
+def _same_as_imagefolder(ds, tv, paths=None) -> None:
+    """ds and torchvision's ImageFolder agree on classes, labels and pixels (over ``paths`` of tv)."""
+    assert ds.classes == tv.classes
+    by_path = {Path(p): t for p, t in tv.samples}
+    wanted = [Path(p) for p, _ in tv.samples] if paths is None else paths
+    assert [a.image_path for a in ds.annotations] == wanted
+    for i, a in enumerate(ds.annotations):
+        s = ds[i]
+        assert s["labels"].tolist() == [float(k == by_path[a.image_path]) for k in range(len(tv.classes))]
+        image, _ = tv[[Path(p) for p, _ in tv.samples].index(a.image_path)]
+        assert np.array_equal(np.asarray(image), s["image"].permute(1, 2, 0).numpy())
+        assert s["boxes"].shape == (0, 4) and s["mask"] is None
+
+
+def test_folder_imagenet_style_matches_imagefolder(tmp_path):
+    for split, n in (("train", 3), ("val", 2)):
+        for k, wnid in enumerate(("n01440764", "n01443537", "n01484850")):
+            for j in range(n):
+                _jpeg(tmp_path / split / wnid / f"{wnid}_{10026 + j}.JPEG", 100 * k + j)
+    for split in ("train", "val"):
+        ds = build_dataset(f"folder:{tmp_path}", split)
+        _same_as_imagefolder(ds, torchvision.datasets.ImageFolder(str(tmp_path / split)))
+        assert ds.ids[0] == "n01440764/n01440764_10026"
+    with pytest.raises(FileNotFoundError, match=r"split folder not found: .*test \(available: train, val\)"):
+        build_dataset(f"folder:{tmp_path}", "test")
+    with pytest.raises(DataError, match="class folders have no masks"):
+        build_dataset(f"folder:{tmp_path}", "train", masks=True)
+
+
+def test_folder_mit67_split_files(tmp_path):
+    """indoorCVPR_09.tar unpacks to Images/CLASS/*.jpg; TrainImages.txt / TestImages.txt list CLASS/FILE."""
+    classes = ["airport_inside", "bakery", "kitchen"]
+    train, test = [], []
+    for k, c in enumerate(classes):
+        for j in range(4):
+            name = f"{c}/{c}_{j:04d}.jpg"
+            _jpeg(tmp_path / "Images" / name, 10 * k + j)
+            (test if j == 3 else train).append(name)
+    (tmp_path / "TrainImages.txt").write_text("\n".join(train) + "\n")
+    (tmp_path / "TestImages.txt").write_text("\n".join(test) + "\n")
+    tv = torchvision.datasets.ImageFolder(str(tmp_path / "Images"))
+    for split, names in (("train", train), ("test", test)):
+        ds = build_dataset(f"folder:{tmp_path}", split)
+        _same_as_imagefolder(ds, tv, [tmp_path / "Images" / n for n in names])
+    with pytest.raises(FileNotFoundError, match=r"no split file for split 'val' .*available: test, train"):
+        build_dataset(f"folder:{tmp_path}", "val")
+    (tmp_path / "TestImages.txt").write_text("bakery/bakery_0003.jpg\nlibrary/gsun_1.jpg\n")
+    with pytest.raises(DataError, match=r"TestImages.txt:2: expected CLASS/FILE .* found 'library/gsun_1.jpg'"):
+        build_dataset(f"folder:{tmp_path}", "test")
+
+
+def test_folder_15scene_hash_split(tmp_path):
+    """15-Scene: CLASS/image_0001.jpg (grayscale JPEGs, the same names in every class), no split files."""
+    from wsl.data.folder import VAL_FRACTION
+
+    counts = {"CALsuburb": 10, "bedroom": 7, "industrial": 1}
+    for k, (c, n) in enumerate(counts.items()):
+        for j in range(n):
+            _jpeg(tmp_path / c / f"image_{j + 1:04d}.jpg", 10 * k + j, mode="L")
+    (tmp_path / "README.txt").write_text("not a split file\n")
+    train, val, every = (build_dataset(f"folder:{tmp_path}", s) for s in ("train", "val", "all"))
+    _same_as_imagefolder(every, torchvision.datasets.ImageFolder(str(tmp_path)))
+    assert every.classes == ["CALsuburb", "bedroom", "industrial"]  # ImageFolder's order: sorted, case first
+    assert every[0]["image"].shape == (3, 24, 20)  # grayscale read as RGB
+    assert not set(train.ids) & set(val.ids) and sorted(train.ids + val.ids) == sorted(every.ids)
+    per_class = {c: sum(i.startswith(c + "/") for i in val.ids) for c in counts}
+    assert per_class == {"CALsuburb": round(VAL_FRACTION * 10), "bedroom": round(VAL_FRACTION * 7), "industrial": 0}
+    # the split depends on the ids only: adding images elsewhere leaves it as it was
+    _jpeg(tmp_path / "industrial" / "image_0002.jpg", 99, mode="L")
+    assert [i for i in build_dataset(f"folder:{tmp_path}", "val").ids if not i.startswith("industrial")] == \
+        [i for i in val.ids if not i.startswith("industrial")]
+    with pytest.raises(FileNotFoundError, match="splits are train, val, all"):
+        build_dataset(f"folder:{tmp_path}", "test")
+
+
+def test_folder_bad_input(tmp_path):
+    (tmp_path / "bedroom").mkdir()
+    _jpeg(tmp_path / "kitchen" / "a.jpg", 0)
+    with pytest.raises(DataError) as err:
+        build_dataset(f"folder:{tmp_path}", "train")
+    assert str(err.value) == (f"{tmp_path / 'bedroom'}: empty class folder (no .jpg, .jpeg, .png, .bmp, .gif, "
+                              ".tif, .tiff, .webp, .ppm, .pgm files); remove it or put its images in it")
+    with pytest.raises(DataError, match="no class folders"):
+        build_dataset(f"folder:{tmp_path / 'kitchen'}", "train")
+    with pytest.raises(FileNotFoundError, match="class-folder dataset not found"):
+        build_dataset(f"folder:{tmp_path / 'nope'}", "train")
+
+
+def test_folder_trains_and_benches_as_one_hot_tags(tmp_path):
+    """The single labels go through the classifier trainer and the benchmark like any tags."""
+    import dataclasses
+
+    from conftest import tiny_train_config
+
+    from wsl.bench import ModelCamSource, evaluate
+    from wsl.train.classifier import train_classifier
+
+    for k, c in enumerate(("coast", "forest")):
+        for j in range(6):
+            _jpeg(tmp_path / "data" / c / f"image_{j:04d}.jpg", 10 * k + j, size=(32, 32))
+    cfg = tiny_train_config(tmp_path, epochs=1, batch_size=4)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, spec=f"folder:{tmp_path / 'data'}"))
+    final = train_classifier(cfg, tmp_path / "run")
+    assert 0.0 <= final["val_map"] <= 1.0
+    from wsl.models.classifier import load_classifier
+
+    model, classes = load_classifier(tmp_path / "run" / "last.pt")
+    val = build_dataset(f"folder:{tmp_path / 'data'}", "val", classes=classes)
+    metrics = evaluate(ModelCamSource(model, val, batch_size=2, device="cpu"), val)
+    assert 0.0 <= metrics["cls_map"] <= 1.0 and "maxboxacc" not in metrics  # no boxes: box metrics skipped

@@ -240,3 +240,73 @@ def test_segmented_fraction_limits_segmentation_split(tmp_path):
 
     assert VOCDataset(root, "train", masks=True).ids == seg
     assert VOCDataset(root, "train").ids == train
+
+
+def test_presets_and_their_overrides():
+    from wsl.data.synth import PRESETS
+
+    assert SynthConfig.preset() == SynthConfig() and PRESETS["default"] == {}
+    hard = SynthConfig.preset("hard")
+    for name, value in PRESETS["hard"].items():
+        assert getattr(hard, name) == value
+    assert hard.class_colour == 0.0 and hard.num_classes > SynthConfig().num_classes
+    assert hard.max_scale < SynthConfig().max_scale and hard.max_truncation > SynthConfig().max_truncation
+    assert hard.max_distractors > SynthConfig().max_distractors and hard.shape_distractors > 0
+    assert hard.context_bias > 0
+    assert SynthConfig.preset("hard", train=5, num_classes=4).num_classes == 4
+    with pytest.raises(ValueError, match="unknown synth preset 'brutal'; known: default, hard"):
+        SynthConfig.preset("brutal")
+    with pytest.raises(ValueError, match="unknown SynthConfig knob"):
+        SynthConfig.preset("hard", colours=2)
+    with pytest.raises(ValueError, match="shape_distractors=1 needs shapes that are not classes"):
+        SynthConfig(num_classes=len(SHAPE_NAMES), shape_distractors=1)
+
+
+def test_hard_scenes_draw_shapes_of_no_class_and_no_class_colours(monkeypatch):
+    """Distractor shapes come from the shapes that are not classes and never reach the annotations;
+    without the class colour cue a class's objects take any hue."""
+    import colorsys
+
+    import wsl.data.synth as synth
+
+    drawn = []
+    real = synth._shape_mask
+    monkeypatch.setattr(synth, "_shape_mask", lambda shape, *a: drawn.append(shape) or real(shape, *a))
+    cfg = SynthConfig.preset("hard", train=24, val=0, size=64, noise=0.0, boundary=0)
+    classes = set(SHAPE_NAMES[: cfg.num_classes])
+    hues = {False: [], True: []}
+    for colour_cue in (False, True):
+        cfg_i = replace(cfg, class_colour=float(colour_cue))
+        for i in range(cfg.train):
+            drawn.clear()
+            scene = synth.render_scene(cfg_i, "train", i)
+            assert {SHAPE_NAMES[o["cls"]] for o in scene.objects} <= classes
+            for o in scene.objects:
+                if o["cls"] == 1 and o["area"] > 30:  # the squares: median hue of their pixels
+                    r, g, b = np.median(scene.image[o["mask"]], axis=0) / 255.0
+                    hues[colour_cue].append(colorsys.rgb_to_hsv(r, g, b)[0])
+            if not colour_cue:
+                hues.setdefault("distractors", []).extend(s for s in drawn if s not in classes)
+    assert hues["distractors"] and set(hues["distractors"]) <= set(SHAPE_NAMES[cfg.num_classes:])
+    spread = {k: np.ptp(np.asarray(v)) for k, v in hues.items() if k != "distractors"}
+    assert len(hues[False]) >= 5 and len(hues[True]) >= 5
+    assert spread[False] > 0.5 > spread[True]  # any hue without the cue, one band with it
+
+
+def test_cli_synth_preset_with_an_override(tmp_path, capsys, monkeypatch):
+    import wsl.cli
+    from wsl.cli import main
+    from wsl.data.synth import PRESETS
+
+    monkeypatch.setattr(wsl.cli, "COMMANDS", ["synth"])
+    out = tmp_path / "hard"
+    assert main(["-q", "synth", "--preset", "hard", "--out", str(out), "--train", "3", "--val", "1", "--size", "48",
+                 "--classes", "5"]) == 0
+    cfg = json.loads((out / "synth.json").read_text())["config"]
+    assert cfg["num_classes"] == 5 and (cfg["train"], cfg["size"]) == (3, 48)  # the flags win
+    for name, value in PRESETS["hard"].items():
+        if name != "num_classes":
+            assert cfg[name] == value, name
+    assert "classes (5)" in capsys.readouterr().out
+    help_text = wsl.cli.build_parser()._subparsers._group_actions[0].choices["synth"].format_help()
+    assert "--preset {default,hard}" in help_text and "hard: 0.0" in help_text  # class_colour's line

@@ -19,7 +19,7 @@ from wsl import __version__
 from wsl.errors import WSLError
 
 # Order is the order shown in --help.
-COMMANDS = ["synth", "train", "cam", "bench", "train_seg", "segment", "demo", "pipeline"]
+COMMANDS = ["synth", "sbd", "train", "cam", "bench", "train_seg", "segment", "demo", "pipeline"]
 
 # Exceptions that mean "the user gave us something wrong"; anything else is a bug and keeps its traceback.
 USER_ERRORS = (WSLError, ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,

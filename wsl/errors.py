@@ -19,3 +19,7 @@ class OutputExistsError(WSLError, FileExistsError):
 
 class NumericalError(WSLError, FloatingPointError):
     """Training diverged (NaN or inf loss)."""
+
+
+class MissingExtraError(WSLError, ImportError):
+    """An optional dependency is not installed; the message names the pip extra that brings it."""

@@ -1,9 +1,11 @@
 """Class names and the PASCAL VOC colour palette."""
 from __future__ import annotations
 
+import io
 from typing import List
 
 import numpy as np
+from PIL import Image
 
 VOC_CLASSES: List[str] = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -29,3 +31,13 @@ def voc_palette(n: int = 256) -> np.ndarray:
 
 VOC_PALETTE: np.ndarray = voc_palette()
 IGNORE_INDEX = 255
+
+
+def palette_png_bytes(mask: np.ndarray) -> bytes:
+    """A class-index mask (H, W) uint8 as a palette ("P") PNG with the VOC palette, as VOC's
+    SegmentationClass files are stored: the pixel values are the class ids."""
+    im = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
+    im.putpalette(VOC_PALETTE.reshape(-1).tolist())  # turns the "L" image into "P" with the same indices
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,18 +1,24 @@
 """Dataset specs: one string names a dataset on the command line.
 
-=============================  =====================================================================
-``voc:DIR``                    VOC 2012 layout; DIR holds ``VOCdevkit`` or is ``VOC2012`` itself;
-                               ``split`` picks ``ImageSets/Main/{split}.txt`` (``Segmentation/`` when
-                               ``masks=True``)
-``synth:DIR``                  the same as ``voc:DIR`` (what ``wsl synth --out DIR`` writes)
-``coco:ANN_JSON:IMAGE_DIR``    a COCO instances file (``split`` ignored), or a directory of them, in
-                               which case ``ANN_JSON/instances_{split}.json`` is read. A literal
-                               ``{split}`` in IMAGE_DIR is replaced by the split.
-``tags:FILE``                  a tags file: ``train`` / ``val`` split it (a fixed 10% held out for
-                               val), ``all`` takes it whole; ``tags:DIR`` reads ``DIR/{split}.txt``
-``images:DIR``                 the images directly inside DIR, unlabelled (``split`` ignored; needs
-                               ``classes``, the model's): what ``--images DIR`` reads
-=============================  =====================================================================
+==================================  =====================================================================
+``voc:DIR``                         VOC layout (2007 or 2012); DIR holds ``VOCdevkit`` or is ``VOC2012``
+                                    (``VOC2007``) itself; ``split`` picks ``ImageSets/Main/{split}.txt``
+                                    (``Segmentation/`` when ``masks=True``); ``train_aug`` is the SBD-augmented
+                                    set with ``SegmentationClassAug`` masks (``wsl sbd`` builds it). A DIR
+                                    holding both years is refused: name one with
+``voc2007:DIR``, ``voc2012:DIR``    the same, that year's folder (``VOCdevkit/VOC2007``, ``.../VOC2012``)
+``synth:DIR``                       the same as ``voc:DIR`` (what ``wsl synth --out DIR`` writes)
+``coco:ANN_JSON:IMAGE_DIR``         a COCO instances file (``split`` ignored), or a directory of them, in
+                                    which case ``ANN_JSON/instances_{split}.json`` is read. A literal
+                                    ``{split}`` in IMAGE_DIR is replaced by the split.
+``tags:FILE``                       a tags file: ``train`` / ``val`` split it (a fixed 10% held out
+                                    for val), ``all`` takes it whole; ``tags:DIR`` reads ``DIR/{split}.txt``
+``images:DIR``                      the images directly inside DIR, unlabelled (``split`` ignored; needs
+                                    ``classes``, the model's): what ``--images DIR`` reads
+``folder:DIR``                      one folder per class (MIT67, 15-Scene, ImageNet-style), single labels as
+                                    one-hot tags; splits from ``DIR/{split}/``, split files or a seeded
+                                    split (:mod:`wsl.data.folder`)
+==================================  =====================================================================
 
 Examples: generated scenes through their COCO files, ``coco:OUT/coco:OUT/VOCdevkit/VOC2012/JPEGImages``
 with split ``train``; real COCO, ``coco:annotations:{split}`` with split ``val2017`` (reads
@@ -26,8 +32,8 @@ from typing import Callable, List, Optional, Sequence
 from wsl.data.base import WSLDataset
 from wsl.errors import DataError
 
-SCHEMES = ("coco", "images", "synth", "tags", "voc")
-EXAMPLES = "voc:data/VOC, synth:data/scenes, coco:ANN.json:IMAGES, tags:tags.txt"
+SCHEMES = ("coco", "folder", "images", "synth", "tags", "voc", "voc2007", "voc2012")
+EXAMPLES = "voc:data/VOC, voc2007:data/VOC, synth:data/scenes, coco:ANN.json:IMAGES, tags:tags.txt, folder:data/MIT67"
 
 
 def build_dataset(spec: str, split: str, *, classes: Optional[Sequence[str]] = None, masks: bool = False,
@@ -61,6 +67,27 @@ def spec_paths(spec: Optional[str]) -> List[Path]:
     return [path]
 
 
+def _voc_year(scheme: str) -> Optional[str]:
+    """``voc2007`` -> ``"2007"``; ``voc`` and ``synth`` -> None (the one year the folder holds)."""
+    return scheme[3:] if scheme.startswith("voc") and scheme[3:] else None
+
+
+def has_masks(spec: str, split: str) -> bool:
+    """Whether ``build_dataset(spec, split, masks=True)`` can work: a VOC/synth split listed under
+    ``ImageSets/Segmentation`` (or ``SegmentationAug``), or any COCO file (masks from polygons); tags
+    files, class folders and unlabelled folders have none."""
+    from wsl.data.voc import find_split_file, find_voc_root
+
+    scheme, _, rest = str(spec).partition(":")
+    if scheme in ("voc", "synth", "voc2007", "voc2012"):
+        try:
+            find_split_file(find_voc_root(rest, _voc_year(scheme)), split, masks=True)
+        except FileNotFoundError:
+            return False
+        return True
+    return scheme == "coco"
+
+
 def _build(spec: str, split: str, *, classes: Optional[Sequence[str]], masks: bool,
            transform: Optional[Callable]) -> WSLDataset:
     scheme, sep, rest = str(spec).partition(":")
@@ -69,10 +96,16 @@ def _build(spec: str, split: str, *, classes: Optional[Sequence[str]], masks: bo
                         f"(e.g. {EXAMPLES})")
     if not rest:
         raise DataError(f"dataset spec {spec!r} names no path (e.g. {EXAMPLES})")
-    if scheme in ("voc", "synth"):
+    if scheme in ("voc", "synth", "voc2007", "voc2012"):
         from wsl.data.voc import VOCDataset
 
-        return VOCDataset(rest, split, classes=classes, masks=masks, transform=transform)
+        return VOCDataset(rest, split, classes=classes, masks=masks, transform=transform, year=_voc_year(scheme))
+    if scheme == "folder":
+        from wsl.data.folder import ClassFolderDataset
+
+        if masks:
+            raise DataError(f"dataset spec {spec!r}: class folders have no masks (use voc:, synth: or coco:)")
+        return ClassFolderDataset(Path(rest).expanduser(), split, classes=classes, transform=transform)
     if scheme == "coco":
         from wsl.data.coco import COCODataset
 
