@@ -6,11 +6,12 @@ the demo's own head, WILDCAT, reuses the pipeline's classifier),
 then scored on val by ``wsl bench`` (classification mAP, point localization mAP, pointing game,
 MaxBoxAcc). Writes ``experiments/results/pooling_heads.{md,json}`` with the exact command; the demo's
 report draws its pooling-head figure from that file. ``--preset hard`` runs the same on the hard scenes
-(``wsl.data.synth.PRESETS``: no colour cue, 8 classes, small truncated objects, distractor shapes,
-context bias) and writes ``pooling_heads_hard.{md,json}``.
+(``wsl.data.synth.PRESETS``: a weaker colour cue, smaller and more truncated objects, distractor
+shapes, context bias) and writes ``pooling_heads_hard.{md,json}``.
 
     python experiments/pooling_heads.py                       # all heads, ~1 min per head on 2 cores
-    python experiments/pooling_heads.py --preset hard         # the hard scenes
+    OMP_NUM_THREADS=1 python experiments/pooling_heads.py --preset hard   # the hard scenes (1 thread: faster
+                                                                          # on a shared, loaded machine)
     python experiments/pooling_heads.py --heads lse max --epochs 2 --out runs/ph --results /tmp/r
 """
 from __future__ import annotations
@@ -47,7 +48,9 @@ METRICS = ("cls_map", "point_map", "pointing_game", "corloc", "maxboxacc", "pxap
 
 
 def command_line() -> str:
-    return shlex.join(["python", *sys.argv])
+    """The command as typed, with ``OMP_NUM_THREADS`` when it is set (it changes the wall times a lot)."""
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return (f"OMP_NUM_THREADS={shlex.quote(threads)} " if threads else "") + shlex.join(["python", *sys.argv])
 
 
 def pct(v: Optional[float]) -> str:
@@ -80,6 +83,9 @@ def markdown(result: Dict[str, Any]) -> str:
                      f"{pct(loc.get('pxap'))} | {r['wall_s']:.0f} s | {r.get('load_average', '-')} |")
     best = max(result["heads"], key=lambda r: r["val_map"])
     budget = " (the demo's budget)" if cfg["schedule"]["epochs"] == DEMO_CLASSIFIER_EPOCHS else ""
+    if "pipeline_seconds" in result:
+        lines += ["", f"Total: {result['pipeline_seconds']:.0f} s for the pipeline's stages (scenes, classifiers, "
+                  f"CAMs, bench), load average {result.get('load_average_end', '-')} at the end."]
     lines += ["", f"Best classification: **{best['head']}, {pct(best['val_map'])} val mAP** after "
               f"{cfg['schedule']['epochs']} epochs{budget}."]
     return "\n".join(lines) + "\n"

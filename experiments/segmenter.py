@@ -16,13 +16,17 @@ Stages (all through the ``wsl`` API, as ``make demo`` runs them):
 6. upper bound   the same configuration on the train ground-truth masks
 7. inference     ``wsl.segment.segment_dataset`` on val with the demo's segmenter (CRF pseudo-masks):
                  single scale, multi-scale + flip, and + the dense CRF
+8. every model   each segmenter registered in ``wsl.models.SEGMENTERS``, CPU-sized, trained on the CRF
+                 pseudo-masks and on the ground truth, scored, timed, its memory measured, and whole-image
+                 against tiled inference on a 4000x3000 image (``segmenter_zoo.py`` beside this file)
 
 Results go to ``experiments/results/segmenter.{md,json}`` with the command, the configurations, the time
 of every stage and the machine's load average (the CPU was shared with other jobs).
 
-Run::
+Run (``--reuse`` skips the stages whose outputs exist and keeps the times measured when they ran)::
 
     .venv/bin/python experiments/segmenter.py [--work runs/experiments/segmenter] [--reuse]
+                                              [--zoo-epochs 6] [--models fcn8s unet ...] [--threads 1]
 """
 from __future__ import annotations
 
@@ -52,20 +56,27 @@ from wsl.train.config import with_overrides
 from wsl.train.segmenter import train_segmenter
 from wsl.utils.io import atomic_write_json, atomic_write_text, read_jsonl
 
+from segmenter_zoo import ZOO, ZOO_EPOCHS, run_zoo, score_reference, zoo_report  # this folder's module
+
 log = logging.getLogger("experiments.segmenter")
 REPO = Path(__file__).resolve().parents[1]
 
 
 class Stages:
-    """Runs named stages, timing each; with ``reuse`` a stage whose marker file exists is skipped."""
+    """Runs named stages, timing each; with ``reuse`` a stage whose marker file exists is skipped and
+    keeps the times measured when it ran (``times_file``), listed in ``reused``."""
 
-    def __init__(self, reuse: bool) -> None:
-        self.reuse, self.seconds, self.cpu, self.load = reuse, {}, {}, {}
+    def __init__(self, reuse: bool, times_file: Path) -> None:
+        self.reuse, self.seconds, self.cpu, self.load, self.reused = reuse, {}, {}, {}, []
+        self.times_file = times_file
+        self.recorded = json.loads(times_file.read_text()) if reuse and times_file.is_file() else {}
 
     def __call__(self, name: str, marker: Path, fn: Callable[[], Any]) -> None:
         if self.reuse and marker.exists():
             log.info("[%s] reusing %s", name, marker)
-            self.seconds[name] = None
+            old = self.recorded.get(name, {})
+            self.seconds[name], self.cpu[name], self.load[name] = old.get("seconds"), old.get("cpu"), old.get("load")
+            self.reused.append(name)
             return
         log.info("[%s] ...", name)
         t0, c0 = time.perf_counter(), cpu_seconds()
@@ -75,6 +86,8 @@ class Stages:
         self.load[name] = round(os.getloadavg()[0], 1)
         log.info("[%s] done in %.1f s, %.1f CPU s (load average %.1f)", name, self.seconds[name],
                  self.cpu[name], self.load[name])
+        self.recorded[name] = {"seconds": self.seconds[name], "cpu": self.cpu[name], "load": self.load[name]}
+        atomic_write_json(self.times_file, self.recorded)
 
 
 def cpu_seconds() -> float:
@@ -99,12 +112,21 @@ def main(argv: Any = None) -> int:
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "experiments" / "segmenter")
     parser.add_argument("--results", type=Path, default=REPO / "experiments" / "results")
     parser.add_argument("--reuse", action="store_true", help="skip stages whose outputs already exist")
+    parser.add_argument("--zoo-epochs", type=int, default=ZOO_EPOCHS,
+                        help=f"epochs of every registered segmenter in the comparison (default {ZOO_EPOCHS})")
+    parser.add_argument("--models", nargs="+", choices=list(ZOO), default=list(ZOO), metavar="NAME",
+                        help="segmenters to compare (default: every registered one)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's, one per core); 1 on a machine shared with other jobs, "
+                             "where threads spin-waiting for a descheduled partner made a training step 3-7x slower")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work: Path = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     overwrite = not args.reuse
-    stages = Stages(args.reuse)
+    stages = Stages(args.reuse, work / "stage_times.json")
     t_start = time.perf_counter()
 
     scenes = work / "scenes"
@@ -143,6 +165,10 @@ def main(argv: Any = None) -> int:
     seg_cfgs = {"seg_pseudo": with_overrides(seg_gt_cfg, {"data.masks": str(work / "cams_train")}),
                 "seg_pseudo_crf": with_overrides(seg_gt_cfg, {"data.masks": str(work / "cams_train_crf")}),
                 "seg_gt": seg_gt_cfg}
+    # Every registered segmenter, CPU-sized, on the CRF pseudo-masks and on the ground truth (before the
+    # demo's 24-epoch runs below, which it is compared with at the end).
+    zoo = run_zoo(stages, work, spec, seg_cfgs["seg_pseudo_crf"], overwrite=overwrite, epochs=args.zoo_epochs,
+                  names=args.models)
     for name, cfg in seg_cfgs.items():
         stages(name, work / name / "best.pt",
                lambda name=name, cfg=cfg: train_segmenter(cfg, work / name, overwrite=overwrite))
@@ -159,6 +185,9 @@ def main(argv: Any = None) -> int:
             **opts))
         inference[name] = json.loads((out / "metrics.json").read_text())["miou"]
 
+    zoo["reference"] = score_reference(stages, work, spec, {"pseudo_crf": work / "seg_pseudo_crf",
+                                                             "gt": work / "seg_gt"}, overwrite=overwrite)
+
     results = {
         "command": shlex.join([".venv/bin/python", "experiments/segmenter.py",
                                *(argv if argv is not None else sys.argv[1:])]),
@@ -173,8 +202,11 @@ def main(argv: Any = None) -> int:
         "segmenter_pseudo_crf": best_epoch(work / "seg_pseudo_crf"),
         "segmenter_gt": best_epoch(work / "seg_gt"),
         "segmenter_pseudo_val_inference": inference,
+        "zoo": zoo,
         "stage_seconds": stages.seconds, "stage_cpu_seconds": stages.cpu, "load_average_after_stage": stages.load,
+        "reused_stages": stages.reused,
         "total_seconds": round(time.perf_counter() - t_start, 1),
+        "stage_seconds_sum": round(sum(v for v in stages.seconds.values() if v is not None), 1),
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version()},
     }
@@ -217,6 +249,8 @@ def report(r: Dict[str, Any]) -> str:
     q, sp, sg, inf = r["pseudo_masks"], r["segmenter_pseudo"], r["segmenter_gt"], r["segmenter_pseudo_val_inference"]
     sc = r["segmenter_pseudo_crf"]
     s, seg = r["stage_seconds"], r["segmenter_config"]
+    zoo = [k for k in s if k.startswith("zoo ")]
+    mark = " \\*"  # a stage reused from an earlier invocation
     lines = [
         "# Segmenter from CAM pseudo-masks (generated scenes)",
         "",
@@ -276,20 +310,31 @@ def report(r: Dict[str, Any]) -> str:
             ("segmenter on pseudo-masks", sp["final_val_iou"]), ("segmenter on CRF pseudo-masks", sc["final_val_iou"]),
             ("segmenter on ground truth", sg["final_val_iou"]))],
         "",
+        zoo_report(r),
         "## Time (s, wall clock)",
         "",
         "| stage | wall seconds | CPU seconds | load average after |",
         "|---|---|---|---|",
-        *[f"| {k} | {'reused' if v is None else v} | {r['stage_cpu_seconds'].get(k, '')} | "
-          f"{r['load_average_after_stage'].get(k, '')} |" for k, v in s.items()],
-        f"| **total** | {r['total_seconds']} | | |",
+        *[f"| {k}{mark if k in r['reused_stages'] else ''} | {'n/a' if v is None else v} | "
+          f"{r['stage_cpu_seconds'].get(k, '')} | {r['load_average_after_stage'].get(k, '')} |"
+          for k, v in s.items() if not k.startswith("zoo ")],
+        "| every registered segmenter: " + f"{len(zoo)} stages (trainings, scoring, measurements; "
+        f"{sum(k in r['reused_stages'] for k in zoo)} from an earlier invocation) | "
+        f"{round(sum(s[k] or 0 for k in zoo), 1)} | {round(sum(r['stage_cpu_seconds'][k] or 0 for k in zoo), 1)} | "
+        f"max {max((r['load_average_after_stage'][k] or 0 for k in zoo), default=0)} |",
+        f"| **total** (sum of the stages) | {r['stage_seconds_sum']} | | |",
+        "",
+        f"This invocation took {r['total_seconds']} s"
+        + (f"; {len(r['reused_stages'])} stages (\\*) were reused from earlier ones (`--reuse`): their times are "
+           "those measured when they ran." if r["reused_stages"] else "."),
         "",
         f"Segmenter training alone (sum of epoch train time): pseudo {sp['train_seconds']} s, CRF pseudo "
         f"{sc['train_seconds']} s, ground truth "
         f"{sg['train_seconds']} s; the fastest epoch (training + validation) took {sp['fastest_epoch_seconds']} s "
         f"and {sg['fastest_epoch_seconds']} s. Machine: {r['machine']['cpus']} CPUs, torch {r['machine']['torch']} "
-        f"with {r['machine']['torch_threads']} threads, shared with other jobs (see the load averages), so wall "
-        "and CPU seconds (which include spin-waiting threads) overstate the cost on an idle machine.",
+        f"with {r['machine']['torch_threads']} thread(s), shared with other jobs (see the load averages), so wall "
+        "seconds (and, with more than one thread, CPU seconds, which include spin-waiting) overstate the cost on "
+        "an idle machine.",
         "",
     ]
     return "\n".join(lines)

@@ -13,11 +13,21 @@ its own child process, so its peak RSS is its own (freed memory often stays in t
    our whole CAM pipeline. Target >= 2. (pytorch-grad-cam and torchcam are optional.)
 3. A ``wsl train`` step (``Trainer._step``: device move, autocast, NaN guard, scaler, scheduler) and a
    whole epoch loop (sampler, seeded per-sample RNG, collate, progress bar) / a bare torch loop
-   (forward, BCE, backward, SGD) on the same model and data: bare time / engine time >= 0.95.
+   (forward, BCE, backward, SGD) on the same model and data: bare time / engine time >= 0.95; in fp32
+   NCHW (3a, 3b) and at ``wsl train``'s defaults, amp=auto + channels_last (3c); 3d: what torch's
+   NaN-filling of new tensors in deterministic mode (switched off by the engine) would cost.
 4. Data loading (JPEG decode + the demo's augmentation, through the engine's DataLoader with workers)
    img/s / training img/s of the demo model. Target >= 3.
 5. Benchmark threshold sweeps (``wsl.metrics.box_sweep``, ``PixelAP``) / the naive per-threshold loops
    of ``tests/reference_metrics.py``, identical values asserted. Target >= 10.
+
+C. The dense CRF (``wsl.cam.DenseCRF``) / pydensecrf2 (Krähenbühl's C++ code, the optional extra
+   ``crf-reference``; rows skipped without it) on a 500x375 photograph with 21, 3 and 2 labels, torch on
+   one thread and on all usable cores, the label agreement and the load average beside each ratio.
+   Target <= 1. Also the CRF work of the demo's pseudo-mask stage, now / before issue 17 (that code is
+   read from git).
+B. ``wsl bench``'s per-image pseudo-mask mIoU update / decoding the image's .npz (target <= 1), and
+   the torch route it replaced / the numpy one.
 
 Also: channels_last and bf16 autocast, ``GLIBC_TUNABLES`` (child processes with and without), peak RSS
 per phase, and a CUDA section (448 px, bf16 autocast) that runs when CUDA is available.
@@ -45,17 +55,21 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.deterministic
 from torch.utils.data import DataLoader, Dataset
 
 from wsl.cam import (CAMExtractor, argmax_points, cam_boxes, local_maxima, normalize_cams, pseudo_masks,
                      upsample_cams)
+import wsl.cam.crf
+from wsl.cam.crf import UNARY_CLIP, DenseCRF, crf_pseudo_masks
 from wsl.cam.export import ExportOptions, imagenet_normalizer
 from wsl.data.base import collate
 from wsl.data.spec import build_dataset
@@ -65,14 +79,14 @@ from wsl.metrics import PixelAP, box_sweep, default_thresholds, normalize_map
 from wsl.models import build_classifier
 from wsl.train.classifier import multilabel_loss, param_groups
 from wsl.train.config import OptimConfig, RunConfig, ScheduleConfig
-from wsl.train.engine import EpochSampler, RunDir, SeededDataset, Trainer, data_loader, determinism
+from wsl.train.engine import EpochSampler, RunDir, SeededDataset, Trainer, data_loader, determinism, resolve_amp
 from wsl.utils.dist import DistInfo
 from wsl.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("speed")
 
 REPO = Path(__file__).resolve().parents[1]
-PHASES = ("cam", "rivals", "train", "precision", "data", "metrics", "glibc", "cuda")
+PHASES = ("cam", "rivals", "train", "precision", "data", "metrics", "crf", "bench", "glibc", "cuda")
 GLIBC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
@@ -107,6 +121,10 @@ class Settings:
     metric_maps: int
     metric_size: int
     metric_interval: float
+    crf_size: Tuple[int, int] = (375, 500)  # (h, w) of the photograph the CRF rows run on
+    crf_labels: Sequence[int] = (21, 3, 2)  # VOC's 21; pseudo-masks' 1 + #tags
+    crf_demo_images: int = 600  # the demo's train split (SynthConfig().train)
+    bench_images: int = 48
 
 
 FULL = Settings(
@@ -120,7 +138,8 @@ SMOKE = Settings(
     tiny=ModelSpec("smoke: vgg_tiny 32 px", "vgg_tiny", 32, 2, 6),
     cuda=ModelSpec("smoke: vgg_tiny 64 px", "vgg_tiny", 64, 2, 6),
     train_batch=2, repeats=1, step_repeats=1, heavy_repeats=1, warmup=1, epoch_batches=2, data_images=4,
-    data_workers=(1,), metric_maps=2, metric_size=24, metric_interval=0.05)
+    data_workers=(1,), metric_maps=2, metric_size=24, metric_interval=0.05, crf_size=(24, 32), crf_labels=(3,),
+    crf_demo_images=4, bench_images=4)
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -439,11 +458,15 @@ def bare_step(model: torch.nn.Module, device: torch.device, amp: Optional[torch.
     return step
 
 
-def engine_step(trainer: Trainer) -> Callable:
+def engine_step(trainer: Trainer, nan_fill: bool = False) -> Callable:
+    """One ``Trainer._step`` as ``Trainer.fit`` runs it. ``nan_fill``: with torch's NaN-filling of new
+    tensors in deterministic mode on, as it was before the engine switched it off."""
     counter = iter(range(10**9))
 
     def step(batch: Dict[str, torch.Tensor]) -> None:
         with determinism(trainer.run_cfg.deterministic):  # as Trainer.fit runs every step
+            if nan_fill:
+                torch.utils.deterministic.fill_uninitialized_memory = True  # determinism() restores it
             trainer._step(batch, 0, next(counter))
     trainer.net.train()
     return step
@@ -474,6 +497,17 @@ def phase_train(s: Settings, device: torch.device, amp: Optional[torch.dtype] = 
                 trainer._train_epoch(next(epoch))
         te = interleaved({"bare": bare_epoch, "engine": engine_epoch}, repeats=max(1, s.step_repeats // 3),
                          warmup=s.warmup, device=device)
+        # The settings `wsl train` runs with by default (amp="auto", channels_last) against a bare step
+        # with the same precision and layout, and the engine with torch's NaN-filling back on.
+        auto = resolve_amp("auto", device)
+        (Path(tmp) / "defaults").mkdir()
+        trainer_d = make_trainer(copy.deepcopy(model), data, spec.batch, device, Path(tmp) / "defaults", amp=auto,
+                                 channels_last=True)
+        bare_d = bare_step(copy.deepcopy(model), device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(auto),
+                           channels_last=True)
+        engine_d, engine_fill = engine_step(trainer_d), engine_step(trainer_d, nan_fill=True)
+        td = interleaved({"bare": lambda: bare_d(batch["image"], batch["labels"]), "engine": lambda: engine_d(batch),
+                          "fill": lambda: engine_fill(batch)}, repeats=s.step_repeats, warmup=s.warmup, device=device)
     per, cpu = spec.batch, device.type == "cpu"
     rows = [
         row("3a", f"bare step / `wsl train` step (Trainer._step), {spec.label}, batch {per}", "bare torch step",
@@ -483,6 +517,12 @@ def phase_train(s: Settings, device: torch.device, amp: Optional[torch.dtype] = 
             stats(te["bare"], 1 / s.epoch_batches, cpu=cpu), "engine epoch loop, per step",
             stats(te["engine"], 1 / s.epoch_batches, cpu=cpu), ">=", 0.95,
             note="workers=0, no decoding: the loop's own overhead"),
+        row("3c", f"bare step / `wsl train` step at the defaults (amp=auto: {auto}, channels_last), {spec.label}, "
+            f"batch {per}", "bare torch step, same precision and layout", stats(td["bare"], cpu=cpu), "engine step",
+            stats(td["engine"], cpu=cpu), ">=", 0.95),
+        row("3d", "`wsl train` step at the defaults, deterministic kernels: with torch's NaN-filling of new tensors "
+            "/ without (the engine's setting)", "with NaN-filling", stats(td["fill"], cpu=cpu),
+            "without", stats(td["engine"], cpu=cpu)),
     ]
     return {"rows": rows, "info": {"train_img_per_s": per / statistics.median(t["engine"]["wall"])}}
 
@@ -627,6 +667,221 @@ def phase_metrics(s: Settings) -> Dict[str, Any]:
         "info": {"pxap": got_p}}
 
 
+# ------------------------------------------------------------------------------------------ dense CRF
+# The last commit with the CRF of sparse CSR products and a separable-convolution spatial kernel, i.e.
+# before issue 17: the "before" side of the demo workload row (read with git; skipped without it).
+CRF_BEFORE = "dfc51513c463fb48bc6cb6f8d41ae321508ceafa"
+
+
+def module_at(commit: str, path: str, name: str) -> Any:
+    """The module ``path`` of this repository as it was at ``commit`` (``git show``); LookupError when
+    git or the commit is not there (a shallow clone, an unpacked archive)."""
+    try:
+        source = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise LookupError(f"{path} at commit {commit[:7]} is not readable with git here ({e})") from e
+    module = types.ModuleType(name)
+    module.__file__ = f"{commit[:7]}:{path}"
+    sys.modules[name] = module  # its dataclasses look their module up
+    exec(compile(source, module.__file__, "exec"), module.__dict__)
+    return module
+
+
+def crf_scene(labels: int, h: int, w: int, seed: int = 0) -> Tuple[np.ndarray, torch.Tensor]:
+    """A photograph (matplotlib's sample grace_hopper.jpg, centre-cropped to ``h x w``; matplotlib is a
+    core dependency) and CAM-like unaries: ``labels`` smooth random logit fields (a 6x8 grid of
+    N(0, 2.5^2) values, bicubically upsampled), softmaxed. The CRF changes ~15% of their argmax."""
+    from matplotlib import cbook
+    from PIL import Image
+
+    photo = np.asarray(Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB"))
+    top, left = (photo.shape[0] - h) // 2, (photo.shape[1] - w) // 2
+    image = np.ascontiguousarray(photo[top:top + h, left:left + w])
+    g = torch.Generator().manual_seed(seed)
+    logits = F.interpolate(2.5 * torch.randn(1, labels, 6, 8, generator=g), size=(h, w), mode="bicubic",
+                           align_corners=False)
+    return image, torch.softmax(logits, 1)
+
+
+def pydensecrf_refine(image: np.ndarray, probs: torch.Tensor, crf: DenseCRF) -> np.ndarray:
+    """pydensecrf2 (Krähenbühl's C++ code) with ``crf``'s parameters, as DeepLab calls it."""
+    import pydensecrf.densecrf as dcrf
+    from pydensecrf.utils import unary_from_softmax
+
+    k, h, w = probs.shape[1:]
+    d = dcrf.DenseCRF2D(w, h, k)
+    d.setUnaryEnergy(unary_from_softmax(probs[0].numpy(), clip=UNARY_CLIP))
+    d.addPairwiseGaussian(sxy=crf.pos_xy_std, compat=crf.pos_w)
+    d.addPairwiseBilateral(sxy=crf.bi_xy_std, srgb=crf.bi_rgb_std, rgbim=image, compat=crf.bi_w)
+    return np.asarray(d.inference(crf.iterations)).reshape(k, h, w)
+
+
+def demo_pseudo_mask_batches(s: Settings) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The CRF's work in the demo's pseudo-mask stage: its train scenes (``SynthConfig()``) in batches of
+    ``CamSection.batch_size`` (16), tagged with their classes, each tagged class's map a stand-in CAM
+    (its ground-truth mask blurred, sigma 8 px, max-normalised: same sizes and label counts as the
+    classifier's maps, without training one)."""
+    cfg, out = SynthConfig(), []
+    for start in range(0, s.crf_demo_images, 16):
+        scenes = [render_scene(cfg, "train", i) for i in range(start, min(start + 16, s.crf_demo_images))]
+        images = torch.from_numpy(np.stack([sc.image for sc in scenes])).permute(0, 3, 1, 2).contiguous()
+        cams = torch.zeros(len(scenes), cfg.num_classes, cfg.height, cfg.size)
+        positive = torch.zeros(len(scenes), cfg.num_classes, dtype=torch.bool)
+        for i, sc in enumerate(scenes):
+            for c in {o["cls"] for o in sc.objects}:
+                positive[i, c] = True
+                blurred = cv2.GaussianBlur((sc.class_mask == c + 1).astype(np.float32), (0, 0), 8)
+                cams[i, c] = torch.from_numpy(blurred)
+        out.append((images, normalize_cams(cams), positive))
+    return out
+
+
+def phase_crf(s: Settings) -> Dict[str, Any]:
+    """``wsl.cam.DenseCRF`` against pydensecrf2 on a photograph (labels agreement beside each ratio),
+    with torch on one thread and on all usable cores (pydensecrf runs on one), and the CRF work of the
+    demo's pseudo-mask stage now and before issue 17."""
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError as e:
+        return {"rows": [], "info": {}, "skipped": {
+            "crf": f"pydensecrf2 not importable ({e}); pip install 'wsl[crf-reference]' for these rows"}}
+    h, w = s.crf_size
+    crf, rows, skipped = DenseCRF(), [], {}
+    info: Dict[str, Any] = {"image": f"grace_hopper.jpg (matplotlib sample data), centre crop {w}x{h}",
+                            "crf": repr(crf), "agreement": {}}
+    cores = len(os.sched_getaffinity(0))
+    before_threads = torch.get_num_threads(), cv2.getNumThreads()
+    try:
+        if cores > 1:
+            # What parallel torch ops cost here: on a CPU shared with other jobs, the threads of a parallel
+            # region wait at its end for peers that another job has descheduled, whatever the op computes.
+            a, b = torch.randn(h * w * 3), torch.randn(h * w * 3)  # a 3-label table of the photograph
+
+            def adds() -> None:
+                for _ in range(20):
+                    torch.add(a, b)
+            t = interleaved({"all": lambda: with_threads(cores, adds), "one": lambda: with_threads(1, adds)},
+                            repeats=s.repeats, warmup=s.warmup)
+            load = [round(x, 2) for x in os.getloadavg()]
+            rows.append(row("C", f"20 elementwise torch ops on {h * w * 3} floats (adds), torch on {cores} threads "
+                            "/ on 1", f"{cores} threads", stats(t["all"], cpu=False), "1 thread",
+                            stats(t["one"], cpu=False),
+                            note=f"load {load}: every parallel op of the all-core CRF rows below pays this"))
+        for threads in dict.fromkeys((1, cores)):
+            set_threads(threads)
+            for k in s.crf_labels:
+                image, probs = crf_scene(k, h, w)
+                img = torch.from_numpy(image).permute(2, 0, 1)[None]
+                ours, ref = crf(img, probs)[0].argmax(0).numpy(), pydensecrf_refine(image, probs, crf).argmax(0)
+                agree = float((ours == ref).mean())
+                info["agreement"][f"{k} labels"] = agree
+                fns = {"wsl": lambda: crf(img, probs), "ref": lambda: pydensecrf_refine(image, probs, crf)}
+                if threads == 1 and k == s.crf_labels[-1]:
+                    # A first call at a new image size also builds the spatial lattice (kept per size).
+                    fns["cold"] = lambda: (wsl.cam.crf._spatial_lattice.cache_clear(), crf(img, probs))
+                t = interleaved(fns, repeats=s.repeats, warmup=s.warmup)
+                load = [round(x, 2) for x in os.getloadavg()]
+                what = (f"dense CRF {w}x{h}, {k} labels, {crf.iterations} iterations, DeepLab parameters: "
+                        f"wsl.cam.DenseCRF (torch, {threads} thread{'s' if threads > 1 else ''}) / pydensecrf2")
+                note = f"labels agree on {100 * agree:.2f}% of pixels; load {load}"
+                rows.append(row("C", what, "wsl", stats(t["wsl"], cpu=threads == 1), "pydensecrf2 (1 thread)",
+                                stats(t["ref"], cpu=threads == 1), "<=", 1.0, note=note))
+                if "cold" in t:
+                    rows.append(row("C", what + ", first call at this image size", "wsl, spatial lattice rebuilt",
+                                    stats(t["cold"]), "pydensecrf2 (1 thread)", stats(t["ref"]), note=note))
+        set_threads(before_threads[0])
+        # The demo's pseudo-mask stage (wsl.pipeline: export_cams with DenseCRF(), mask_bg 0.15): the CRF
+        # work of its 600 train images, this CRF and the one before issue 17, batch by batch alternately.
+        try:
+            old = module_at(CRF_BEFORE, "wsl/cam/crf.py", "speed_crf_before")
+        except LookupError as e:
+            skipped["crf demo workload"] = str(e)
+        else:
+            totals = {"now": {"wall": [0.0], "cpu": [0.0]}, "before": {"wall": [0.0], "cpu": [0.0]}}
+            same = pixels = 0
+            fns = {"now": lambda b: crf_pseudo_masks(crf, *b, method="threshold", bg=0.15),
+                   "before": lambda b: old.crf_pseudo_masks(old.DenseCRF(), *b, method="threshold", bg=0.15)}
+            batches = demo_pseudo_mask_batches(s)
+            for name in fns:  # warm-up
+                fns[name](batches[0])
+            for i, batch in enumerate(batches):
+                masks = {}
+                for name in (("now", "before") if i % 2 == 0 else ("before", "now")):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    masks[name] = fns[name](batch)
+                    totals[name]["wall"][0] += time.perf_counter() - t0
+                    totals[name]["cpu"][0] += time.process_time() - c0
+                same += int((masks["now"] == masks["before"]).sum())
+                pixels += masks["now"].numel()
+            rows.append(row("C", f"the demo's pseudo-mask stage, CRF work of {s.crf_demo_images} train images "
+                            "(128 px, 16 per batch, 2 background settings): DenseCRF now / before issue 17 "
+                            f"(commit {CRF_BEFORE[:7]})", "now", stats(totals["now"]), "before",
+                            stats(totals["before"]), "<=", 1.0,
+                            note=f"stand-in CAMs (blurred ground truth); pseudo-masks agree on "
+                                 f"{100 * same / max(pixels, 1):.2f}% of pixels; load "
+                                 f"{[round(x, 2) for x in os.getloadavg()]}; threads {torch.get_num_threads()}"))
+    finally:
+        set_threads(before_threads[0])
+        cv2.setNumThreads(before_threads[1])
+    return {"rows": rows, "info": info, "skipped": skipped}
+
+
+# ---------------------------------------------------------------------------------------- wsl bench
+def phase_bench(s: Settings) -> Dict[str, Any]:
+    """``wsl bench``'s largest per-image item, the pseudo-mask mIoU update (``PseudoMaskMIoU``), against
+    decoding the image's .npz, and against the torch route it replaced (identical counts asserted)."""
+    from types import SimpleNamespace
+
+    from wsl.bench.metrics import PseudoMaskMIoU
+    from wsl.bench.record import BenchSettings
+    from wsl.cam.files import cam_npz_bytes, load_cam_npz
+    from wsl.metrics.segmentation import confusion_matrix
+
+    cfg, settings = SynthConfig(), BenchSettings()
+    classes = [str(c) for c in range(cfg.num_classes)]
+    blobs, records = [], []
+    for i in range(s.bench_images):  # the demo's val scenes, stand-in CAMs as in demo_pseudo_mask_batches
+        sc = render_scene(cfg, "val", i)
+        cams = np.stack([cv2.GaussianBlur((sc.class_mask == c + 1).astype(np.float32), (0, 0), 8) for c in
+                         range(cfg.num_classes)])
+        blobs.append(cam_npz_bytes(cams, classes, np.zeros(len(classes), np.float32)))
+        present = np.zeros(len(classes), bool)
+        present[[o["cls"] for o in sc.objects]] = True
+        records.append(SimpleNamespace(cams=load_cam_npz("x.npz", blobs[-1])[0].astype(np.float32),
+                                       present=present, mask=sc.class_mask))
+    t_mask = settings.mask_threshold
+
+    def torch_route(rec: Any) -> np.ndarray:  # PseudoMaskMIoU.update before issue 17
+        present = torch.from_numpy(rec.present)
+        cams = torch.from_numpy(np.nan_to_num(rec.cams, nan=0.0, posinf=0.0, neginf=0.0))
+        maps = torch.zeros_like(cams)
+        maps[present] = normalize_cams(cams[present], "max")
+        pred = pseudo_masks(maps[None], present[None], method="threshold", fg=t_mask, bg=t_mask)[0].numpy()
+        return confusion_matrix(pred, rec.mask, len(classes) + 1)
+
+    metric = PseudoMaskMIoU(classes, settings)
+    for rec in records:
+        metric.update(rec)
+    if not np.array_equal(metric.cm, sum(torch_route(rec) for rec in records)):
+        raise RuntimeError("PseudoMaskMIoU disagrees with the torch route it replaced")
+    n = len(records)
+    t = interleaved({"update": lambda: [metric.update(rec) for rec in records],
+                     "torch": lambda: [torch_route(rec) for rec in records],
+                     "decode": lambda: [load_cam_npz("x.npz", b)[0].astype(np.float32) for b in blobs]},
+                    repeats=s.repeats, warmup=s.warmup)
+    threads = f"torch threads {torch.get_num_threads()}"
+    what = f"{n} demo val scenes, {cfg.size} px, {cfg.num_classes} classes"
+    return {"rows": [
+        row("B", f"`wsl bench` per image: pseudo_mask_miou update / decoding the image's .npz, {what}",
+            "PseudoMaskMIoU.update", stats(t["update"], 1 / n), "load_cam_npz", stats(t["decode"], 1 / n), "<=", 1.0,
+            note=f"{threads}; load {[round(x, 2) for x in os.getloadavg()]}"),
+        row("B", f"`wsl bench` per image: pseudo_mask_miou update before issue 17 (torch) / now (numpy), {what}",
+            "torch route", stats(t["torch"], 1 / n), "numpy route", stats(t["update"], 1 / n),
+            note=f"identical confusion matrices asserted; {threads}")],
+        "info": {"images": n}}
+
+
 def glibc_work(s: Settings, device: torch.device) -> Dict[str, Any]:
     """The allocation-heavy work timed with and without GLIBC_TUNABLES (in separate processes)."""
     spec = dataclasses.replace(s.tiny, batch=s.train_batch)
@@ -669,6 +924,7 @@ def run_phase(name: str, s: Settings, args: argparse.Namespace) -> Dict[str, Any
         "cam": lambda: phase_cam(s, cpu), "rivals": lambda: phase_rivals(s, cpu),
         "train": lambda: phase_train(s, cpu), "precision": lambda: phase_precision(s, cpu),
         "data": lambda: phase_data(s, cpu, args.scenes), "metrics": lambda: phase_metrics(s),
+        "crf": lambda: phase_crf(s), "bench": lambda: phase_bench(s),
         "glibc-work": lambda: glibc_work(s, cpu), "cuda": lambda: phase_cuda(s)}
     return phases[name]()
 

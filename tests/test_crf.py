@@ -1,10 +1,16 @@
-"""Dense CRF in PyTorch: edge snapping, normalisation, batching, the lattice against the exact filter."""
+"""Dense CRF in PyTorch: edge snapping, normalisation, batching and label sets, the lattice against the
+exact filter and against Krähenbühl's code (pydensecrf2, an optional extra: those tests skip without it)."""
 from __future__ import annotations
 
+import ast
+import inspect
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import wsl.cam.crf as crf_module
 from wsl.cam.crf import DenseCRF, _ExactGaussian, _Permutohedral, crf_pseudo_masks
 from wsl.cam.postprocess import pseudo_masks
 
@@ -28,6 +34,20 @@ def _square_scene(h=40, w=40, seed=0):
 
 def _iou(a, b):
     return float((a & b).sum()) / float((a | b).sum())
+
+
+def _photo_scene(k, h=120, w=160, seed=0):
+    """A natural image (matplotlib's sample photograph, centre crop) and CAM-like unaries: k smooth random
+    logit fields (6x8 grid upsampled), softmaxed; the CRF changes 10-20% of their argmax."""
+    from matplotlib import cbook
+    from PIL import Image
+
+    photo = np.asarray(Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB"))
+    top, left = (photo.shape[0] - h) // 2, (photo.shape[1] - w) // 2
+    image = np.ascontiguousarray(photo[top:top + h, left:left + w])
+    g = torch.Generator().manual_seed(seed)
+    logits = F.interpolate(2.5 * torch.randn(1, k, 6, 8, generator=g), size=(h, w), mode="bicubic", align_corners=False)
+    return image, torch.softmax(logits, 1)
 
 
 @pytest.mark.parametrize("filter", ["lattice", "exact"])
@@ -85,6 +105,98 @@ def test_lattice_approximates_the_exact_gaussian_filter():
         truth = exact.apply(values) / exact.apply(ones)
         rel = ((approx - truth).abs() / truth.abs()).mean()
         assert rel < (0.01 if d == 2 else 0.03)
+
+
+@pytest.mark.parametrize("k", [2, 3, 21])
+def test_same_labels_as_pydensecrf(k):
+    """The lattice follows Krähenbühl's code step by step, so the labels are pydensecrf's (the issue's bar:
+    99.9% of pixels; 100% measured at 500x375 in experiments/speed.py)."""
+    dcrf = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 (pip install 'wsl[crf-reference]')")
+    from pydensecrf.utils import unary_from_softmax
+
+    image, probs = _photo_scene(k)
+    crf = DenseCRF()
+    d = dcrf.DenseCRF2D(image.shape[1], image.shape[0], k)
+    d.setUnaryEnergy(unary_from_softmax(probs[0].numpy()))
+    d.addPairwiseGaussian(sxy=crf.pos_xy_std, compat=crf.pos_w)
+    d.addPairwiseBilateral(sxy=crf.bi_xy_std, srgb=crf.bi_rgb_std, rgbim=image, compat=crf.bi_w)
+    ref = np.asarray(d.inference(crf.iterations)).reshape(probs.shape[1:]).argmax(0)
+    ours = crf(torch.from_numpy(image).permute(2, 0, 1)[None], probs)[0].argmax(0).numpy()
+    assert (ours == ref).mean() >= 0.999
+    assert (probs[0].argmax(0).numpy() != ref).mean() > 0.05  # the test means something: the CRF moved labels
+
+
+def test_lattice_labels_close_to_the_exact_filter():
+    image, probs = _photo_scene(3, 48, 64)
+    img = torch.from_numpy(image).permute(2, 0, 1)[None]
+    lattice = DenseCRF()(img, probs).argmax(1)
+    exact = DenseCRF(filter="exact", max_pixels=48 * 64)(img, probs).argmax(1)
+    assert (lattice == exact).float().mean() > 0.98
+    assert (probs.argmax(1) != exact).float().mean() > 0.05
+
+
+def test_label_sets_share_the_kernels_and_equal_separate_calls():
+    """probs (N, S, K, H, W): each of the S distributions refined as if alone, label masks per set."""
+    g = torch.Generator().manual_seed(4)
+    images = torch.randint(0, 256, (2, 3, 18, 22), generator=g, dtype=torch.uint8)
+    probs = torch.softmax(2 * torch.randn(2, 3, 4, 18, 22, generator=g), 2)
+    mask = torch.ones(2, 3, 4, dtype=torch.bool)
+    mask[0, 1, 2:] = False
+    mask[1, 2, 0] = False
+    crf = DenseCRF(iterations=4, bi_xy_std=15.0)
+    together = crf(images, probs, mask)
+    assert together.shape == probs.shape
+    for s in range(3):
+        alone = crf(images, probs[:, s], mask[:, s])
+        torch.testing.assert_close(together[:, s], alone, atol=1e-5, rtol=1e-4)
+    assert together[0, 1, 2:].abs().max() == 0 and together[1, 2, 0].abs().max() == 0
+    with pytest.raises(ValueError, match="label_mask"):
+        crf(images, probs, mask[:, 0])
+
+
+def test_the_kept_spatial_lattice_gives_what_a_fresh_one_does():
+    img, probs, _ = _square_scene(30, 34)
+    crf = DenseCRF(iterations=3)
+    crf_module._spatial_lattice.cache_clear()
+    cold = crf(img, probs)
+    assert crf_module._spatial_lattice.cache_info().currsize == 1
+    torch.testing.assert_close(crf(img, probs), cold, rtol=0, atol=0)
+
+
+def test_combined_filters_equal_the_sum_of_their_parts():
+    g = torch.Generator().manual_seed(5)
+    spatial = _Permutohedral(torch.rand(1, 200, 2, generator=g) * 5)
+    bilateral = _Permutohedral(torch.rand(1, 200, 5, generator=g) * 3)
+    pre, post = torch.rand(200, generator=g) + 0.5, torch.rand(200, generator=g) + 0.5
+    values = torch.rand(200, 3, generator=g)
+    both = _Permutohedral.combined([spatial, bilateral], [None, (pre, post)])
+    torch.testing.assert_close(both.apply(values),
+                               spatial.apply(values) + bilateral.scaled(pre, post).apply(values), atol=1e-5, rtol=1e-5)
+    two = spatial.repeated(2)  # block diagonal: each copy filtered on its own
+    stacked = torch.cat([values, values.flip(0)])
+    torch.testing.assert_close(two.apply(stacked), torch.cat([spatial.apply(values), spatial.apply(values.flip(0))]),
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_no_numpy_in_the_crf_so_it_runs_on_any_device(monkeypatch):
+    """Every step is a torch op on the inputs' device: the module imports no numpy, and a CRF call never
+    converts a tensor to numpy (it would fail or copy to the host on a GPU)."""
+    imported = set()
+    for node in ast.walk(ast.parse(inspect.getsource(crf_module))):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    assert "numpy" not in imported and "pydensecrf" not in imported
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor went to numpy inside the CRF")
+    img, probs, _ = _square_scene(20, 24)
+    monkeypatch.setattr(torch.Tensor, "numpy", refuse)
+    monkeypatch.setattr(torch.Tensor, "__array__", refuse)
+    crf_module._spatial_lattice.cache_clear()
+    q = DenseCRF(iterations=2)(img, probs.unsqueeze(1).expand(-1, 2, -1, -1, -1))
+    assert q.shape == (1, 2, 2, 20, 24)
 
 
 def test_lattice_blur_neighbours_are_mutual():

@@ -176,3 +176,23 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="not a stage"):
         run_pipeline(demo_config(quick=True), tmp_path / "x", stop_after="pooling")
     assert set(STAGES) >= set(QUICK_STAGES)
+
+
+def test_the_report_is_rebuilt_without_importing_the_pipeline(demo_dir, tmp_path):
+    """wsl.report reads the stage records from wsl.stages: a fresh interpreter rebuilds the report of a
+    run directory and never imports wsl.pipeline (the dependency goes pipeline -> report -> stages)."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_dir, run)
+    (run / "report.md").unlink()
+    code = ("import sys\nfrom wsl.report import write_report\nwrite_report(sys.argv[1], pooling_results=None)\n"
+            "assert 'wsl.pipeline' not in sys.modules, 'the report imported the pipeline'\n")
+    done = subprocess.run([sys.executable, "-c", code, str(run)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "## Results" in (run / "report.md").read_text(encoding="utf-8")
+    from wsl.stages import STAGES as RECORDED
+
+    assert RECORDED is STAGES  # the pipeline's stage list is the records' own

@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "speed.py"
-RATIO_IDS = {"1a", "1b", "3a", "3b", "4a", "4d", "5a", "5b"}
+RATIO_IDS = {"1a", "1b", "3a", "3b", "3c", "3d", "4a", "4d", "5a", "5b", "B"}
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,9 @@ def test_json_rows_have_ratios_targets_and_medians(smoke):
             assert r[side]["q1"] <= r[side]["median"] <= r[side]["q3"]
     assert rows["1a"]["op"] == "<=" and rows["1a"]["target"] == 1.10
     assert rows["3a"]["target"] == 0.95 and rows["4a"]["target"] == 3.0 and rows["5a"]["target"] == 10.0
+    assert rows["3c"]["target"] == 0.95 and "amp=auto" in rows["3c"]["what"]
+    bench = [r for r in result["rows"] if r["id"] == "B"]
+    assert bench[0]["op"] == "<=" and bench[0]["target"] == 1.0 and "npz" in bench[0]["what"]
     assert any(r["id"] == "P" and "bf16" in r["what"] for r in result["rows"])  # precision variants
 
 
@@ -56,7 +59,7 @@ def test_rivals_are_measured_or_skipped_with_a_reason(smoke):
 
 def test_phases_machine_and_cuda_section(smoke):
     _, result, _ = smoke
-    assert set(result["phases"]) == {"cam", "rivals", "train", "precision", "data", "metrics", "cuda"}
+    assert set(result["phases"]) == {"cam", "rivals", "train", "precision", "data", "metrics", "crf", "bench", "cuda"}
     for phase in result["phases"].values():
         assert phase["peak_rss_mb"] > 0 and phase["wall_s"] >= 0
     m = result["machine"]
@@ -104,3 +107,53 @@ def test_merge_replaces_only_the_phases_run_again(smoke, monkeypatch):
         (old["command"], [p for p in result["phases"] if p not in ("cam", "metrics")]), (new["command"], ["cam", "metrics"])]
     md = speed.markdown(merged)
     assert "Merged from several runs" in md and old["command"] in md and "| 1a |" in md
+
+
+def test_crf_rows_give_the_label_agreement_or_say_why_not(smoke):
+    """The CRF is timed against pydensecrf2 when it is installed (an optional extra): every such row
+    names the label agreement and the load; without it the phase says how to get it."""
+    _, result, md = smoke
+    crf = [r for r in result["rows"] if r["id"] == "C"]
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError:
+        assert not crf and "crf-reference" in result["skipped"]["crf"]
+        return
+    versus = [r for r in crf if "pydensecrf2" in r["what"]]
+    import os
+    threads = {"1 thread" in r["what"] for r in versus}
+    assert threads == ({True, False} if len(os.sched_getaffinity(0)) > 1 else {True})  # one thread, all cores
+    for r in versus:
+        assert "labels agree on" in r["note"] and "load [" in r["note"]
+    assert any(r["op"] == "<=" and r["target"] == 1.0 for r in versus)
+    demo = [r for r in crf if "pseudo-mask stage" in r["what"]]
+    assert demo or "crf demo workload" in result["skipped"]
+    assert "| C |" in md
+
+
+# ------------------------------------------------------------------------------ experiments/gpu_check.py
+GPU_CHECK = REPO / "experiments" / "gpu_check.py"
+
+
+def test_gpu_check_imports_and_lists_its_checks(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_script", GPU_CHECK)
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check_script", gpu_check)
+    spec.loader.exec_module(gpu_check)
+    for name in ("check_train", "check_cam", "check_crf", "check_nccl", "main"):
+        assert callable(getattr(gpu_check, name))
+
+
+def test_gpu_check_refuses_without_cuda_in_one_line(tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available: the script would measure")
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(GPU_CHECK), "--out", str(out)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CUDA is not available" in lines[0]
+    assert not out.exists()

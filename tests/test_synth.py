@@ -249,7 +249,13 @@ def test_presets_and_their_overrides():
     hard = SynthConfig.preset("hard")
     for name, value in PRESETS["hard"].items():
         assert getattr(hard, name) == value
-    assert hard.class_colour == 0.0 and hard.num_classes > SynthConfig().num_classes
+    # Calibrated values: the demo's classifier learns these scenes in its 6 epochs (about 80 val mAP)
+    # while its maps localize far worse than on the default scenes; change them only with a new
+    # experiments/results/pooling_heads_hard.md (OMP_NUM_THREADS=1 python experiments/pooling_heads.py --preset hard).
+    assert PRESETS["hard"] == {"num_classes": 6, "class_colour": 0.8, "min_scale": 0.02, "max_scale": 0.3,
+                               "max_truncation": 0.45, "max_distractors": 3, "shape_distractors": 1,
+                               "context_bias": 0.8, "context_leak": 0.05}
+    assert 0 < hard.class_colour < SynthConfig().class_colour and hard.num_classes == SynthConfig().num_classes
     assert hard.max_scale < SynthConfig().max_scale and hard.max_truncation > SynthConfig().max_truncation
     assert hard.max_distractors > SynthConfig().max_distractors and hard.shape_distractors > 0
     assert hard.context_bias > 0
@@ -309,4 +315,5 @@ def test_cli_synth_preset_with_an_override(tmp_path, capsys, monkeypatch):
             assert cfg[name] == value, name
     assert "classes (5)" in capsys.readouterr().out
     help_text = wsl.cli.build_parser()._subparsers._group_actions[0].choices["synth"].format_help()
-    assert "--preset {default,hard}" in help_text and "hard: 0.0" in help_text  # class_colour's line
+    flat = " ".join(help_text.split())  # argparse wraps the lines
+    assert "--preset {default,hard}" in flat and "(default: 1.0; hard: 0.8)" in flat  # class_colour's line

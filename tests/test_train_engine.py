@@ -277,3 +277,37 @@ def test_progress_shows_the_learning_rate_the_step_used(tmp_path):
     trainer.scaler.step = step
     trainer.fit()
     assert trainer.step_lr == used[-1] > 0
+
+
+def test_determinism_without_nan_filling_and_global_state_restored(tmp_path):
+    """Deterministic kernels during a run but no NaN-filling of new tensors (a debugging aid that cost
+    the training step time); whatever the process had set before comes back afterwards."""
+    import torch.utils.deterministic as det
+
+    before = (torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory,
+              torch.backends.cudnn.benchmark)
+    seen = []
+
+    def record(loss):
+        seen.append((torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory))
+        return loss
+
+    trainer, _ = make_trainer(tmp_path / "a", epochs=1, loss_hook=record, curves=())
+    trainer.fit()
+    assert seen and all(s == (True, False) for s in seen)
+    assert (torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory,
+            torch.backends.cudnn.benchmark) == before
+    # a caller's own setting survives, also when the block raises
+    det.fill_uninitialized_memory = not before[1]
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with engine.determinism(True):
+                raise RuntimeError("inside")
+        assert det.fill_uninitialized_memory is (not before[1])
+    finally:
+        det.fill_uninitialized_memory = before[1]
+    # and two runs are still bit-identical
+    again, _ = make_trainer(tmp_path / "b", epochs=1, curves=())
+    again.fit()
+    for p, q in zip(trainer.model.parameters(), again.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

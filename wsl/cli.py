@@ -34,7 +34,7 @@ RESOURCE_ERRORS = {
     errno.ENAMETOOLONG: "use a shorter path", errno.EIO: "check the disk",
 }
 # Commands that finish an interrupted run with --resume.
-RESUMABLE = ("train", "train-seg", "cam", "demo", "pipeline")
+RESUMABLE = ("train", "train-seg", "cam", "segment", "demo", "pipeline")
 
 
 # Sphinx markup in the command modules' docstrings (which double as --help descriptions): shown plain.

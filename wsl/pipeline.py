@@ -26,6 +26,12 @@ A training stage interrupted mid-way continues from its ``last.pt``.
 
 The classifier and the segmenter use the final epoch's weights (``last.pt``), not ``best.pt``: the
 best epoch is chosen on the val split, which the benchmark and the segment stage score.
+
+Under ``torchrun`` (``torchrun --nproc_per_node N -m wsl pipeline ...``) every rank runs every stage:
+the trainers train with DDP, the inference stages (``cams``, ``bench``, ``pseudo_masks``, ``segment``)
+split the images between the ranks (:mod:`wsl.utils.job`), and rank 0 alone decides which stages a
+resume skips and writes the pipeline's own files (``config.json``, ``stage.json``, the report). The
+stage records (:data:`STAGES`, :func:`read_stage`, :func:`stage_complete`) live in :mod:`wsl.stages`.
 """
 from __future__ import annotations
 
@@ -46,25 +52,15 @@ from wsl.train.classifier import TrainConfig
 from wsl.train.config import ConfigFile, config_from_file, diff_configs, read_json, with_overrides
 from wsl.train.engine import current_command, json_safe
 from wsl.train.segmenter import SegTrainConfig
-from wsl.utils.dist import resolve_device
+from wsl.stages import STAGE_FILE, STAGES, read_stage, stage_complete
+from wsl.utils import dist, job
 from wsl.utils.io import (PathLike, atomic_write_json, atomic_write_text, existing_paths, prepare_output_dir,
                           read_jsonl)
 
 log = logging.getLogger(__name__)
 
-STAGES = ("scenes", "classifier", "cams", "bench", "pooling", "pseudo_masks", "segmenter", "segment", "report")
 #: Stages a config may leave out (``skip``), with the later stages that need them.
 SKIPPABLE = {"bench": (), "pseudo_masks": ("segmenter",), "segmenter": ("segment",), "segment": ()}
-#: Outputs (relative to the output directory) whose presence, with ``<stage>/stage.json``, means
-#: "complete". The report is the exception to "everything under <stage>/": it is the run's front page.
-OUTPUTS = {
-    "scenes": ("scenes/synth.json",), "classifier": ("classifier/last.pt", "classifier/metrics.jsonl"),
-    "cams": ("cams/manifest.json", "cams/localization.json"), "bench": ("bench/metrics.json",),
-    "pooling": ("pooling/pooling_heads.json",), "pseudo_masks": ("pseudo_masks/manifest.json",),
-    "segmenter": ("segmenter/last.pt", "segmenter/metrics.jsonl"), "segment": ("segment/manifest.json",),
-    "report": ("report.md", "report.html"),
-}
-STAGE_FILE = "stage.json"
 #: Config fields that may differ when a run is resumed: they change how, not what, is computed.
 RESUMABLE_CHANGES = ("workers", "device", "save_every")
 
@@ -277,7 +273,7 @@ def demo_config(quick: bool = False) -> PipelineConfig:
     The demo must finish within 10 minutes on 2 CPU cores: the trainers' CPU defaults (same models,
     sizes and optimisers) with the demo's epoch counts (``DEMO_CLASSIFIER_EPOCHS``,
     ``DEMO_SEGMENTER_EPOCHS``), CAMs at one scale, pseudo-masks refined by the dense CRF (it lifts val
-    pseudo-mask mIoU from 41.1 to 86.7 with the demo's maps, ``experiments/results/segmenter.md``), the
+    pseudo-mask mIoU from 40.7 to 86.3 with the demo's maps, ``experiments/results/segmenter.md``), the
     segmenter's backbone started from the classifier, and segmenter inference at three scales with flip
     and the dense CRF. Measured stage times: ``experiments/results/README.md``.
     ``quick`` shrinks everything (48 train / 16 val images of 64 px, one or two epochs): a smoke test
@@ -298,7 +294,7 @@ def demo_config(quick: bool = False) -> PipelineConfig:
         classifier=with_overrides(TrainConfig(), {"schedule.epochs": DEMO_CLASSIFIER_EPOCHS,
                                                   "model.pooling": "wildcat", "model.pooling_kwargs": DEMO_WILDCAT}),
         # CRF pseudo-masks; WILDCAT's maps are wider than LSE's, so the background threshold is 0.15 of the
-        # peak (default 0.05): the uncertain band then holds 6% of the pixels (experiments/results/segmenter.md).
+        # peak (default 0.05): the uncertain band then holds 7% of the pixels (experiments/results/segmenter.md).
         cams=CamSection(crf=True, mask_bg=0.15),
         # The classifier's backbone learns at the head's rate (backbone_lr_mult 1): the 0.1 habit of
         # ImageNet fine-tuning is meant for a backbone trained on far more data than this small one.
@@ -361,7 +357,11 @@ def _stage_scenes(ctx: _Context) -> Dict[str, Any]:
     from wsl.data.synth import generate_scenes, summarize
 
     synth = ctx.config.data.synth
-    generate_scenes(ctx.dir("scenes"), synth, overwrite=True, progress=ctx.progress)  # the run's own folder
+
+    def generate() -> None:  # the run's own folder; under torchrun rank 0 writes it while the others wait
+        generate_scenes(ctx.dir("scenes"), synth, overwrite=True, progress=ctx.progress)
+
+    job.on_main(generate)
     summary = summarize(ctx.dir("scenes"))
     return {"classes": synth.classes, "train": synth.train, "val": synth.val, "size": synth.size,
             "objects_per_image": {k: v["objects_per_image"] for k, v in summary["splits"].items()}}
@@ -403,7 +403,7 @@ def _bench_settings(cfg: BenchSection) -> Any:
 def _stage_bench(ctx: _Context) -> Dict[str, Any]:
     from wsl.bench import NpzCamSource, evaluate, read_npz_classes
 
-    out = prepare_output_dir(ctx.dir("bench"), overwrite=True, kind="bench")
+    out = job.on_main(lambda: prepare_output_dir(ctx.dir("bench"), overwrite=True, kind="bench"))
     classes = read_npz_classes(ctx.dir("cams"))
     dataset = ctx.dataset(ctx.config.data.val_split, classes)
     b = ctx.config.bench
@@ -439,7 +439,8 @@ def _stage_pooling(ctx: _Context) -> Dict[str, Any]:
                 dataset = ctx.dataset(ctx.config.data.val_split, classes)
                 evaluate(ModelCamSource(model, dataset, batch_size=ctx.config.cams.batch_size, device=ctx.device),
                          dataset, metrics=list(p.metrics), settings=_bench_settings(ctx.config.bench),
-                         out_dir=prepare_output_dir(bench_dir, overwrite=True, kind="bench"), progress=ctx.progress,
+                         out_dir=job.on_main(lambda: prepare_output_dir(bench_dir, overwrite=True, kind="bench")),
+                         progress=ctx.progress,
                          info={"command": ctx.command, "head": head})
         records = read_jsonl(run_dir / "metrics.jsonl")
         best = max(records, key=lambda r: r.get("val_map") or -1.0)
@@ -451,19 +452,27 @@ def _stage_pooling(ctx: _Context) -> Dict[str, Any]:
                      "load_average": round(os.getloadavg()[0], 1),  # wall times depend on other jobs
                      "localization": {k: v for k, v in localization.items() if "/" not in k}})
         bench_dirs.append(bench_dir)
-    atomic_write_text(out / "compare.md", "# Pooling heads on " + ctx.config.data.val_split + "\n\n"
-                      + compare_runs(bench_dirs) + "\n\nColumns: " + ", ".join(p.heads) + "\n")
-    atomic_write_json(out / "pooling_heads.json", json_safe({
-        "command": ctx.command, "config": base.to_dict(), "environment": _environment(), "heads": rows}))
+
+    def write() -> None:
+        atomic_write_text(out / "compare.md", "# Pooling heads on " + ctx.config.data.val_split + "\n\n"
+                          + compare_runs(bench_dirs) + "\n\nColumns: " + ", ".join(p.heads) + "\n")
+        atomic_write_json(out / "pooling_heads.json", json_safe({
+            "command": ctx.command, "config": base.to_dict(), "environment": _environment(), "heads": rows}))
+
+    job.on_main(write)
     return {r["head"]: r["val_map"] for r in rows}
 
 
 def _stage_pseudo_masks(ctx: _Context) -> Dict[str, Any]:
+    out = ctx.dir("pseudo_masks")
+    counts = _export(ctx, ctx.config.data.train_split, out)
+    return job.on_main(lambda: _score_pseudo_masks(ctx, out, counts))  # cheap next to the export: rank 0 alone
+
+
+def _score_pseudo_masks(ctx: _Context, out: Path, counts: Dict[str, Any]) -> Dict[str, Any]:
     from wsl.segment import has_ground_truth, score_mask_dir
 
     d = ctx.config.data
-    out = ctx.dir("pseudo_masks")
-    counts = _export(ctx, d.train_split, out)
     classes = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["classes"]
     quality: Dict[str, Any] = {}
     for split, masks in ((d.train_split, out / "masks"), (d.val_split, ctx.dir("cams") / "masks")):
@@ -509,8 +518,8 @@ def _stage_report(ctx: _Context) -> Dict[str, Any]:
     from wsl.report import write_report
 
     r = ctx.config.report
-    path = write_report(ctx.out, examples=r.examples, curve_images=r.curve_images,
-                        pooling_results=r.pooling_results)
+    path = job.on_main(lambda: write_report(ctx.out, examples=r.examples, curve_images=r.curve_images,
+                                            pooling_results=r.pooling_results))
     return {"report": str(path)}
 
 
@@ -532,23 +541,6 @@ def active_stages(config: PipelineConfig) -> List[str]:
     """The stages ``config`` runs, in order."""
     return [s for s in STAGES if not (s in config.skip or (s == "scenes" and config.data.spec)
                                       or (s == "pooling" and not config.pooling.heads))]
-
-
-def stage_complete(out_dir: PathLike, stage: str) -> bool:
-    """Whether ``out_dir/<stage>`` holds a finished stage (``stage.json`` and its main outputs)."""
-    out = Path(out_dir)
-    return (out / stage / STAGE_FILE).is_file() and all((out / f).exists() for f in OUTPUTS[stage])
-
-
-def read_stage(out_dir: PathLike, stage: str) -> Optional[Dict[str, Any]]:
-    """The ``stage.json`` record of a finished stage (None when it has none)."""
-    path = Path(out_dir) / stage / STAGE_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None  # torn by a kill: the stage counts as incomplete
 
 
 def _cpu_seconds() -> float:
@@ -590,30 +582,42 @@ def run_pipeline(config: PipelineConfig, out_dir: PathLike, *, overwrite: bool =
     own progress bars when ``progress``. Returns ``{"out_dir", "seconds", "this_call_seconds", "stages":
     {stage: record}, "environment", "results"}``: ``seconds`` adds up the stages' times (also those of
     stages skipped on resume), ``results`` is :func:`wsl.report.collect_results` of the run; the same goes
-    to ``out_dir/summary.json``.
+    to ``out_dir/summary.json``. Under ``torchrun`` every rank calls this (module docstring); rank 0 holds
+    a lock on ``out_dir`` while it runs, so a second run into it is refused.
     """
-    from wsl.report import collect_results
-
     if resume and overwrite:
         raise ValueError("--resume and --overwrite contradict each other; pass one")
     stages = active_stages(config)
     if stop_after is not None and stop_after not in stages:
         raise ValueError(f"stop_after={stop_after!r} is not a stage of this config; choose one of {', '.join(stages)}")
     out = Path(out_dir).expanduser().resolve()
-    if resume:
-        _check_resume(out, config)
-        out.mkdir(parents=True, exist_ok=True)
-    else:
-        m, s = config.classifier.model, config.segmenter.model
-        reads = [*inputs, *spec_paths(config.data.spec), *existing_paths(m.weights, s.weights, s.backbone_weights)]
-        prepare_output_dir(out, overwrite, kind="pipeline", inputs=reads)
     command = command or current_command()
-    atomic_write_json(out / "config.json", config.to_dict())
-    with open(out / "command.txt", "a", encoding="utf-8") as f:
-        f.write(command + "\n")
-    spec = config.data.spec or f"synth:{out / 'scenes'}"
-    ctx = _Context(config=config, out=out, spec=spec, device=resolve_device(config.classifier.run.device),
-                   progress=progress, command=command, resume=resume)
+
+    def prepare() -> None:
+        if resume:
+            _check_resume(out, config)
+            out.mkdir(parents=True, exist_ok=True)
+        else:
+            m, s = config.classifier.model, config.segmenter.model
+            reads = [*inputs, *spec_paths(config.data.spec), *existing_paths(m.weights, s.weights, s.backbone_weights)]
+            prepare_output_dir(out, overwrite, kind="pipeline", inputs=reads)
+        atomic_write_json(out / "config.json", config.to_dict())
+        with open(out / "command.txt", "a", encoding="utf-8") as f:
+            f.write(command + "\n")
+
+    # Under torchrun every rank runs every stage: the trainers use DDP, the inference stages split the
+    # images (wsl.utils.job); rank 0 alone decides what to skip and writes the pipeline's own files.
+    with job.job(config.classifier.run.device) as info, job.prepared_output(out, "pipeline", prepare):
+        spec = config.data.spec or f"synth:{out / 'scenes'}"
+        ctx = _Context(config=config, out=out, spec=spec, device=info.device, progress=progress, command=command,
+                       resume=resume)
+        return _run_stages(ctx, stages, stop_after)
+
+
+def _run_stages(ctx: _Context, stages: List[str], stop_after: Optional[str]) -> Dict[str, Any]:
+    from wsl.report import collect_results
+
+    out, resume = ctx.out, ctx.resume
     later = stages[stages.index(stop_after) + 1:] if stop_after is not None else []
     stages = stages[: len(stages) - len(later)]
     records: Dict[str, Dict[str, Any]] = {}
@@ -621,7 +625,7 @@ def run_pipeline(config: PipelineConfig, out_dir: PathLike, *, overwrite: bool =
     t_start = time.perf_counter()
     for i, stage in enumerate(stages, 1):
         fn, what = _RUNNERS[stage]
-        if not rerun and stage_complete(out, stage):
+        if not rerun and job.on_main(lambda: stage_complete(out, stage)):
             record = read_stage(out, stage) or {}
             records[stage] = {**record, "skipped": True}
             log.info("[%d/%d] %s: complete, skipped (%s)", i, len(stages), stage, what)
@@ -632,8 +636,11 @@ def run_pipeline(config: PipelineConfig, out_dir: PathLike, *, overwrite: bool =
         if not rerun:
             # This stage and all after it (past stop_after too) are about to be stale: unmark them, so
             # an interrupted run never leaves a stage that looks complete but was made from old inputs.
-            for stale in stages[i - 1:] + later:
-                (out / stale / STAGE_FILE).unlink(missing_ok=True)
+            def unmark(stale: Sequence[str] = tuple(stages[i - 1:] + later)) -> None:
+                for name in stale:
+                    (out / name / STAGE_FILE).unlink(missing_ok=True)
+
+            job.on_main(unmark)
         rerun = True
         log.info("[%d/%d] %s: %s ...", i, len(stages), stage, what)
         stage_file = out / stage / STAGE_FILE
@@ -642,19 +649,25 @@ def run_pipeline(config: PipelineConfig, out_dir: PathLike, *, overwrite: bool =
         record = {"stage": stage, "seconds": round(time.perf_counter() - t0, 2),
                   "cpu_seconds": round(_cpu_seconds() - c0, 2), "load_average": round(os.getloadavg()[0], 2),
                   "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": json_safe(result)}
-        atomic_write_json(stage_file, record)
+        if dist.is_initialized():
+            record["world_size"] = dist.get_world_size()
+        job.on_main(lambda: atomic_write_json(stage_file, record))
         records[stage] = {**record, "skipped": False}
         log.info("[%d/%d] %s: done in %.1f s (CPU %.1f s, load average %.1f)", i, len(stages), stage,
                  record["seconds"], record["cpu_seconds"], record["load_average"])
     for stage in later:  # an earlier full run's stages stay in the summary while they are valid
         if not rerun and stage_complete(out, stage):
             records[stage] = {**(read_stage(out, stage) or {}), "skipped": True}
-    # "seconds" adds up the stages' own times, so a resumed run still reports what the results cost.
-    summary = {"out_dir": str(out), "seconds": round(sum(r.get("seconds", 0.0) for r in records.values()), 2),
-               "this_call_seconds": round(time.perf_counter() - t_start, 2), "stages": records,
-               "environment": _environment(), "results": collect_results(out)}
-    atomic_write_json(out / "summary.json", json_safe(summary))
-    return summary
+
+    def summarize() -> Dict[str, Any]:
+        # "seconds" adds up the stages' own times, so a resumed run still reports what the results cost.
+        summary = {"out_dir": str(out), "seconds": round(sum(r.get("seconds", 0.0) for r in records.values()), 2),
+                   "this_call_seconds": round(time.perf_counter() - t_start, 2), "stages": records,
+                   "environment": _environment(), "results": collect_results(out)}
+        atomic_write_json(out / "summary.json", json_safe(summary))
+        return summary
+
+    return job.on_main(summarize)
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:

@@ -1,5 +1,6 @@
 """The pipeline's report: ``report.md`` and ``report.html`` with PNG figures, read from a pipeline
-output directory (:mod:`wsl.pipeline`) and nothing else, so it can be rewritten at any time::
+output directory (:mod:`wsl.pipeline`) and nothing else, so it can be rewritten at any time, without
+importing the pipeline (the stage records come from :mod:`wsl.stages`)::
 
     from wsl.report import write_report
     write_report("runs/demo")      # -> runs/demo/report.md, report.html, figures/*.png
@@ -34,6 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from wsl.data.classes import IGNORE_INDEX, VOC_PALETTE
+from wsl.stages import STAGES, read_stage
 from wsl.utils.io import PathLike, atomic_path, atomic_write_text, read_jsonl
 
 log = logging.getLogger(__name__)
@@ -72,8 +74,6 @@ def _training_summary(run_dir: Path, monitor: str, per_class: str) -> Optional[D
 
 def collect_results(pipeline_dir: PathLike) -> Dict[str, Any]:
     """The headline numbers of a pipeline run, by stage (absent stages are left out)."""
-    from wsl.pipeline import STAGES, read_stage
-
     out = Path(pipeline_dir)
     res: Dict[str, Any] = {"stages": {s: r for s in STAGES if (r := read_stage(out, s)) is not None}}
     classifier = _training_summary(out / "classifier", "val_map", "val_ap")

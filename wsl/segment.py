@@ -24,15 +24,23 @@ equal the whole-image ones wherever the overlap covers the model's receptive fie
 
 Output of :func:`segment_dataset` (``out_dir``)::
 
+    options.json    what the masks depend on (written first; ``resume`` refuses other settings)
     ID.png          class-index mask at the image's size, VOC palette (0 background, c+1 class c)
-    manifest.json   classes, options (scales, flip, crf, input size, tile and overlap), counts
+    manifest.json   classes, options (scales, flip, crf, input size, tile and overlap), counts, the world
+                    size and each rank's share (written last)
     metrics.json    only when the dataset has ground-truth masks: mIoU, pixel accuracy, per-class IoU
+
+With ``shards=N`` the masks go into ``shards/shard-XXXXXX.tar`` instead (members ``KEY.mask.png``,
+the layout the ``webdataset`` package reads; :mod:`wsl.utils.shards`). Under ``torchrun`` the batches
+are dealt to the ranks in turn, each rank writes its images' masks and rank 0 the JSON files, after
+summing every rank's confusion matrix (:mod:`wsl.utils.job`): the same files as one process writes.
 
 The masks use the same layout as ``wsl cam``'s pseudo-masks, so a segmentation output can itself be
 given to ``wsl train-seg --masks`` (another round of self-training).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import defaultdict
@@ -47,11 +55,13 @@ from tqdm.auto import tqdm
 
 from wsl.cam.export import eval_mode
 from wsl.data.images import ImageFolderDataset
-from wsl.cam.files import file_stem, save_palette_png
+from wsl.cam.files import file_stem, palette_png_bytes, save_palette_png
 from wsl.data.classes import IGNORE_INDEX
 from wsl.errors import CheckpointError, DataError
 from wsl.train.engine import autocast, json_safe
-from wsl.utils.io import PathLike, atomic_write_json, load_checkpoint, prepare_output_dir
+from wsl.utils import dist, job
+from wsl.utils.io import PathLike, atomic_write_json, load_checkpoint
+from wsl.utils.shards import SHARD_DIR, ShardWriter, iter_shard, plan_shards, shard_key, shard_name
 
 log = logging.getLogger(__name__)
 
@@ -171,14 +181,10 @@ def load_for_inference(path: PathLike, device: Any = "cpu") -> Tuple[nn.Module, 
 
 # ------------------------------------------------------------------------------------- datasets
 def has_ground_truth(spec: str, split: str) -> bool:
-    """Whether ``build_dataset(spec, split, masks=True)`` can work: a VOC/synth split listed under
-    ``ImageSets/Segmentation`` or any COCO file (masks from polygons); tags files have none."""
-    from wsl.data.voc import find_voc_root
+    """Whether ``build_dataset(spec, split, masks=True)`` can work (:func:`wsl.data.spec.has_masks`)."""
+    from wsl.data.spec import has_masks
 
-    scheme, _, rest = str(spec).partition(":")
-    if scheme in ("voc", "synth"):
-        return (find_voc_root(rest) / "ImageSets" / "Segmentation" / f"{split}.txt").is_file()
-    return scheme == "coco"
+    return has_masks(spec, split)
 
 
 def _shape_groups(samples: List[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
@@ -188,14 +194,23 @@ def _shape_groups(samples: List[Dict[str, Any]]) -> List[List[Dict[str, Any]]]:
     return list(groups.values())
 
 
-def iter_predictions(segmenter: Segmenter, dataset: Any, *, batch_size: int = 8, workers: int = 0,
-                     bar: Any = None) -> Iterator[Tuple[Dict[str, Any], Tensor, Tensor]]:
-    """``(sample, probs (K, H, W), labels (H, W) uint8)`` for every image of ``dataset`` (raw uint8
-    samples, no transform), batching images of equal size; ``bar`` (tqdm) is advanced per image."""
+def plan_batches(n: int, batch_size: int) -> List[List[int]]:
+    """Consecutive batches of dataset indices, ``[0..B), [B..2B), ...``: how :func:`iter_predictions`
+    batches a dataset, also when the batches are shared between processes."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         collate_fn=list)
+    return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+
+
+def iter_predictions(segmenter: Segmenter, dataset: Any, *, batch_size: int = 8, workers: int = 0,
+                     bar: Any = None, batches: Optional[Sequence[Sequence[int]]] = None,
+                     ) -> Iterator[Tuple[Dict[str, Any], Tensor, Tensor]]:
+    """``(sample, probs (K, H, W), labels (H, W) uint8)`` for every image of ``dataset`` (raw uint8
+    samples, no transform), batching images of equal size; ``bar`` (tqdm) is advanced per image.
+    ``batches``: the batches to run (lists of indices, e.g. one rank's share of :func:`plan_batches`);
+    default: all of them."""
+    plan = plan_batches(len(dataset), batch_size) if batches is None else [list(b) for b in batches]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, num_workers=workers, collate_fn=list)
     for samples in loader:
         for group in _shape_groups(samples):
             images = torch.stack([s["image"] for s in group])
@@ -258,21 +273,46 @@ def score_mask_dir(dataset: Any, mask_dir: PathLike, *, ignore_as_background: bo
     return out
 
 
+def _unit_paths(out: Path, stems: Sequence[str], u: int, sharded: bool) -> List[Path]:
+    return [out / SHARD_DIR / shard_name(u)] if sharded else [out / f"{stem}.png" for stem in stems]
+
+
+def _written_masks(out: Path, stems: Sequence[str], u: int, sharded: bool) -> Iterator[Tuple[str, np.ndarray]]:
+    """``(stem, mask)`` of a finished unit, read back (a resumed run scores them from the files)."""
+    from wsl.cam.files import mask_from_png_bytes
+    from wsl.data.base import read_mask_png
+
+    if not sharded:
+        for stem in stems:
+            yield stem, read_mask_png(out / f"{stem}.png")
+        return
+    path = out / SHARD_DIR / shard_name(u)
+    by_key = {shard_key(stem): stem for stem in stems}
+    for key, files in iter_shard(path):
+        yield by_key[key], mask_from_png_bytes(files["mask.png"], f"{path}:{key}.mask.png")
+
+
 def segment_dataset(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir: PathLike, *,
                     scales: Sequence[float] = (1.0,), flip: bool = False, crf: Any = None,
                     input_size: Optional[int] = None, batch_size: int = 8, workers: int = 0,
                     amp: str = "none", tile: Optional[int] = None, tile_overlap: Optional[int] = None,
-                    overwrite: bool = False, progress: bool = True,
-                    inputs: Sequence[PathLike] = ()) -> Dict[str, Any]:
+                    overwrite: bool = False, resume: bool = False, progress: bool = True,
+                    inputs: Sequence[PathLike] = (), shards: Optional[int] = None) -> Dict[str, Any]:
     """Segment every image of ``dataset`` and write ``out_dir/ID.png`` (module docstring).
 
     ``dataset`` yields raw samples ``{"image": uint8 (3, H, W), "id": str, ["mask": uint8 (H, W)]}`` in
     the model's class order (build it with ``classes=classes``); when it carries ground-truth masks
     (``masks=True``) the predictions are scored and ``metrics.json`` is written. A non-empty
     ``out_dir`` is refused unless ``overwrite``, which never empties a folder holding the dataset's files or
-    ``inputs`` (e.g. the checkpoint); every file is written atomically. Returns the manifest
-    (with ``metrics`` when scored). ``tile`` / ``tile_overlap``: overlap-tile inference (:class:`Segmenter`).
+    ``inputs`` (e.g. the checkpoint), or ``resume``, which finishes an interrupted run with the same
+    settings (``options.json``; the masks written are kept, and scored from their files); every file is
+    written atomically. Returns the manifest (with ``metrics`` when scored). ``tile`` / ``tile_overlap``:
+    overlap-tile inference (:class:`Segmenter`). ``shards=N``: the masks go into tar shards
+    (``shards/shard-XXXXXX.tar``, members ``KEY.mask.png``, :mod:`wsl.utils.shards`) of N images or more.
+    Under ``torchrun`` every rank calls this with the same arguments; the batches are dealt to the ranks
+    in turn and the confusion matrices summed (:mod:`wsl.utils.job`).
     """
+    from wsl.cam.files import OPTIONS_FILE, open_output_dir
     from wsl.metrics import confusion_matrix
 
     classes = [str(c) for c in classes]
@@ -280,45 +320,104 @@ def segment_dataset(model: nn.Module, classes: Sequence[str], dataset: Any, out_
     if ds_classes != classes:
         raise DataError(f"dataset classes [{', '.join(ds_classes)}] differ from the segmenter's "
                         f"[{', '.join(classes)}]; build the dataset with the model's class list")
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: --resume finishes a run, --overwrite starts "
+                         "it again")
+    if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards < 1):
+        raise ValueError(f"shards must be a number of images per shard >= 1 (or None: one PNG per image), "
+                         f"got {shards!r}")
+    anns = getattr(dataset, "annotations", None)
+    if anns is None and (resume or shards is not None or dist.is_initialized()):
+        raise ValueError(f"resume, shards and several processes need a dataset with annotations (every image id "
+                         f"up front); {type(dataset).__name__} has none")
     k = len(classes) + 1
     segmenter = Segmenter(model, scales=scales, flip=flip, input_size=input_size, crf=crf, amp=amp, tile=tile,
                           tile_overlap=tile_overlap)
+    stems: Dict[int, str] = {}
+    owner: Dict[str, str] = {}
+
+    def add_stem(index: int, image_id: str) -> str:
+        stem = file_stem(image_id)
+        if owner.setdefault(stem, image_id) != image_id:
+            raise DataError(f"image ids {owner[stem]!r} and {image_id!r} map to the same file name {stem!r}")
+        stems[index] = stem
+        return stem
+
+    for i, ann in enumerate(anns or ()):
+        add_stem(i, str(ann.id))
+    options = {"scales": list(segmenter.scales), "flip": segmenter.flip, "input_size": input_size,
+               "crf": None if crf is None else repr(crf), "batch_size": batch_size,
+               "tile": tile, "tile_overlap": segmenter.tile_overlap, "amp": amp, "device": segmenter.device.type,
+               "shards": shards}
+    run_info = json_safe({"format": FORMAT, "classes": classes, "options": options, "images": len(dataset),
+                          "dataset": str(getattr(dataset, "source", type(dataset).__name__))})
     reads = [*inputs, *(dataset.input_paths() if hasattr(dataset, "input_paths") else ())]
-    out = prepare_output_dir(out_dir, overwrite, kind="segment", inputs=reads)
     scored = bool(getattr(dataset, "masks", False))
-    confusion = np.zeros((k, k), dtype=np.int64)
-    stems: Dict[str, str] = {}
-    count = 0
-    with tqdm(total=len(dataset), desc="wsl segment", unit="img", disable=not progress, leave=False) as bar:
-        for sample, _, labels in iter_predictions(segmenter, dataset, batch_size=batch_size, workers=workers,
-                                                  bar=bar):
-            image_id = str(sample["id"])
-            stem = file_stem(image_id)
-            if stems.setdefault(stem, image_id) != image_id:
-                raise DataError(f"image ids {stems[stem]!r} and {image_id!r} map to the same file name {stem!r}")
-            pred = labels.cpu().numpy()
-            save_palette_png(out / f"{stem}.png", pred)
+    sharded = shards is not None
+    dirs = (SHARD_DIR,) if sharded else ()
+    plan = plan_batches(len(dataset), batch_size)  # the whole dataset's, also when resuming
+    with job.prepared_output(out_dir, "segment", lambda: open_output_dir(
+            out_dir, run_info, overwrite=overwrite, resume=resume, inputs=reads, kind="segment", dirs=dirs)) as out:
+        units = [[b] for b in plan] if not sharded else plan_shards(plan, shards)
+        mine = job.part(list(enumerate(units)))
+        confusion = np.zeros((k, k), dtype=np.int64)
+        todo = []
+        for u, batches in mine:
+            unit_stems = [stems[i] for b in batches for i in b] if anns is not None else []
+            if resume and all(p.is_file() for p in _unit_paths(out, unit_stems, u, sharded)):
+                if scored:  # finished before the interruption: scored from what was written
+                    for (stem, pred), i in zip(_written_masks(out, unit_stems, u, sharded), (i for b in batches for i in b)):
+                        confusion += confusion_matrix(pred, dataset.load_mask(i), k, ignore_index=IGNORE_INDEX)
+                continue
+            todo.append((u, batches))
+        total = sum(len(b) for _, bs in mine for b in bs)
+        done = total - sum(len(b) for _, bs in todo for b in bs)
+        if resume:
+            log.info("resuming %s: %d of %d images already segmented%s", out, done, total, job.rank_suffix())
+        predictions = iter_predictions(segmenter, dataset, workers=workers,
+                                       batches=[b for _, bs in todo for b in bs])
+        with tqdm(total=total, initial=done, desc="wsl segment", unit="img", leave=False,
+                  disable=not (progress and job.main_only())) as bar:
+            for u, batches in todo:
+                with contextlib.ExitStack() as stack:
+                    shard = stack.enter_context(ShardWriter(out / SHARD_DIR / shard_name(u))) if sharded else None
+                    for index in (i for b in batches for i in b):
+                        sample, _, labels = next(predictions)
+                        stem = add_stem(index, str(sample["id"]))
+                        pred = labels.cpu().numpy()
+                        if shard is not None:
+                            shard.add(shard_key(stem), {"mask.png": palette_png_bytes(pred)})
+                        else:
+                            save_palette_png(out / f"{stem}.png", pred)
+                        if scored:
+                            confusion += confusion_matrix(pred, sample["mask"].numpy(), k, ignore_index=IGNORE_INDEX)
+                        bar.update(1)
+        gathered = job.gather({"images": total, "units": len(mine), "confusion": confusion},
+                              "waiting for the other processes' masks")
+
+        def finish() -> Dict[str, Any]:
+            matrix = np.sum([g.pop("confusion") for g in gathered], axis=0)
+            count = sum(g["images"] for g in gathered)
+            files: Dict[str, Any] = ({"shards": f"{SHARD_DIR}/shard-{{index:06d}}.tar", "members": {"masks": "{key}.mask.png"}}
+                                     if sharded else {"masks": "{id}.png"})
+            files.update(options=OPTIONS_FILE, metrics="metrics.json" if scored else None)
+            manifest: Dict[str, Any] = {
+                "format": FORMAT, "classes": classes, "count": count, "options": options, "files": files,
+                "dataset": run_info["dataset"], "distributed": job.ranks_record(gathered)}
+            if sharded:
+                manifest["shards"] = {"images_per_shard": shards, "count": len(units)}
             if scored:
-                confusion += confusion_matrix(pred, sample["mask"].numpy(), k, ignore_index=IGNORE_INDEX)
-            count += 1
-    manifest: Dict[str, Any] = {
-        "format": FORMAT, "classes": classes, "count": count,
-        "options": {"scales": list(segmenter.scales), "flip": segmenter.flip, "input_size": input_size,
-                    "crf": None if crf is None else repr(crf), "batch_size": batch_size,
-                    "tile": tile, "tile_overlap": segmenter.tile_overlap},
-        "files": {"masks": "{id}.png", "metrics": "metrics.json" if scored else None},
-        "dataset": str(getattr(dataset, "source", type(dataset).__name__)),
-    }
-    if scored:
-        metrics = score_masks(confusion, classes)
-        metrics.update(images=count, confusion=confusion.tolist())
-        atomic_write_json(out / "metrics.json", json_safe(metrics))
-        manifest["metrics"] = {key: metrics[key] for key in ("miou", "pixel_accuracy")}
-        log.info("segmented %d images into %s: mIoU %.2f%%", count, out, 100 * metrics["miou"])
-    else:
-        log.info("segmented %d images into %s", count, out)
-    atomic_write_json(out / "manifest.json", json_safe(manifest))
-    return manifest
+                metrics = score_masks(matrix, classes)
+                metrics.update(images=count, confusion=matrix.tolist())
+                atomic_write_json(out / "metrics.json", json_safe(metrics))
+                manifest["metrics"] = {key: metrics[key] for key in ("miou", "pixel_accuracy")}
+                log.info("segmented %d images into %s: mIoU %.2f%%", count, out, 100 * metrics["miou"])
+            else:
+                log.info("segmented %d images into %s", count, out)
+            atomic_write_json(out / "manifest.json", json_safe(manifest))
+            return manifest
+
+        return job.on_main(finish)
 
 
 def segment_folder(model: nn.Module, classes: Sequence[str], image_dir: PathLike, out_dir: PathLike,
@@ -327,5 +426,5 @@ def segment_folder(model: nn.Module, classes: Sequence[str], image_dir: PathLike
     return segment_dataset(model, classes, ImageFolderDataset(image_dir, classes), out_dir, **kwargs)
 
 
-__all__ = ["Segmenter", "normalize_images", "load_for_inference", "has_ground_truth", "iter_predictions",
+__all__ = ["Segmenter", "normalize_images", "load_for_inference", "has_ground_truth", "plan_batches", "iter_predictions",
            "score_masks", "score_mask_dir", "segment_dataset", "segment_folder"]

@@ -1,6 +1,7 @@
 """Score class activation maps from a model or from ``.npz`` files against a dataset's boxes and masks.
 
-- :mod:`wsl.bench.sources`: where CAMs come from (:class:`NpzCamSource`, :class:`ModelCamSource`);
+- :mod:`wsl.bench.sources`: where CAMs come from (:class:`NpzCamSource`, :class:`ShardCamSource` for
+  ``wsl cam --shards`` outputs, :class:`ModelCamSource`);
 - :mod:`wsl.bench.record`: protocol knobs (:class:`BenchSettings`; ``protocol="published"``, the
   default, reproduces wsolevaluation's and TorchRay's numbers, ``"wsl-exact"`` keeps exact geometry)
   and the per-image :class:`ImageRecord`, which caches the work metrics share (normalised maps,
@@ -19,12 +20,14 @@ from wsl.bench.metrics import METRIC_ORDER, METRICS, Metric, MetricResult
 from wsl.bench.record import CORLOC_THRESHOLD, MASK_THRESHOLD, RANK_BY, BenchSettings, ImageRecord
 from wsl.bench.report import PROTOCOL_SUMMARY, PROTOCOLS, compare_runs, load_run, write_report
 from wsl.bench.scoring import evaluate
-from wsl.bench.sources import CamItem, ModelCamSource, NpzCamSource, cam_file_stem, read_npz_classes
+from wsl.bench.sources import (CamItem, ModelCamSource, NpzCamSource, ShardCamSource, cam_file_stem, cam_files_source,
+                                read_npz_classes)
 from wsl.metrics.localization import DEFAULT_PROTOCOL, PROTOCOL_NAMES
 
 __all__ = [
     "METRICS", "METRIC_ORDER", "Metric", "MetricResult", "BenchSettings", "ImageRecord", "RANK_BY",
     "CORLOC_THRESHOLD", "MASK_THRESHOLD", "DEFAULT_PROTOCOL", "PROTOCOL_NAMES", "PROTOCOL_SUMMARY", "PROTOCOLS",
     "compare_runs", "load_run", "write_report", "evaluate",
-    "CamItem", "ModelCamSource", "NpzCamSource", "cam_file_stem", "read_npz_classes",
+    "CamItem", "ModelCamSource", "NpzCamSource", "ShardCamSource", "cam_file_stem", "cam_files_source",
+    "read_npz_classes",
 ]

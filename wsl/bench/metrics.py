@@ -7,11 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from wsl.bench.record import BenchSettings, ImageRecord
-from wsl.cam.extract import normalize_cams
-from wsl.cam.postprocess import pseudo_masks
 from wsl.metrics.classification import mean_average_precision, precision_recall, ranked_counts
 from wsl.metrics.localization import (CORLOC_IOU, BoxAccuracy, PixelAP, boxes_to_region, in_pointing_difficult_subset,
                                       per_class_accuracy, point_hits_region, point_in_boxes, point_localization_ap)
@@ -35,14 +32,51 @@ class MetricResult:
 
 class Metric:
     """Base class: ``update`` with every image, then ``result``. ``requires`` names what the dataset
-    must provide (``boxes``, ``masks``)."""
+    must provide (``boxes``, ``masks``).
+
+    Images may come in any order and from several processes (``wsl bench`` under ``torchrun``): each
+    rank feeds its share to its own meter and rank 0 :meth:`merge` s them. ``per_image`` names the list
+    attributes holding one entry per image or per (image, class) pair (a dict of such lists counts as
+    one), each entry's image index being in ``self.index``; :meth:`in_image_order` puts them back in
+    dataset order, so rankings and ties come out as in one process. ``additive`` names the counters
+    (numbers, arrays, or objects with ``merge``) that add up. A metric that declares neither cannot be
+    merged.
+    """
 
     requires: Tuple[str, ...] = ()
     uses_masks = False
+    per_image: Tuple[str, ...] = ()
+    additive: Tuple[str, ...] = ()
 
     def __init__(self, classes: Sequence[str], settings: BenchSettings) -> None:
         self.classes, self.settings = list(classes), settings
         self.num_classes = len(self.classes)
+        self.index: List[int] = []  # image index of each entry of the per_image lists
+
+    def merge(self, other: "Metric") -> None:
+        """Add what ``other`` (the same metric, fed other images) has seen."""
+        if not (self.per_image or self.additive):
+            raise NotImplementedError(f"metric {type(self).__name__} declares no per_image or additive state, so "
+                                      "it cannot be computed over several processes; run wsl bench in one process")
+        for name in self.per_image:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if isinstance(mine, dict):
+                for key, values in mine.items():
+                    values.extend(theirs[key])
+            else:
+                mine.extend(theirs)
+        self.index.extend(other.index)
+        for name in self.additive:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if hasattr(mine, "merge"):
+                mine.merge(theirs)
+            else:
+                setattr(self, name, mine + theirs)
+
+    def in_image_order(self, entries: List[Any]) -> List[Any]:
+        """One of the ``per_image`` lists sorted by image index (stable: an image's entries keep their order)."""
+        order = sorted(range(len(entries)), key=self.index.__getitem__)
+        return [entries[i] for i in order]
 
     def update(self, rec: ImageRecord) -> None:
         raise NotImplementedError
@@ -66,6 +100,9 @@ def _pr_curves(scores: np.ndarray, tp: np.ndarray, fp: np.ndarray,
 class ClassificationMAP(Metric):
     """Classification mAP from the image scores (VOC 2010+ AP; difficult-only images ignored)."""
 
+    per_image = ("scores", "labels", "ignore")
+    additive = ("missing",)
+
     def __init__(self, classes, settings) -> None:
         super().__init__(classes, settings)
         self.scores: List[np.ndarray] = []
@@ -80,12 +117,13 @@ class ClassificationMAP(Metric):
         self.scores.append(rec.scores)
         self.labels.append(rec.present)
         self.ignore.append(rec.difficult_only)
+        self.index.append(rec.index)
 
     def result(self) -> MetricResult:
         if self.missing or not self.scores:
             logger.warning("cls_map skipped: %d image(s) came without scores", self.missing)
             return MetricResult()
-        s, y, ign = np.stack(self.scores), np.stack(self.labels), np.stack(self.ignore)
+        s, y, ign = (np.stack(self.in_image_order(v)) for v in (self.scores, self.labels, self.ignore))
         mean, per_class = mean_average_precision(s, y, ign)
         pos = y & ~ign
         return MetricResult({"cls_map": mean}, {"cls_map": self._named(per_class)},
@@ -105,6 +143,7 @@ class PointLocalizationMAP(Metric):
     """
 
     requires = ("boxes",)
+    per_image = ("rows",)
 
     def __init__(self, classes, settings) -> None:
         super().__init__(classes, settings)
@@ -119,11 +158,13 @@ class PointLocalizationMAP(Metric):
         for key, row in (("peak", peak), ("score", score), ("hit", hit), ("present", rec.localizable),
                          ("ignore", rec.present & ~rec.localizable)):
             self.rows[key].append(np.asarray(row))
+        self.index.append(rec.index)
 
     def result(self) -> MetricResult:
         if not self.rows["peak"]:
             return MetricResult()
-        peak, score, hit, present, ign = (np.stack(self.rows[k]) for k in ("peak", "score", "hit", "present", "ignore"))
+        peak, score, hit, present, ign = (np.stack(self.in_image_order(self.rows[k]))
+                                          for k in ("peak", "score", "hit", "present", "ignore"))
         rank = score
         if self.settings.rank_by == "score" and np.isnan(score).any():
             logger.warning("point_map: some images have no scores; ranking by the map maximum instead")
@@ -160,6 +201,7 @@ class PointingGame(Metric):
     """
 
     requires = ("boxes",)
+    per_image = ("hits", "cls", "hard")
 
     def __init__(self, classes, settings) -> None:
         super().__init__(classes, settings)
@@ -179,6 +221,7 @@ class PointingGame(Metric):
             self.hits.append(point_hits_region(points[c], region, self.settings.pointing_tolerance))
             self.cls.append(int(c))
             self.hard.append(in_pointing_difficult_subset(float(region.sum()), float(region.size), n_present))
+            self.index.append(rec.index)
 
     def _accuracy(self, hits: np.ndarray, cls: np.ndarray, what: str) -> Tuple[float, np.ndarray]:
         empty = np.bincount(cls, minlength=self.num_classes) == 0
@@ -191,7 +234,7 @@ class PointingGame(Metric):
     def result(self) -> MetricResult:
         if not self.hits:
             return MetricResult()
-        hits, cls, hard = np.array(self.hits), np.array(self.cls), np.array(self.hard)
+        hits, cls, hard = (np.array(self.in_image_order(v)) for v in (self.hits, self.cls, self.hard))
         mean, per_class = self._accuracy(hits, cls, "pointing_game")
         out = MetricResult({"pointing_game": mean}, {"pointing_game": self._named(per_class)})
         if hard.any():
@@ -209,6 +252,7 @@ class CorLoc(Metric):
     corners is the exact pixel count)."""
 
     requires = ("boxes",)
+    per_image = ("correct", "cls")
 
     def __init__(self, classes, settings) -> None:
         super().__init__(classes, settings)
@@ -219,11 +263,13 @@ class CorLoc(Metric):
         for c in np.flatnonzero(rec.localizable):
             self.correct.append(rec.corloc_iou(c) >= CORLOC_IOU)
             self.cls.append(int(c))
+            self.index.append(rec.index)
 
     def result(self) -> MetricResult:
         if not self.cls:
             return MetricResult()
-        mean, per_class = per_class_accuracy(np.array(self.correct), np.array(self.cls), self.num_classes)
+        correct, cls = (np.array(self.in_image_order(v)) for v in (self.correct, self.cls))
+        mean, per_class = per_class_accuracy(correct, cls, self.num_classes)
         return MetricResult({"corloc": mean}, {"corloc": self._named(per_class)})
 
 
@@ -234,6 +280,7 @@ class MaxBoxAcc(Metric):
     ``"wsl-exact"`` with exact component boxes (:class:`~wsl.metrics.localization.BoxAccuracy`)."""
 
     requires = ("boxes",)
+    additive = ("acc",)
 
     def __init__(self, classes, settings) -> None:
         super().__init__(classes, settings)
@@ -264,6 +311,7 @@ class Top1Localization(Metric):
     are skipped."""
 
     requires = ("boxes",)
+    additive = ("acc", "correct", "count", "missing")
 
     def __init__(self, classes, settings) -> None:
         super().__init__(classes, settings)
@@ -304,6 +352,7 @@ class PxAPMetric(Metric):
 
     requires = ("masks",)
     uses_masks = True
+    additive = ("pxap", "pairs")
 
     def __init__(self, classes, settings) -> None:
         super().__init__(classes, settings)
@@ -339,6 +388,7 @@ class PseudoMaskMIoU(Metric):
 
     requires = ("masks",)
     uses_masks = True
+    additive = ("cm", "images")
 
     def __init__(self, classes, settings) -> None:
         super().__init__(classes, settings)
@@ -348,14 +398,29 @@ class PseudoMaskMIoU(Metric):
     def update(self, rec: ImageRecord) -> None:
         if rec.mask is None:
             return
-        present = torch.from_numpy(rec.present)
-        cams = torch.from_numpy(np.nan_to_num(rec.cams, nan=0.0, posinf=0.0, neginf=0.0))
-        maps = torch.zeros_like(cams)
-        maps[present] = normalize_cams(cams[present], "max")  # only the tagged maps are read
-        t = self.settings.mask_threshold
-        pred = pseudo_masks(maps[None], present[None], method="threshold", fg=t, bg=t)[0].numpy()
-        self.cm += confusion_matrix(pred, rec.mask, self.num_classes + 1)
+        self.cm += confusion_matrix(self.prediction(rec), rec.mask, self.num_classes + 1)
         self.images += 1
+
+    def prediction(self, rec: ImageRecord) -> np.ndarray:
+        """The pseudo-mask ``(H, W)`` uint8 of ``pseudo_masks(normalize_cams(M), tags, fg=bg=t)``,
+        computed in numpy on the tagged maps only: the torch route (per-image tensors, a boolean-indexed
+        copy of every map) cost more per image than decoding the image's .npz."""
+        tagged = np.flatnonzero(rec.present)
+        if tagged.size == 0:
+            return np.zeros(rec.cams.shape[1:], np.uint8)
+        maps = rec.cams[tagged].astype(np.float32)  # a copy: the record's maps stay as they are
+        np.nan_to_num(maps, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        peak = maps.reshape(tagged.size, -1).max(1)
+        # normalize_cams(..., "max") in float32: relu(M) / max, all zeros without a positive peak
+        eps = 1e-12
+        np.maximum(maps, 0.0, out=maps)
+        np.divide(maps, np.maximum(peak, eps)[:, None, None], out=maps)
+        maps[peak <= eps] = 0.0
+        best = maps.argmax(0)  # the lowest class on ties, as pseudo_masks
+        labels = (tagged + 1).astype(np.uint8)[best]
+        # the background (threshold t) wins ties: foreground only where the best map exceeds t
+        return np.where(np.take_along_axis(maps, best[None], 0)[0] > self.settings.mask_threshold, labels,
+                        np.uint8(0))
 
     def result(self) -> MetricResult:
         if self.images == 0:

@@ -179,11 +179,12 @@ def write_report(out_dir, flat: Dict[str, Any], results: Dict[str, MetricResult]
     plots = [name for name, ok in (("per_class.png", _plot_per_class(results, classes, out / "per_class.png")),
                                    ("box_accuracy.png", _plot_box_curves(curves, out / "box_accuracy.png")),
                                    ("pr_curves.png", _plot_pr(curves, classes, out / "pr_curves.png"))) if ok]
-    top = [k for k in flat if "/" not in k and k != "protocol"]
+    top = [k for k in flat if "/" not in k and k not in ("protocol", "method")]
     knobs = {**asdict(settings), "rank_by": "the map maximum" if settings.rank_by == "map" else "the image score"}
     knobs.update({k: v.format(**knobs) for k, v in _PROTOCOL_WORDS[settings.protocol].items()})
     parts = ["# wsl bench report", "",
              f"- Protocol: `{settings.protocol}`, {PROTOCOL_SUMMARY[settings.protocol]}",
+             *([f"- Method: `{flat['method']}`"] if flat.get("method") else []),
              f"- CAMs: {info.get('source', '?')}", f"- Dataset: {info.get('dataset', '?')}",
              f"- Scored {flat.get('num_images', 0)} images in {timing['total_s']:.1f} s "
              f"({timing['source_s']:.1f} s reading or computing CAMs and masks, {timing['scoring_s']:.1f} s metrics)",
@@ -218,7 +219,8 @@ def load_run(run_dir) -> Dict[str, Any]:
 
 def compare_runs(run_dirs: Sequence[Any]) -> str:
     """A Markdown table of the headline metrics of several ``wsl bench`` runs, side by side (best in
-    bold), with the protocol of each run first ("–" for runs written before protocols were recorded)."""
+    bold), with the protocol of each run first ("–" for runs written before protocols were recorded),
+    then the CAM method when a run records one ("–" for CAM files of another tool)."""
     if not run_dirs:
         raise ValueError("compare_runs needs at least one run directory")
     paths = [Path(d) for d in run_dirs]
@@ -226,7 +228,7 @@ def compare_runs(run_dirs: Sequence[Any]) -> str:
     names = [p.name or str(p) for p in paths]
     if len(set(names)) < len(names):
         names = [str(p) for p in paths]
-    keys: List[str] = ["protocol"]
+    keys: List[str] = ["protocol"] + (["method"] if any("method" in r for r in runs) else [])
     for key in list(PROTOCOLS) + sorted({k for r in runs for k in r}):
         if "/" not in key and key not in keys and any(key in r for r in runs):
             keys.append(key)

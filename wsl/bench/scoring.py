@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -14,6 +14,7 @@ from wsl.bench.report import write_report
 from wsl.bench.sources import CamItem
 from wsl.errors import DataError
 from wsl.metrics.localization import check_thresholds
+from wsl.utils import dist, job
 
 logger = logging.getLogger(__name__)
 
@@ -72,12 +73,17 @@ def evaluate(source, dataset, *, metrics: Optional[Sequence[str]] = None,
     """Score every image of ``dataset`` with the CAMs of ``source`` and return the flat metrics dict.
 
     ``source`` yields ``(cams, scores)`` per dataset index, in order: :class:`NpzCamSource`,
-    :class:`ModelCamSource` (anything with ``iter_cams(dataset)``) or any iterable of pairs.
+    :class:`ModelCamSource` (anything with ``iter_cams(dataset)``) or any iterable of pairs; a source
+    with ``iter_part(dataset, rank, world_size)`` yields ``(index, item)`` pairs of a share instead, in
+    any order (:class:`ShardCamSource` streams its shards so). Under ``torchrun`` every rank calls this
+    with the same arguments: each scores its share and rank 0 merges the meters (per-image entries go
+    back in image order), so the numbers are one process's; every rank returns them, rank 0 writes.
     ``metrics``: names from ``METRICS`` (default: all the dataset supports). ``thresholds``: the CAM
     threshold sweep (default ``0:0.001:1``, wsolevaluation's), overriding ``settings.thresholds``;
     ``protocol``: ``"published"`` (default) or ``"wsl-exact"``, overriding ``settings.protocol``;
     ``settings``: the other protocol knobs (:class:`BenchSettings`). The dict holds the metrics,
-    ``num_images``, ``protocol`` and ``per_class/METRIC/CLASS`` entries. With ``out_dir`` the results are
+    ``num_images``, ``protocol``, ``method`` (the CAM method, when the source has a ``method``) and
+    ``per_class/METRIC/CLASS`` entries. With ``out_dir`` the results are
     written there (metrics.json, report.md, config.json and plots; see :func:`write_report`), with
     ``info`` (e.g. the command line) added to config.json. ``progress`` shows a tqdm bar.
     """
@@ -93,18 +99,22 @@ def evaluate(source, dataset, *, metrics: Optional[Sequence[str]] = None,
     t_source = t_score = 0.0
     bad_maps = 0
     start = time.perf_counter()
-    stream = iter(source.iter_cams(dataset) if hasattr(source, "iter_cams") else source)
     anns = dataset.annotations
-    if progress:
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    bar = None
+    if progress and rank == 0:
         from tqdm import tqdm
 
-        anns = tqdm(anns, desc="bench", unit="img")
-    for i, ann in enumerate(anns):
+        bar = tqdm(total=len(range(rank, len(dataset), world)), desc="bench", unit="img")  # about this rank's share
+    counted = np.zeros(len(dataset), dtype=np.int32)
+    stream = _indexed(source, dataset, rank, world)
+    while True:
         t0 = time.perf_counter()
         try:
-            item = next(stream)
+            i, item = next(stream)
         except StopIteration:
-            raise DataError(f"the CAM source ended after {i} images but the dataset has {len(dataset)}") from None
+            break
+        ann = anns[i]
         mask = dataset.load_mask(i) if want_masks else None
         t1 = time.perf_counter()
         cams, scores = _check_item(item, ann, len(classes), mask)
@@ -113,7 +123,38 @@ def evaluate(source, dataset, *, metrics: Optional[Sequence[str]] = None,
         rec = ImageRecord(i, ann, cams, scores, mask, settings)
         for m in meters:
             m.update(rec)
+        counted[i] += 1
         t_source, t_score = t_source + t1 - t0, t_score + time.perf_counter() - t1
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if world > 1:  # rank 0 merges every rank's meters (their per-image entries carry the image index)
+        parts = job.gather({"meters": meters, "counted": np.flatnonzero(counted), "bad_maps": bad_maps,
+                            "source_s": t_source, "scoring_s": t_score}, "gathering the benchmark's records")
+        if rank != 0:
+            flat = job.broadcast(None, "waiting for rank 0's results")
+            if isinstance(flat, str):
+                raise job.EchoedError(flat)
+            return flat
+        meters = parts[0]["meters"]
+        counted = np.zeros(len(dataset), dtype=np.int32)
+        for part in parts:
+            counted[part["counted"]] += 1
+        for part in parts[1:]:
+            for mine, theirs in zip(meters, part["meters"]):
+                mine.merge(theirs)
+        bad_maps = sum(part["bad_maps"] for part in parts)
+        t_source, t_score = max(q["source_s"] for q in parts), max(q["scoring_s"] for q in parts)
+    missing, twice = np.flatnonzero(counted == 0), np.flatnonzero(counted > 1)
+    if len(missing) or len(twice):
+        first = anns[int(missing[0] if len(missing) else twice[0])].id
+        error = DataError(f"the CAM source {'has no CAMs for' if len(missing) else 'gave twice the CAMs of'} image "
+                          f"{first!r}{f' ({len(missing)} images without CAMs)' if len(missing) else ''}; it must "
+                          f"give one item per image of the dataset ({len(dataset)})")
+        if world > 1:
+            job.broadcast(str(error), "sending the error to every rank")
+        raise error
     if bad_maps:
         logger.warning("%d image(s) had NaN/inf in their CAMs; those maps count as flat (no localization)", bad_maps)
     results = {n: m.result() for n, m in zip(names, meters)}
@@ -122,6 +163,9 @@ def evaluate(source, dataset, *, metrics: Optional[Sequence[str]] = None,
         flat.update(r.values)
     flat["num_images"] = len(dataset)
     flat["protocol"] = settings.protocol
+    method = getattr(source, "method", None)  # the CAM method, when the source knows it (wsl.cam.methods)
+    if method:
+        flat["method"] = method
     for r in results.values():
         for metric, values in r.per_class.items():
             for cname, v in values.items():
@@ -132,5 +176,25 @@ def evaluate(source, dataset, *, metrics: Optional[Sequence[str]] = None,
     if out_dir is not None:
         write_report(out_dir, flat, results, classes, settings=settings, timing=timing,
                      info={"source": source.describe() if hasattr(source, "describe") else type(source).__name__,
-                           "dataset": repr(dataset), "metrics": names, **(info or {})})
+                           **({"method": method} if method else {}),
+                           "dataset": repr(dataset), "metrics": names, "world_size": world, **(info or {})})
+    if world > 1:
+        job.broadcast(flat, "sending the results to every rank")
     return flat
+
+
+def _indexed(source, dataset, rank: int, world: int) -> Iterator[Tuple[int, Any]]:
+    """``(index, item)`` of this process's share: a source's own ``iter_part`` (its batches or shards
+    dealt to the ranks in turn; any order), else its ``iter_cams`` or the iterable itself, in dataset
+    order, every ``world``-th image from ``rank``."""
+    if hasattr(source, "iter_part"):
+        yield from source.iter_part(dataset, rank, world)
+        return
+    stream = iter(source.iter_cams(dataset) if hasattr(source, "iter_cams") else source)
+    for i in range(len(dataset)):
+        try:
+            item = next(stream)
+        except StopIteration:
+            raise DataError(f"the CAM source ended after {i} images but the dataset has {len(dataset)}") from None
+        if i % world == rank:
+            yield i, item

@@ -9,7 +9,18 @@ Output layout (``out_dir``)::
     records/ID.json       one image's entry of localization.json and its boxes_coco.json entries
     localization.json     per image: size, classes used, scores, argmax points, local maxima, boxes
     boxes_coco.json       all boxes in COCO results format: image_id, category_id, bbox [x,y,w,h], score
-    manifest.json         counts, options, class names, library versions, this layout (written last)
+    manifest.json         counts, options, class names, library versions, this layout, the world size
+                          and each rank's share (written last)
+
+With ``shards=N`` (``wsl cam --shards N``) the four per-image files go into tar shards instead, in the
+layout the ``webdataset`` package reads (:mod:`wsl.utils.shards`)::
+
+    shards/shard-000000.tar   KEY.cams.npz, KEY.overlay.png, KEY.mask.png, KEY.json per image
+                              (KEY = ID with % and . escaped); whole batches, at least N images
+
+Under ``torchrun`` the batches (or shards) are dealt to the ranks in turn; each rank writes its own
+images' files, rank 0 prepares the folder first and writes the JSON files after every rank is done
+(:mod:`wsl.utils.job`). The files are the same as one process writes, whatever the number of ranks.
 
 ``ID.npz`` format (read with ``np.load(path)``; :mod:`wsl.cam.files`):
 
@@ -28,9 +39,10 @@ pixel-edge coordinates with x2/y2 exclusive, so the COCO ``[x, y, w, h]`` is ``[
 Interruption. Every file is written atomically and reproducibly (:mod:`wsl.cam.files`); an image's
 record is written after its other files, and the manifest after everything. ``resume=True``
 (``wsl cam --resume``) continues a killed export: it checks ``options.json``, deletes the temporary
-files a kill left behind and recomputes only the batches holding an unfinished image. Batches are
-planned from the whole dataset either way, so every image is computed in the same batch as in an
-uninterrupted run and the finished directory is byte-for-byte the same.
+files a kill left behind and recomputes only the batches holding an unfinished image (sharded: the
+shards not yet in place; a shard appears whole or not at all). Batches are planned from the whole
+dataset either way, so every image is computed in the same batch as in an uninterrupted run and the
+finished directory is byte-for-byte the same, with any number of processes before and after.
 """
 from __future__ import annotations
 
@@ -38,6 +50,7 @@ import contextlib
 import json
 import logging
 import platform
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,11 +65,14 @@ from tqdm import tqdm
 import wsl
 from wsl.cam.crf import DenseCRF, crf_pseudo_masks
 from wsl.cam.extract import CAMExtractor, _model_device, select_classes
+from wsl.cam.methods import build_cam_method
 from wsl.cam.postprocess import BOX_MODES, argmax_points, cam_boxes, local_maxima, mask_settings, pseudo_masks
-from wsl.cam.files import (IMAGE_DIRS, OPTIONS_FILE, file_stem, open_output_dir, save_cam_npz, save_palette_png,
-                           save_rgb_png)
+from wsl.cam.files import (IMAGE_DIRS, OPTIONS_FILE, cam_npz_bytes, file_stem, json_bytes, open_output_dir,
+                           palette_png_bytes, rgb_png_bytes, save_cam_npz, save_palette_png, save_rgb_png)
 from wsl.errors import DataError
-from wsl.utils.io import PathLike, atomic_write_json, image_size
+from wsl.utils import dist, job
+from wsl.utils.io import PathLike, atomic_path, atomic_write_json, image_size
+from wsl.utils.shards import SHARD_DIR, ShardIndex, ShardWriter, plan_shards, shard_key, shard_name, shard_paths
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +249,7 @@ class _Writer:
     """Turns batches of samples into files: per image the CAMs, overlay, mask and (last) its record;
     at the end the JSON files assembled from the records of every image."""
 
-    def __init__(self, out: Path, stems: _Stems, extractor: CAMExtractor, classes: List[str],
+    def __init__(self, out: Path, stems: _Stems, extractor: Callable[..., Any], classes: List[str],
                  options: ExportOptions, crf: Optional[DenseCRF], normalizer: Callable[[Tensor], Tensor],
                  labelled: bool, label_map: Optional[np.ndarray], ids: Tuple[Dict[str, Any], Dict[str, Any]]) -> None:
         self.out, self.stems, self.classes, self.opt, self.crf = out, stems, classes, options, crf
@@ -258,14 +274,19 @@ class _Writer:
                 labels[i, torch.from_numpy(self.label_map)] = lab
         return select_classes(labels=labels).to(scores.device)
 
-    def batch(self, indices: List[int], samples: List[Dict[str, Any]]) -> None:
-        """Compute one batch and write the files of its images that are not complete yet."""
+    def batch(self, indices: List[int], samples: List[Dict[str, Any]], sink: Any = None) -> None:
+        """Compute one batch and write the files of its images that are not complete yet, one file per
+        output (default) or through ``sink`` (:class:`_ShardSink`)."""
+        sink = sink or _FileSink(self)
         opt, classes = self.opt, self.classes
         images = torch.stack([s["image"] for s in samples])
         if images.dtype != torch.uint8:
             raise DataError(f"image {samples[0].get('id')!r}: expected uint8 images from the dataset, got "
                             f"{images.dtype} (build the dataset without a transform)")
-        result = self.extractor(self.normalizer(images))
+        x = self.normalizer(images)
+        # The maps a method must compute: the tags, or None for the predicted classes (known from its scores).
+        wanted = self._selection(samples, x.new_zeros(len(samples), len(classes))).cpu() if self.labelled else None
+        result = self.extractor(x, wanted)
         cams, scores = result.cams, result.scores
         if cams.shape[1] != len(classes):
             raise ValueError(f"the model produces {cams.shape[1]} class maps but {len(classes)} class names "
@@ -286,7 +307,7 @@ class _Writer:
         for i, (index, s) in enumerate(zip(indices, samples)):
             image_id = str(s["id"])
             stem = self.stems.add(index, image_id)
-            if self.complete(stem):  # finished before an interruption (the batch is recomputed whole)
+            if sink.complete(stem):  # finished before an interruption (the batch is recomputed whole)
                 continue
             chosen = torch.nonzero(selection[i]).flatten().tolist()
             box_list, panel_boxes, coco = [], defaultdict(list), []
@@ -307,47 +328,128 @@ class _Writer:
                 "id": image_id, "file": stem, "height": h, "width": w, "classes": [classes[k] for k in chosen],
                 "scores": {name: float(scores[i, k]) for k, name in enumerate(classes)},
                 "points": point_list, "peaks": peak_list, "boxes": box_list}
-            npz, overlay, mask, record_path = self.paths(stem)
-            save_cam_npz(npz, cams_np[i], classes, scores[i].numpy())
             titles = [f"{classes[k]} {float(probs[i, k]):.2f}" for k in chosen]
             panels = overlay_panels(images[i].permute(1, 2, 0).numpy(), cams_np[i, chosen], titles,
                                     boxes=[panel_boxes[k] for k in chosen], points=[xy[k] for k in chosen])
-            save_rgb_png(overlay, panels)
-            save_palette_png(mask, masks_np[i])
-            atomic_write_json(record_path, {"localization": record, "coco": coco})  # last: marks the image done
+            sink.write(stem, cams_np[i], scores[i].numpy(), panels, masks_np[i], {"localization": record, "coco": coco})
 
-    def _records(self, n: int) -> List[Dict[str, Any]]:
-        records = []
+    def _records(self, n: int, sharded: bool) -> Iterator[Dict[str, Any]]:
+        """Every image's record in dataset order, one at a time (memory: one record)."""
+        index = ShardIndex(shard_paths(self.out)) if sharded else None
         for i in range(n):
-            path = self.paths(self.stems[i])[-1]
+            stem = self.stems[i]
+            if index is not None:
+                key = shard_key(stem)
+                if (key, "json") not in index:
+                    raise DataError(f"image {stem!r} is in none of the shards of {self.out / SHARD_DIR}; rerun "
+                                    "`wsl cam` with --resume to write the missing shards")
+                where, data = index.where(key, "json"), index.read(key, "json")
+            else:
+                where = self.paths(stem)[-1]
+                try:
+                    data = where.read_bytes()
+                except OSError as e:
+                    raise DataError(f"{where}: unreadable image record ({e}); rerun `wsl cam` with --resume") from e
             try:
-                records.append(json.loads(path.read_text(encoding="utf-8")))
-            except (OSError, ValueError) as e:
-                raise DataError(f"{path}: unreadable image record ({e}); rerun `wsl cam` with --overwrite") from e
-        return records
+                yield json.loads(data)
+            except ValueError as e:
+                raise DataError(f"{where}: unreadable record of image {stem!r} ({e}); rerun `wsl cam` with "
+                                "--overwrite") from e
 
-    def finish(self, n: int, run_info: Dict[str, Any]) -> Dict[str, Any]:
-        records = self._records(n)
-        loc = [r["localization"] for r in records]
-        atomic_write_json(self.out / "localization.json", {"classes": self.classes, "images": loc})
-        atomic_write_json(self.out / "boxes_coco.json", [c for r in records for c in r["coco"]])
-        counts = {"images": n, "points": sum(len(r["points"]) for r in loc), "peaks": sum(len(r["peaks"]) for r in loc),
-                  "boxes": sum(len(r["boxes"]) for r in loc), "masks": n, "overlays": n}
+    def finish(self, n: int, run_info: Dict[str, Any], distributed: Dict[str, Any],
+               shards: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """``localization.json`` and ``boxes_coco.json`` streamed from the image records (any number of
+        images in constant memory), then ``manifest.json``; ``distributed``: world size and per-rank
+        counts; ``shards``: the shard layout, None for one file per output."""
+        counts = {"images": n, "points": 0, "peaks": 0, "boxes": 0, "masks": n, "overlays": n}
+        with contextlib.ExitStack() as stack:
+            loc_tmp = stack.enter_context(atomic_path(self.out / "localization.json"))
+            coco_tmp = stack.enter_context(atomic_path(self.out / "boxes_coco.json"))
+            loc = stack.enter_context(open(loc_tmp, "w", encoding="utf-8"))
+            coco = stack.enter_context(open(coco_tmp, "w", encoding="utf-8"))
+            head = json.dumps({"classes": self.classes}, indent=2)
+            loc.write(head[:-2] + ',\n  "images": [')
+            coco.write("[")
+            loc_items = coco_items = 0
+            for record in self._records(n, shards is not None):
+                r = record["localization"]
+                for key in ("points", "peaks", "boxes"):
+                    counts[key] += len(r[key])
+                loc_items = _json_item(loc, r, 2, loc_items)
+                for entry in record["coco"]:
+                    coco_items = _json_item(coco, entry, 1, coco_items)
+            loc.write(("\n  ]" if loc_items else "]") + "\n}\n")
+            coco.write(("\n]" if coco_items else "]") + "\n")
+        if shards is None:
+            files: Dict[str, Any] = {"cams": "cams/{id}.npz", "overlays": "overlays/{id}.png",
+                                     "masks": "masks/{id}.png", "records": "records/{id}.json"}
+        else:
+            files = {"shards": f"{SHARD_DIR}/shard-{{index:06d}}.tar",
+                     "members": {"cams": "{key}.cams.npz", "overlays": "{key}.overlay.png", "masks": "{key}.mask.png",
+                                 "records": "{key}.json"},
+                     "key": "file stem with % and . escaped as %25 and %2E (webdataset keys hold no dot)"}
+        files.update({"options": OPTIONS_FILE, "localization": "localization.json", "boxes_coco": "boxes_coco.json"})
         manifest = {
             "format": run_info["format"],
             "classes": run_info["classes"],
             "counts": counts,
             "options": run_info["options"],
-            "files": {"cams": "cams/{id}.npz", "overlays": "overlays/{id}.png", "masks": "masks/{id}.png",
-                      "records": "records/{id}.json", "options": OPTIONS_FILE,
-                      "localization": "localization.json", "boxes_coco": "boxes_coco.json"},
+            "files": files,
             "npz": {"cams": "float16 (C, H, W), per-map max-normalised", "classes": "str (C,)",
                     "scores": "float32 (C,) logits"},
             "dataset": run_info["dataset"],
             "versions": run_info["versions"],
+            "distributed": distributed,
         }
+        if shards is not None:
+            manifest["shards"] = shards
         atomic_write_json(self.out / "manifest.json", manifest)
         return manifest
+
+
+def _json_item(f: Any, item: Any, level: int, written: int) -> int:
+    """Write ``item`` as the next element of a JSON list at nesting ``level``, exactly as
+    ``json.dumps(whole, indent=2)`` lays it out; returns the count of elements written."""
+    pad = "  " * level
+    text = json.dumps(item, indent=2).replace("\n", "\n" + pad)
+    f.write(("," if written else "") + "\n" + pad + text)
+    return written + 1
+
+
+class _FileSink:
+    """One file per output: ``cams/ID.npz``, ``overlays/ID.png``, ``masks/ID.png``, then
+    ``records/ID.json`` (last: it marks the image done)."""
+
+    def __init__(self, writer: "_Writer") -> None:
+        self.writer = writer
+
+    def complete(self, stem: str) -> bool:
+        return self.writer.complete(stem)
+
+    def write(self, stem: str, cams: np.ndarray, scores: np.ndarray, overlay: np.ndarray, mask: np.ndarray,
+              record: Dict[str, Any]) -> None:
+        npz, overlay_path, mask_path, record_path = self.writer.paths(stem)
+        save_cam_npz(npz, cams, self.writer.classes, scores)
+        save_rgb_png(overlay_path, overlay)
+        save_palette_png(mask_path, mask)
+        atomic_write_json(record_path, record)  # last: marks the image done
+
+
+class _ShardSink:
+    """The same outputs as members ``KEY.cams.npz``, ``KEY.overlay.png``, ``KEY.mask.png`` and
+    ``KEY.json`` of one tar shard (:mod:`wsl.utils.shards`); the shard is done when it exists."""
+
+    def __init__(self, writer: "_Writer", shard: ShardWriter) -> None:
+        self.writer, self.shard = writer, shard
+
+    def complete(self, stem: str) -> bool:
+        return False  # a shard is written whole or not at all
+
+    def write(self, stem: str, cams: np.ndarray, scores: np.ndarray, overlay: np.ndarray, mask: np.ndarray,
+              record: Dict[str, Any]) -> None:
+        self.shard.add(shard_key(stem), {"cams.npz": cam_npz_bytes(cams, self.writer.classes, scores),
+                                         "overlay.png": rgb_png_bytes(overlay), "mask.png": palette_png_bytes(mask),
+                                         "json": json_bytes(record)})
 
 
 def _run_info(options: ExportOptions, classes: List[str], crf: Optional[DenseCRF], labelled: bool,
@@ -382,7 +484,8 @@ def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir:
                 peak_min_distance: int = 8, peak_top_k: int = 5, peak_threshold: float = 0.5,
                 normalizer: Callable[[Tensor], Tensor] = imagenet_normalizer, num_workers: int = 0,
                 overwrite: bool = False, resume: bool = False, progress: bool = True,
-                inputs: Sequence[PathLike] = ()) -> Dict[str, Any]:
+                inputs: Sequence[PathLike] = (), shards: Optional[int] = None, method: str = "cam",
+                target_layer: Optional[str] = None) -> Dict[str, Any]:
     """Export CAMs, overlays, points, boxes and pseudo-masks of every image of ``dataset``.
 
     ``dataset`` yields samples ``{"image": uint8 (3,H,W), "id": str, "labels": (C_ds,)}`` (a
@@ -399,7 +502,14 @@ def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir:
     :func:`wsl.cam.postprocess.local_maxima`. Refuses a non-empty ``out_dir`` unless ``overwrite``,
     or ``resume`` to finish an interrupted export with the same settings (module docstring);
     ``overwrite`` never empties a folder holding the dataset's files or ``inputs`` (e.g. the checkpoint).
-    Returns the manifest (also written to ``out_dir/manifest.json``). File formats: module docstring.
+    ``shards=N``: the per-image files go into tar shards of N images or more instead (module docstring).
+    ``method``: the CAM method (:data:`wsl.cam.methods.CAM_METHODS`; default ``cam``, the model's own
+    maps from one forward pass; others compute the maps of the used classes only, the rest stay zero),
+    ``target_layer`` the module the library methods read (default: the backbone's output); the files
+    have the same format whichever method wrote them, and ``options.json`` records it.
+    Under ``torchrun`` (a process group is initialised) every rank calls this with the same arguments
+    and the images are split between them (:mod:`wsl.utils.job`). Returns the manifest (also written to
+    ``out_dir/manifest.json``), on every rank. File formats: module docstring.
     """
     classes = [str(c) for c in classes]
     if not classes:
@@ -417,33 +527,71 @@ def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir:
                             mask_method=mask_method, mask_fg=mask_fg, mask_bg=mask_bg,
                             peak_min_distance=peak_min_distance, peak_top_k=peak_top_k,
                             peak_threshold=peak_threshold)
-    extractor = CAMExtractor(model, scales=options.scales, flip=options.flip, normalize="max")
+    extractor = build_cam_method(method, model, scales=options.scales, flip=options.flip, normalize="max",
+                                 target_layer=target_layer)
     labelled = bool(use_labels) and getattr(dataset, "has_labels", True)
     # Everything that can refuse the inputs runs before open_output_dir may empty out_dir.
     writer_args = (extractor, classes, options, crf, normalizer, labelled,
                    _label_map(dataset, classes) if labelled else None, coco_ids(dataset))
     run_info = _run_info(options, classes, crf, labelled, batch_size, dataset, _model_device(model))
+    if shards is not None:
+        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+            raise ValueError(f"shards must be a number of images per shard >= 1 (or None: one file per output), "
+                             f"got {shards!r}")
+        run_info["options"]["shards"] = shards  # a resume with another layout is refused
+    run_info["options"]["method"] = method
+    if target_layer is not None:
+        run_info["options"]["target_layer"] = target_layer
+    if anns is None and dist.is_initialized():
+        raise ValueError(f"an export over several processes needs a dataset with annotations (every image id up "
+                         f"front); {type(dataset).__name__} has none")
     stems = _Stems()
     for i, ann in enumerate(anns or ()):  # else learnt from the samples
         stems.add(i, str(ann.id))
     reads = [*inputs, *(dataset.input_paths() if hasattr(dataset, "input_paths") else ())]
-    out = open_output_dir(out_dir, run_info, overwrite=overwrite, resume=resume, inputs=reads)
-    writer = _Writer(out, stems, *writer_args)
-    plan = _size_batches(dataset, batch_size)  # the whole dataset's, also when resuming (module docstring)
-    todo = [b for b in plan if not all(writer.complete(writer.stems[i]) for i in b)] if resume else plan
-    done = len(dataset) - sum(len(b) for b in todo)
-    if resume:
-        logger.info("resuming %s: %d of %d images already exported", out, done, len(dataset))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=todo, collate_fn=list, num_workers=num_workers)
-    with eval_mode(model), tqdm(total=len(dataset), initial=done, desc="wsl cam", unit="img",
-                                disable=not progress) as bar:
-        for indices, samples in zip(todo, loader):
-            by_shape: Dict[Tuple[int, ...], List[Tuple[int, Dict[str, Any]]]] = defaultdict(list)
-            for i, s in zip(indices, samples):  # a transform may have changed sizes: stack only equal shapes
-                by_shape[tuple(s["image"].shape)].append((i, s))
-            for group in by_shape.values():
-                writer.batch([i for i, _ in group], [s for _, s in group])
-                bar.update(len(group))
-    manifest = writer.finish(len(dataset), run_info)
+    dirs = IMAGE_DIRS if shards is None else (SHARD_DIR,)
+    with job.prepared_output(out_dir, "cam", lambda: open_output_dir(out_dir, run_info, overwrite=overwrite,
+                                                                     resume=resume, inputs=reads, dirs=dirs)) as out:
+        writer = _Writer(out, stems, *writer_args)
+        plan = _size_batches(dataset, batch_size)  # the whole dataset's, also when resuming (module docstring)
+        units = [[b] for b in plan] if shards is None else plan_shards(plan, shards)
+        mine = job.part(list(enumerate(units)))  # (unit number, its batches): this rank's share
+
+        def unit_done(u: int, batches: List[List[int]]) -> bool:
+            if shards is not None:
+                return (out / SHARD_DIR / shard_name(u)).is_file()
+            return all(writer.complete(writer.stems[i]) for b in batches for i in b)
+
+        todo = [(u, b) for u, b in mine if not unit_done(u, b)] if resume else mine
+        total = sum(len(i) for _, b in mine for i in b)
+        done = total - sum(len(i) for _, b in todo for i in b)
+        if resume:
+            logger.info("resuming %s: %d of %d images already exported%s", out, done, total, job.rank_suffix())
+        flat = [batch for _, batches in todo for batch in batches]
+        loader = iter(torch.utils.data.DataLoader(dataset, batch_sampler=flat, collate_fn=list,
+                                                  num_workers=num_workers))
+        t0 = time.perf_counter()
+        with eval_mode(model), tqdm(total=total, initial=done, desc="wsl cam", unit="img",
+                                    disable=not (progress and job.main_only())) as bar:
+            for u, batches in todo:
+                with contextlib.ExitStack() as stack:
+                    sink = None
+                    if shards is not None:
+                        sink = _ShardSink(writer, stack.enter_context(ShardWriter(out / SHARD_DIR / shard_name(u))))
+                    for indices in batches:
+                        samples = next(loader)
+                        by_shape: Dict[Tuple[int, ...], List[Tuple[int, Dict[str, Any]]]] = defaultdict(list)
+                        for i, s in zip(indices, samples):  # a transform may have changed sizes: stack equal shapes
+                            by_shape[tuple(s["image"].shape)].append((i, s))
+                        for group in by_shape.values():
+                            writer.batch([i for i, _ in group], [s for _, s in group], sink)
+                            bar.update(len(group))
+        if resume or dist.is_initialized():
+            logger.info("%d images exported in %.1f s, %d were done already%s", total - done,
+                        time.perf_counter() - t0, done, job.rank_suffix())
+        # The manifest records each rank's share (not what a resume skipped), so it stays reproducible.
+        stats = job.gather({"images": total, "units": len(mine)}, "waiting for the other processes' images")
+        layout = None if shards is None else {"images_per_shard": shards, "count": len(units)}
+        manifest = job.on_main(lambda: writer.finish(len(dataset), run_info, job.ranks_record(stats), layout))
     logger.info("wrote CAMs of %d images to %s (%d boxes)", len(dataset), out, manifest["counts"]["boxes"])
     return manifest

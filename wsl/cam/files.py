@@ -14,6 +14,7 @@ which is what lets ``wsl cam --resume`` finish an export exactly as an uninterru
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import zipfile
@@ -25,7 +26,7 @@ from PIL import Image
 
 from wsl.data.classes import VOC_PALETTE
 from wsl.errors import DataError
-from wsl.utils.io import PathLike, atomic_path, atomic_write_json, prepare_output_dir
+from wsl.utils.io import OUTPUT_MARKER, PathLike, atomic_write_bytes, atomic_write_json, prepare_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -43,31 +44,43 @@ def file_stem(image_id: str) -> str:
     return stem
 
 
-def write_npz(path: PathLike, arrays: dict) -> None:
-    """``np.savez_compressed`` with fixed member timestamps, written atomically: an ``.npz`` that
+def npz_bytes(arrays: dict) -> bytes:
+    """The bytes of ``np.savez_compressed(arrays)`` with fixed member timestamps: an ``.npz`` that
     ``np.load`` reads like any other and whose bytes depend only on ``arrays``."""
-    with atomic_path(path) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for name, value in arrays.items():
-                info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
-                info.compress_type = zipfile.ZIP_DEFLATED
-                info.external_attr = 0o644 << 16
-                with zf.open(info, "w", force_zip64=True) as f:  # force_zip64 as numpy does (gh-10776)
-                    np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            with zf.open(info, "w", force_zip64=True) as f:  # force_zip64 as numpy does (gh-10776)
+                np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_npz(path: PathLike, arrays: dict) -> None:
+    """:func:`npz_bytes` written atomically to ``path``."""
+    atomic_write_bytes(path, npz_bytes(arrays))
+
+
+def cam_npz_bytes(cams: np.ndarray, classes: Sequence[str], scores: np.ndarray) -> bytes:
+    """The bytes of one ``ID.npz`` (module docstring); values beyond float16's range are clipped."""
+    finfo = np.finfo(np.float16)
+    return npz_bytes({"cams": np.clip(cams, finfo.min, finfo.max).astype(np.float16),
+                      "classes": np.asarray(list(classes), dtype=str),
+                      "scores": np.asarray(scores, dtype=np.float32)})
 
 
 def save_cam_npz(path: PathLike, cams: np.ndarray, classes: Sequence[str], scores: np.ndarray) -> None:
-    """Write one ``ID.npz`` (module docstring); values beyond float16's range are clipped."""
-    finfo = np.finfo(np.float16)
-    write_npz(path, {"cams": np.clip(cams, finfo.min, finfo.max).astype(np.float16),
-                     "classes": np.asarray(list(classes), dtype=str),
-                     "scores": np.asarray(scores, dtype=np.float32)})
+    """Write one ``ID.npz`` (module docstring), atomically."""
+    atomic_write_bytes(path, cam_npz_bytes(cams, classes, scores))
 
 
-def load_cam_npz(path: PathLike) -> Tuple[np.ndarray, List[str], Optional[np.ndarray]]:
-    """``(cams, classes, scores or None)`` of a CAM file; errors name the file and what it must hold."""
+def load_cam_npz(path: PathLike, data: Optional[bytes] = None) -> Tuple[np.ndarray, List[str], Optional[np.ndarray]]:
+    """``(cams, classes, scores or None)`` of a CAM file (or of its bytes ``data``, e.g. a shard member
+    that ``path`` names); errors name the file and what it must hold."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(path if data is None else io.BytesIO(data), allow_pickle=False) as z:
             missing = sorted({"cams", "classes"} - set(z.files))
             if missing:
                 raise DataError(f"{path}: no {', '.join(missing)} array; a CAM file holds cams (C, H, W), "
@@ -82,34 +95,72 @@ def load_cam_npz(path: PathLike) -> Tuple[np.ndarray, List[str], Optional[np.nda
     return cams, classes, scores
 
 
-def save_palette_png(path: PathLike, mask: np.ndarray) -> None:
-    """Write a uint8 class-index mask as a VOC palette PNG, atomically."""
+def palette_png_bytes(mask: np.ndarray) -> bytes:
+    """A uint8 class-index mask as the bytes of a VOC palette PNG."""
     im = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="P")
     im.putpalette(VOC_PALETTE.flatten().tolist())
-    with atomic_path(path) as tmp:
-        im.save(tmp, format="PNG")
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_palette_png(path: PathLike, mask: np.ndarray) -> None:
+    """Write a uint8 class-index mask as a VOC palette PNG, atomically."""
+    atomic_write_bytes(path, palette_png_bytes(mask))
+
+
+def rgb_png_bytes(rgb: np.ndarray) -> bytes:
+    """A uint8 RGB image as PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def save_rgb_png(path: PathLike, rgb: np.ndarray) -> None:
     """Write a uint8 RGB image as PNG, atomically."""
-    with atomic_path(path) as tmp:
-        Image.fromarray(rgb).save(tmp, format="PNG")
+    atomic_write_bytes(path, rgb_png_bytes(rgb))
+
+
+def mask_from_png_bytes(data: bytes, where: str) -> np.ndarray:
+    """A class-index mask PNG's bytes (e.g. a shard member, named ``where`` in errors) as (H, W) uint8,
+    with the checks of :func:`wsl.data.base.read_mask_png`."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and im.width * im.height > limit:
+                raise DataError(f"{where}: {im.width}x{im.height} pixels is over the {limit:,} pixel limit")
+            im.load()
+            if im.mode not in ("P", "L"):
+                raise DataError(f"{where}: mask must be a palette ('P') or grayscale ('L') PNG of class indices, "
+                                f"found mode {im.mode!r}")
+            return np.asarray(im, dtype=np.uint8).copy()
+    except DataError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{where}: unreadable mask PNG ({e})") from e
+
+
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as :func:`wsl.utils.io.atomic_write_json` writes it (indented, final newline)."""
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8")
 
 
 def open_output_dir(out_dir: PathLike, run_info: Dict[str, Any], *, overwrite: bool = False,
-                    resume: bool = False, inputs: Sequence[Any] = ()) -> Path:
+                    resume: bool = False, inputs: Sequence[Any] = (), kind: str = "cam",
+                    dirs: Sequence[str] = IMAGE_DIRS) -> Path:
     """A fresh output directory (``prepare_output_dir``) with ``run_info`` in ``options.json``, or
     with ``resume`` an unfinished one whose ``options.json`` equals ``run_info``, cleared of the
     temporary files that interrupted atomic writes leave (``wsl.utils.io.atomic_path`` names them
     ``.NAME.XXXX.tmpEXT``). ``inputs``: what the export reads, never removed by ``overwrite``.
-    Creates the per-image folders."""
+    Creates the per-image folders ``dirs``. ``kind``: the command (``cam``, ``segment``) whose output
+    it is."""
     out = Path(out_dir)
-    if resume and out.is_dir() and any(out.iterdir()):
+    if resume and out.is_dir() and any(p.name != OUTPUT_MARKER for p in out.iterdir()):
         path = out / OPTIONS_FILE
         try:
             previous = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise DataError(f"{out}: no {OPTIONS_FILE}, so it is not a `wsl cam` output that can be resumed; "
+            raise DataError(f"{out}: no {OPTIONS_FILE}, so it is not a `wsl {kind}` output that can be resumed; "
                             "choose another --out, or pass --overwrite instead of --resume") from None
         except ValueError as e:
             raise DataError(f"{path}: not valid JSON ({e}); pass --overwrite instead of --resume") from e
@@ -117,16 +168,18 @@ def open_output_dir(out_dir: PathLike, run_info: Dict[str, Any], *, overwrite: b
         if diff:
             raise DataError(f"{path}: the export in {out} was made with {diff}; resume with the same "
                             "settings, or pass --overwrite instead of --resume to start again")
-        left = [p for d in (out, *(out / d for d in IMAGE_DIRS)) if d.is_dir() for p in d.iterdir()
+        left = [p for d in (out, *(out / d for d in dirs)) if d.is_dir() for p in d.iterdir()
                 if p.is_file() and p.name.startswith(".") and ".tmp" in p.name]  # atomic_path's temporaries
         for p in left:
             p.unlink()
         if left:
             logger.info("removed %d temporary file(s) of interrupted writes in %s", len(left), out)
     else:
-        out = prepare_output_dir(out_dir, overwrite, kind="cam", inputs=inputs)
+        # resume of a run killed between its marker and options.json: nothing of it to keep
+        started = resume and out.is_dir() and [p.name for p in out.iterdir()] == [OUTPUT_MARKER]
+        out = prepare_output_dir(out_dir, overwrite or started, kind=kind, inputs=inputs)
         atomic_write_json(out / OPTIONS_FILE, run_info)
-    for d in IMAGE_DIRS:
+    for d in dirs:
         (out / d).mkdir(exist_ok=True)
     return out
 

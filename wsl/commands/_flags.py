@@ -62,6 +62,32 @@ def add_loader_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0, help="data loading processes (default 0)")
 
 
+def add_method_flags(parser: Any) -> None:
+    """``--method NAME``, ``--target-layer NAME``: which CAM method computes the maps (``cam``, ours, by
+    default; pytorch-grad-cam's and torchcam's through the ``bench`` extra) and the layer it reads."""
+    from wsl.cam.methods import CAM_METHODS, DEFAULT_METHOD, DEFAULT_TARGET_LAYER, EXTRA, method_library
+
+    by_library: Dict[str, List[str]] = {}
+    for name in CAM_METHODS.names():
+        by_library.setdefault(method_library(name), []).append(name)
+    others = "; ".join(f"{lib}: {', '.join(names)}" for lib, names in by_library.items() if lib != "wsl")
+    parser.add_argument("--method", choices=CAM_METHODS.names(), metavar="NAME",
+                        help=f"CAM method (default: {DEFAULT_METHOD}, the model's own maps from one forward pass); "
+                             f"{others} ({EXTRA})")
+    parser.add_argument("--target-layer", metavar="MODULE",
+                        help=f"layer a pytorch-grad-cam / torchcam method reads, a name of model.named_modules() "
+                             f"(default: {DEFAULT_TARGET_LAYER}, the features that feed the class head)")
+
+
+def add_shards_flag(parser: argparse.ArgumentParser, members: str) -> None:
+    """``--shards N``: per-image files packed into tar shards (the webdataset layout) instead."""
+    parser.add_argument("--shards", type=int, metavar="N",
+                        help=f"write the per-image files into tar shards of N images or more (OUT/shards/"
+                             f"shard-000000.tar, members {members}, as the webdataset package reads them) "
+                             "instead of one file per image: a few large files for file systems that punish "
+                             "millions of small ones")
+
+
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
 

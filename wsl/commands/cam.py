@@ -5,7 +5,8 @@ import argparse
 import logging
 
 from wsl.cam.postprocess import BOX_MODES, DEFAULT_MASK_SETTINGS, PSEUDO_MASK_METHODS
-from wsl.commands._flags import add_device_flag, add_inference_flags, add_loader_flags, inference_device
+from wsl.commands._flags import (add_device_flag, add_inference_flags, add_loader_flags, add_method_flags,
+                                 add_shards_flag, inference_device)
 
 logger = logging.getLogger(__name__)
 
@@ -14,7 +15,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser(
         "cam", help="export CAMs, points, boxes and pseudo-masks",
         description="Run a trained classifier over a dataset split or a folder of images and write, per "
-                    "image, the CAMs (ID.npz), a heatmap overlay, points, boxes and a pseudo-mask.")
+                    "image, the CAMs (ID.npz), a heatmap overlay, points, boxes and a pseudo-mask. Under "
+                    "`torchrun --nproc_per_node N -m wsl cam ...` the images are split between the N processes.")
     add_inference_flags(p, checkpoint_help="classifier checkpoint (wsl train)",
                         images_help="a folder of images (no labels: the predicted classes are used)",
                         split_help="split of --data (e.g. train, val)")
@@ -23,9 +25,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     mode.add_argument("--resume", action="store_true",
                       help="finish an interrupted export in --out (same settings): images already written "
                            "are skipped, the result is identical to an uninterrupted run")
+    add_method_flags(p)
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
-                   help="input scales to average (default: 1.0)")
-    p.add_argument("--flip", action="store_true", help="also average the maps of mirrored images")
+                   help="input scales to average (default: 1.0; --method cam only)")
+    p.add_argument("--flip", action="store_true", help="also average the maps of mirrored images (--method cam only)")
     p.add_argument("--tau", type=float, default=0.5, help="box threshold as a fraction of the map max (default 0.5)")
     p.add_argument("--box-mode", choices=BOX_MODES, default="largest",
                    help="box of the largest component or of every component (default largest)")
@@ -38,6 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--crf-max-pixels", type=int, help="CRF working-resolution cap in pixels (default: full size)")
     p.add_argument("--predicted", action="store_true",
                    help="use the predicted classes even when the dataset has labels")
+    add_shards_flag(p, "KEY.cams.npz, KEY.overlay.png, KEY.mask.png, KEY.json")
     add_loader_flags(p)
     add_device_flag(p)
     p.set_defaults(func=run)
@@ -45,12 +49,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
+    from wsl.utils.job import job
+
+    device = inference_device(args)
+    with job(str(device)):  # under torchrun: join the job; the images are split between its processes
+        return _export(args, device)
+
+
+def _export(args: argparse.Namespace, device: object) -> int:
     from wsl.cam.crf import DenseCRF
     from wsl.cam.export import export_cams
     from wsl.data.images import ImageFolderDataset
     from wsl.models import load_classifier
 
-    device = inference_device(args)
     model, classes = load_classifier(args.checkpoint)
     model.to(device)
     if args.data:
@@ -65,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         tau=args.tau, box_mode=args.box_mode, mask_method=args.mask_method, mask_fg=args.mask_fg,
         mask_bg=args.mask_bg, crf=crf, use_labels=not args.predicted, num_workers=args.workers,
         overwrite=args.overwrite, resume=args.resume, progress=not getattr(args, "quiet", False),
-        inputs=[args.checkpoint])
+        inputs=[args.checkpoint], method=args.method or "cam", target_layer=args.target_layer, shards=args.shards)
     c = manifest["counts"]
     logger.info("wsl cam: %d images, %d boxes, %d points -> %s", c["images"], c["boxes"], c["points"], args.out)
     return 0

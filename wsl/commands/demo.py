@@ -29,5 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
     summary = run_pipeline(demo_config(quick=args.quick), args.out, overwrite=args.overwrite, resume=args.resume,
                            progress=not getattr(args, "quiet", False))
-    print(format_summary(summary))
+    from wsl.utils.dist import is_main
+
+    if is_main():  # under torchrun every rank ran the pipeline; rank 0 reports
+        print(format_summary(summary))
     return 0

@@ -43,5 +43,8 @@ def run(args: argparse.Namespace) -> int:
     summary = run_pipeline(config, args.out, overwrite=args.overwrite, resume=args.resume,
                            stop_after=args.stop_after, progress=not getattr(args, "quiet", False),
                            inputs=[args.config])
-    print(format_summary(summary))
+    from wsl.utils.dist import is_main
+
+    if is_main():  # under torchrun every rank ran the pipeline; rank 0 reports
+        print(format_summary(summary))
     return 0

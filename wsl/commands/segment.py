@@ -1,7 +1,9 @@
 """``wsl segment``: run a trained segmenter over a dataset split or a folder of images.
 
-Writes ``OUT/ID.png`` (VOC palette class-index masks at each image's size), ``OUT/manifest.json`` and,
-when the split has ground-truth masks, ``OUT/metrics.json`` with the mIoU.
+Writes ``OUT/ID.png`` (VOC palette class-index masks at each image's size; with ``--shards N`` tar shards
+``OUT/shards/shard-XXXXXX.tar`` of ``KEY.mask.png`` members instead), ``OUT/options.json``,
+``OUT/manifest.json`` and, when the split has ground-truth masks, ``OUT/metrics.json`` with the mIoU.
+Under ``torchrun --nproc_per_node N -m wsl segment ...`` the images are split between the N processes.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import argparse
 import logging
 from typing import Any
 
-from wsl.commands._flags import add_device_flag, add_inference_flags, add_loader_flags, inference_device
+from wsl.commands._flags import add_device_flag, add_inference_flags, add_loader_flags, add_shards_flag, inference_device
 from wsl.train.config import AMP_MODES
 
 log = logging.getLogger(__name__)
@@ -19,7 +21,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("segment", help="segment images with a trained segmenter", description=__doc__)
     add_inference_flags(p, checkpoint_help="segmenter checkpoint (wsl train-seg)", images_help="a folder of images",
                         split_help="split of --data (e.g. val)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    mode.add_argument("--resume", action="store_true",
+                      help="finish an interrupted run in --out (same settings, any number of processes): the "
+                           "masks already written are kept, the result is identical to an uninterrupted run")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
                    help="input scales whose probabilities are averaged (default: 1.0)")
     p.add_argument("--flip", action="store_true", help="also average the mirrored images")
@@ -33,6 +39,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "a multiple of the model's pooling grid)")
     p.add_argument("--tile-overlap", type=int, metavar="PX",
                    help="context px on each side of a tile (default: the model's receptive margin)")
+    add_shards_flag(p, "KEY.mask.png")
     add_loader_flags(p)
     p.add_argument("--amp", choices=AMP_MODES, default="auto",
                    help="autocast precision (default auto: bfloat16 where the hardware computes it natively)")
@@ -42,9 +49,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from wsl.segment import has_ground_truth, load_for_inference, segment_dataset, segment_folder
+    from wsl.utils.job import job
 
     device = inference_device(args)
+    with job(str(device)):  # under torchrun: join the job; the images are split between its processes
+        return _segment(args, device)
+
+
+def _segment(args: argparse.Namespace, device: Any) -> int:
+    from wsl.segment import has_ground_truth, load_for_inference, segment_dataset, segment_folder
+
     model, classes, trained_size = load_for_inference(args.checkpoint, device)
     size = trained_size if args.size is None else (args.size or None)
     crf = None
@@ -54,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         crf = DenseCRF(max_pixels=args.crf_max_pixels)
     options = dict(scales=args.scales, flip=args.flip, crf=crf, input_size=size, batch_size=args.batch_size,
                    workers=args.workers, amp=args.amp, tile=args.tile, tile_overlap=args.tile_overlap,
-                   overwrite=args.overwrite, inputs=[args.checkpoint],
+                   overwrite=args.overwrite, resume=args.resume, shards=args.shards, inputs=[args.checkpoint],
                    progress=not getattr(args, "quiet", False))
     if args.data:
         from wsl.data.spec import build_dataset

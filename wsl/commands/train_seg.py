@@ -38,7 +38,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     add_run_flags(p)
     g = p.add_argument_group("data")
     g.add_argument("--data", metavar="SPEC", help="dataset: voc:DIR, synth:DIR, coco:JSON:IMAGES")
-    g.add_argument("--masks", metavar="DIR", help="pseudo-mask folder (ID.png); default: ground-truth masks")
+    g.add_argument("--masks", metavar="DIR", help="pseudo-mask folder (ID.png), a `wsl cam --out` folder, or one "
+                                                  "written with --shards (tar shards); default: ground-truth masks")
     g.add_argument("--train-split", metavar="NAME")
     g.add_argument("--val-split", metavar="NAME", help="split with ground-truth masks for validation mIoU")
     g.add_argument("--size", type=int, metavar="PX", help="training crop size; validation images fit in it")

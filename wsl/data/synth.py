@@ -16,10 +16,10 @@ objects of unlabelled categories that real photos are full of.
 
 Presets (``SynthConfig.preset(name)``, ``wsl synth --preset NAME``; explicit knobs override them):
 ``default`` is the demo's easy set (a colour cue per class; the demo's classifier reaches 96.8 val mAP
-in 6 epochs); ``hard`` (:data:`PRESETS`) has no colour cue, 8 classes, smaller and more truncated
-objects, more distractors including shapes of no class, and a strong context bias, so that comparisons
-of pooling heads, CAM methods and segmenters do not saturate. It needs more than the demo's budget:
-the demo's classifier trained 6 epochs on it stays near chance with every pooling head
+in 6 epochs); ``hard`` (:data:`PRESETS`) weakens the colour cue (80% of objects in their class's hue
+band), makes objects smaller and more truncated, adds distractors including shapes of no class and a
+strong context bias, so that comparisons of pooling heads, CAM methods and segmenters do not saturate
+while the demo's classifier still learns the classes in its 6 epochs
 (``experiments/results/pooling_heads_hard.md``).
 
 Output under ``out_dir``::
@@ -233,14 +233,19 @@ class SynthConfig:
                  f.metadata.get("help", "")) for f in fields(SynthConfig)]
 
 
-#: Named sets of knobs (the other knobs keep their defaults). ``hard``: shape is the only class cue
-#: (random colours), 8 of the 12 shapes are classes and the other four appear as distractors, objects
-#: are smaller (2-25% of the image instead of 3-40%) and may be cut in half by the border, twice the
-#: distractor strokes, and class 0 sits on the context background in 80% of its images.
+#: Named sets of knobs (the other knobs keep their defaults). ``hard``: the same 6 classes with a weaker
+#: colour cue (80% of objects in their class's hue band instead of all of them, so shape has to carry the
+#: rest), smaller objects (2-30% of the image instead of 3-40%) that may stick further out of the image
+#: (45% instead of 35%), one more distractor stroke, up to one distractor shape of no class, and class 0
+#: on the context background in 80% of its images. Calibrated on the demo's classifier (``vgg_tiny``
+#: from scratch, 6 epochs): it still learns the classes (about 80 val mAP with WILDCAT, against 96.8 on
+#: the default scenes) while its class maps localize far worse, so pooling heads, CAM methods and
+#: segmenters separate (``experiments/results/pooling_heads_hard.md``). With ``class_colour=0`` (shape
+#: the only cue) that classifier stays near chance.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "default": {},
-    "hard": {"num_classes": 8, "class_colour": 0.0, "min_scale": 0.02, "max_scale": 0.25,
-             "max_truncation": 0.5, "min_visible": 0.3, "max_distractors": 4, "shape_distractors": 1,
+    "hard": {"num_classes": 6, "class_colour": 0.8, "min_scale": 0.02, "max_scale": 0.3,
+             "max_truncation": 0.45, "max_distractors": 3, "shape_distractors": 1,
              "context_bias": 0.8, "context_leak": 0.05},
 }
 

@@ -573,6 +573,13 @@ class BoxAccuracy:
         self.correct_largest[class_id] += iou_largest >= CORLOC_IOU
         self.correct_best[class_id] += iou_best[None, :] >= np.asarray(self.iou_thresholds)[:, None]
 
+    def merge(self, other: "BoxAccuracy") -> None:
+        """Add the pairs ``other`` counted (another process's share of the images): integer counts, so
+        the result is exactly that of one accumulator fed every pair."""
+        self.count += other.count
+        self.correct_largest += other.correct_largest
+        self.correct_best += other.correct_best
+
     def maxboxacc(self) -> Dict[str, object]:
         """``value``, the best threshold (``threshold``, ``index``), the pooled ``curve`` (T,) and the
         ``per_class`` accuracy (C,) at that threshold (NaN without pairs)."""
@@ -680,6 +687,11 @@ class PixelAP:
         recall = tp / tp[-1]
         ap = float((precision[1:] * np.diff(recall))[predicted[1:]].sum())
         return ap, precision[predicted], recall[predicted]
+
+    def merge(self, other: "PixelAP") -> None:
+        """Add the pixel counts of ``other`` (another process's images): exact, they are integers."""
+        self.fg_ge += other.fg_ge
+        self.bg_ge += other.bg_ge
 
     def compute(self) -> Dict[str, object]:
         """Pooled ``value`` with its ``precision``/``recall`` curve, and ``per_class`` PxAP (C,)."""

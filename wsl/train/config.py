@@ -71,7 +71,8 @@ class RunConfig:
     natively (see :func:`resolve_amp`); with ``channels_last`` a vgg_tiny training step took 0.43x the
     time of float32 in NCHW on an AVX512-BF16 CPU (``experiments/results/speed.md``). ``save_every`` > 0 also writes ``last.pt`` every that
     many steps (for long epochs); ``deterministic`` trades cuDNN autotuning for repeatable GPU runs
-    (CPU runs are always repeatable)."""
+    (CPU runs are always repeatable): deterministic kernels, without torch's NaN-filling of new tensors
+    (``wsl.train.engine.determinism``)."""
 
     seed: int = 0
     amp: str = "auto"

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import numpy as np
 import torch
+import torch.utils.deterministic  # noqa: F401 (its flag is set in determinism())
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
@@ -73,20 +74,28 @@ def seed_everything(seed: int) -> None:
 
 @contextlib.contextmanager
 def determinism(enabled: bool) -> Iterator[None]:
-    """Deterministic kernels (and no cuDNN autotuning) for the block; previous settings restored."""
+    """Deterministic kernels (and no cuDNN autotuning) for the block; previous settings restored.
+
+    ``torch.use_deterministic_algorithms`` also fills every new uninitialised tensor with NaN by
+    default, a debugging aid that changes no result of code that writes before it reads: it made a
+    vgg_tiny CPU training step at the defaults 4% slower (experiments/results/speed.md, row 3d). It is
+    switched off for the block; the kernels stay deterministic."""
+    fill = torch.utils.deterministic
     prev = (torch.are_deterministic_algorithms_enabled(),
             torch.is_deterministic_algorithms_warn_only_enabled(),
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, fill.fill_uninitialized_memory)
     try:
         torch.backends.cudnn.benchmark = not enabled
         torch.backends.cudnn.deterministic = enabled
         if enabled:
             # warn_only: an op without a deterministic kernel should warn, not kill a long run.
             torch.use_deterministic_algorithms(True, warn_only=True)
+            fill.fill_uninitialized_memory = False
         yield
     finally:
         torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev[2], prev[3]
+        fill.fill_uninitialized_memory = prev[4]
 
 
 def rng_state() -> Dict[str, Any]:

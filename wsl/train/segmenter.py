@@ -18,7 +18,8 @@ checkpoints, ``--resume``, seeding and DDP are the shared engine's (:mod:`wsl.tr
 Pseudo-masks come from a directory of ``ID.png`` files (``ID`` = image id, ``/`` written ``__``) in
 the dataset's class order: ``0`` background, ``c + 1`` class ``c``, ``255`` ignore. ``wsl cam --out
 DIR`` writes them to ``DIR/masks`` with a ``DIR/manifest.json`` naming their classes; either directory
-may be given. Every mask is checked before training starts (missing file, size different from its
+may be given. ``wsl cam --shards`` (and ``wsl segment --shards``) outputs are read too: the masks are
+the ``KEY.mask.png`` members of their tar shards, read by seeking through an index of the headers. Every mask is checked before training starts (missing file, size different from its
 image, ids outside the class list), so a bad file stops the run in its first second with its name.
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ from wsl.train.config import BaseDataConfig, ConfigFile, OptimConfig, RunConfig,
 from wsl.train.engine import Trainer, backbone_head_groups, seed_everything, start_run
 from wsl.utils import dist
 from wsl.utils.io import PathLike, existing_paths, image_size
+from wsl.utils.shards import ShardIndex, has_shards, shard_key, shard_paths
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +106,10 @@ def demo_config(spec: str, masks: Optional[str] = None) -> SegTrainConfig:
 def resolve_mask_dir(path: PathLike) -> Tuple[Path, Optional[List[str]]]:
     """The folder holding ``ID.png`` and the class list its masks are written in, when known.
 
-    ``path`` is a folder of masks, or a ``wsl cam`` output (``masks/`` + ``manifest.json``); a
-    ``manifest.json`` beside the masks (``wsl segment``) or above a ``masks/`` folder names the classes.
+    ``path`` is a folder of masks, or a ``wsl cam`` output (``masks/`` + ``manifest.json``), or the
+    output of ``wsl cam --shards`` / ``wsl segment --shards`` (tar shards with ``KEY.mask.png`` members;
+    the folder itself is returned); a ``manifest.json`` beside the masks (``wsl segment``) or above a
+    ``masks/`` folder names the classes.
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -145,6 +149,9 @@ class PseudoMaskDataset(Dataset):
             raise DataError(f"pseudo-masks in {self.mask_dir} are in classes [{', '.join(file_classes)}] but the "
                             f"dataset has [{', '.join(self.classes)}]; make them from a model of this dataset")
         self.paths = [self.mask_dir / f"{file_stem(a.id)}.png" for a in base.annotations]
+        # Tar shards (wsl cam / wsl segment --shards): members KEY.mask.png, read through the headers' index.
+        self.shards = ShardIndex(shard_paths(self.mask_dir)) if has_shards(self.mask_dir) else None
+        self.keys = [shard_key(file_stem(a.id)) for a in base.annotations]
         self.masks = True
         if validate:
             for i in range(len(self.paths)):
@@ -168,14 +175,24 @@ class PseudoMaskDataset(Dataset):
 
     def load_mask(self, i: int, image_size: Tuple[int, int]) -> np.ndarray:
         """Mask ``i`` as (H, W) uint8, checked against the image size and the class list."""
+        from wsl.cam.files import mask_from_png_bytes
         from wsl.data.base import read_mask_png
 
         path = self.paths[i]
-        if not path.is_file():
+        if self.shards is not None:
+            key = self.keys[i]
+            if (key, "mask.png") not in self.shards:
+                raise FileNotFoundError(f"no pseudo-mask for image {self.base.annotations[i].id!r} in the shards of "
+                                        f"{self.mask_dir} (member {key}.mask.png); export masks for the whole training "
+                                        "split (wsl cam --split ...)")
+            path = Path(f"{self.shards.where(key, 'mask.png')}:{key}.mask.png")  # named in the errors below
+            mask = mask_from_png_bytes(self.shards.read(key, "mask.png"), str(path))
+        elif not path.is_file():
             ann = self.base.annotations[i]
             raise FileNotFoundError(f"no pseudo-mask for image {ann.id!r} in {self.mask_dir} (expected {path.name}); "
                                     "export masks for the whole training split (wsl cam --split ...)")
-        mask = read_mask_png(path)
+        else:
+            mask = read_mask_png(path)
         if mask.shape != tuple(image_size):
             raise DataError(f"{path}: mask is {mask.shape[0]}x{mask.shape[1]} but its image is "
                             f"{image_size[0]}x{image_size[1]} (HxW); pseudo-masks must have their image's size")
