@@ -10,9 +10,12 @@ map computation alone, timed around the method's call; the load average is recor
 
 ScoreCAM runs one forward pass per channel of the target layer (256 for the demo's ``vgg_tiny``) per
 scored class of each image; ``--scorecam-images N`` scores it on the first N val images only (the
-table says so). ``--reuse`` reuses the classifiers of an earlier run in ``--out``.
+table says so). ``--reuse`` reuses the classifiers of an earlier run in ``--out``. Measured on the
+shared 2-core machine: training 53 min at load average up to 10.8 (a head takes about 67 s when the
+machine is idle, ``pooling_heads.md``), then the table 30 min at load 1 to 4 with ``--threads 1 --scorecam-images 16``
+(one torch thread was 5x faster than two at load 6: ``--threads 1`` on a busy machine).
 
-    python experiments/methods.py                              # trains, then the table (~45 min on 2 cores)
+    python experiments/methods.py --threads 1                  # trains, then the table
     python experiments/methods.py --reuse                      # the classifiers of the last run
     python experiments/methods.py --smoke --out /tmp/m --results /tmp/r   # tiny, proves it works
 """
@@ -168,8 +171,10 @@ def markdown(result: Dict[str, Any]) -> str:
     score_rows = [r for r in rows if "scorecam" in r["method"]]
     lines = ["# CAM methods x pooling heads on the demo's val scenes", "",
              f"Command: `{result['command']}` ({result['wall_s'] / 60:.0f} min wall"
-             f"{', classifiers reused' if result['reused'] else ', training included'}; the classifiers took "
-             f"{result['training_s'] / 60:.0f} min to train, as recorded then; load average "
+             f"{', classifiers reused' if result['reused'] else ', training included'}; the pipeline stages that "
+             f"trained them took {result['training']['seconds'] / 60:.0f} min "
+             f"({result['training']['cpu_seconds'] / 60:.0f} "
+             f"min CPU) at load average {result['training']['load_average']}, as recorded then; load average "
              f"{result['load_average_start']} at the start, {result['load_average_end']} at the end).", "",
              "Classifiers: one per pooling head, the demo's classifier config (`vgg_tiny` from scratch, 128 px, "
              f"{result['epochs']} epochs; only the head changes), as `experiments/pooling_heads.py` trains them; "
@@ -183,21 +188,33 @@ def markdown(result: Dict[str, Any]) -> str:
         lines += [f"**Score-CAM rows are on the first {', '.join(map(str, n))} of the 200 val images** (one "
                   "forward pass per channel of the target layer, 256, per tagged class of each image; masked "
                   f"inputs batched by {score_rows[0]['options'].get('batch_size')}); every other row on all 200.", ""]
+    lines += ["Values in %; bold: the best method for each head (as shown, so ties share it).", "",
+              "Why rows coincide: the two libraries' rows of the same method read the same layer with the same "
+              "formula (Score-CAM: torchcam subtracts a baseline score inside the softmax, which does not change "
+              "it), except Grad-CAM++, whose weight denominator pytorch-grad-cam takes as (sum A) g^3(i, j) and "
+              "torchcam as sum A g^3 (eq. 19 of the paper read two ways). For a 1x1 class head, Grad-CAM's "
+              "weights are w_ck times the mean gradient of the pooling, so with `avg` pooling Grad-CAM is CAM "
+              "without the head's bias (tested in tests/test_cam_methods.py); `torchcam:cam` is CAM without the "
+              "bias. LayerCAM weighs each cell by its own gradient: under `max` pooling only the argmax cell has "
+              "one, so its maps are single cells, which point well and box poorly. EigenCAM is class-agnostic "
+              "(one map per image for all its classes).", ""]
     for key, title in COLUMNS:
         lines += [f"## {title}", "", "| method | " + " | ".join(heads) + " |",
                   "|---|" + "---:|" * len(heads)]
+        shown = {(m, h): pct(cell.get((m, h), {}).get("metrics", {}).get(key)) for m in methods for h in heads}
+        best = {h: max((float(v) for (_, hh), v in shown.items() if hh == h and v != "-"), default=None)
+                for h in heads}
         for m in methods:
-            vals = [cell.get((m, h), {}).get("metrics", {}).get(key) for h in heads]
-            best = max((v for v in vals if v is not None), default=None)
             lines.append(f"| {m} | " + " | ".join(
-                (f"**{pct(v)}**" if v is not None and pct(v) == pct(best) and len(methods) > 1 else pct(v))
-                for v in vals) + " |")
+                (f"**{shown[(m, h)]}**" if best[h] is not None and shown[(m, h)] == f"{best[h]:.1f}"
+                 and len(methods) > 1 else shown[(m, h)]) for h in heads) + " |")
         lines.append("")
     lines += ["## Seconds per image (maps only)", "",
               "Wall seconds per image spent computing the maps (the method's call: forward, backward passes, "
               f"upsampling; batches of {rows[0]['batch_size'] if rows else '-'} images), then CPU seconds per "
               f"image in brackets, on {env['cpus']} CPU cores shared with other jobs "
-              f"({rows[0]['torch_threads'] if rows else '-'} torch threads); the load average during each run is in the last table.", "",
+              f"(torch threads: {rows[0]['torch_threads'] if rows else '-'}); the load average during each run is "
+              "in the last table.", "",
               "| method | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(
@@ -208,8 +225,19 @@ def markdown(result: Dict[str, Any]) -> str:
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(str(cell[(m, h)]["load_average"]) if (m, h) in cell else "-"
                                              for h in heads) + " |")
+    env = {k: v for k, v in env.items() if k != "torch_threads"}  # training's; scoring's are stated above
     lines += ["", f"Machine: {json.dumps(env)}.", ""]
     return "\n".join(lines)
+
+
+def training_record(pipeline: Path) -> Dict[str, Any]:
+    """Wall and CPU seconds of the pipeline stages up to ``pooling`` (their ``stage.json``), and the
+    largest load average they recorded."""
+    stages = [json.loads((pipeline / s / "stage.json").read_text(encoding="utf-8"))
+              for s in ("scenes", "classifier", "cams", "bench", "pooling") if (pipeline / s / "stage.json").is_file()]
+    return {"seconds": round(sum(s["seconds"] for s in stages), 1),
+            "cpu_seconds": round(sum(s["cpu_seconds"] for s in stages), 1),
+            "load_average": max((s["load_average"] for s in stages), default=None)}
 
 
 def versions() -> Dict[str, str]:
@@ -250,7 +278,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = {"command": command_line(), "reused": args.reuse, "wall_s": round(time.perf_counter() - t0, 1),
               "load_average_start": load_start, "load_average_end": round(os.getloadavg()[0], 1),
               "epochs": trained["config"]["schedule"]["epochs"], "environment": trained["environment"],
-              "training_s": round(sum(h.get("wall_s", 0.0) for h in trained["heads"]), 1),
+              "training": training_record(args.out / "pipeline"),
               "versions": versions(), "heads": [{k: h.get(k) for k in ("head", "pooling_kwargs", "val_map", "run_dir")}
                                                 for h in trained["heads"]],
               "rows": rows}

@@ -234,8 +234,8 @@ class MethodSpec:
 
 
 _GRADCAM = "a_k^c = mean_ij dy_c/dA_k(i, j); M_c = ReLU(sum_k a_k^c A_k)"
-_GRADCAMPP = ("a_k^c = sum_ij alpha_k^c(i, j) ReLU(g_k(i, j)), alpha = g^2 / (2 g^2 + sum_ab A_k(a, b) g^3), "
-              "g = dy_c/dA; M_c = ReLU(sum_k a_k^c A_k)")
+_GRADCAMPP = ("a_k^c = sum_ij alpha_k^c(i, j) ReLU(g_k(i, j)), g = dy_c/dA, alpha_k^c(i, j) = g^2 / (2 g^2 + {}); "
+              "M_c = ReLU(sum_k a_k^c A_k)")
 _XGRADCAM = "a_k^c = sum_ij A_k(i, j) / (sum_ab A_k(a, b)) dy_c/dA_k(i, j); M_c = ReLU(sum_k a_k^c A_k)"
 _LAYERCAM = "M_c(i, j) = ReLU(sum_k ReLU(dy_c/dA_k(i, j)) A_k(i, j)) (a weight per pixel)"
 _SCORECAM = ("a_k^c = softmax_k(y_c(X * s(U(A_k)))), U: upsampling to the input, s: min-max to [0, 1]; "
@@ -255,7 +255,9 @@ _PAPERS = {
 
 SPECS: Tuple[MethodSpec, ...] = (
     MethodSpec("gradcam", "pytorch-grad-cam", "GradCAM", _PAPERS["gradcam"], _GRADCAM),
-    MethodSpec("gradcam++", "pytorch-grad-cam", "GradCAMPlusPlus", _PAPERS["gradcam++"], _GRADCAMPP),
+    # The libraries read the paper's eq. 19 differently; their maps differ by a few points (methods.md).
+    MethodSpec("gradcam++", "pytorch-grad-cam", "GradCAMPlusPlus", _PAPERS["gradcam++"],
+               _GRADCAMPP.format("(sum_ab A_k(a, b)) g_k(i, j)^3")),
     MethodSpec("xgradcam", "pytorch-grad-cam", "XGradCAM", _PAPERS["xgradcam"], _XGRADCAM),
     MethodSpec("layercam", "pytorch-grad-cam", "LayerCAM", _PAPERS["layercam"], _LAYERCAM),
     MethodSpec("eigencam", "pytorch-grad-cam", "EigenCAM",
@@ -271,11 +273,13 @@ SPECS: Tuple[MethodSpec, ...] = (
                "M_c = sum_k w_ck A_k with the 1x1 head's weights w (our class map without the bias b_c)",
                gradients=False),
     MethodSpec("torchcam:gradcam", "torchcam", "GradCAM", _PAPERS["gradcam"], _GRADCAM),
-    MethodSpec("torchcam:gradcam++", "torchcam", "GradCAMpp", _PAPERS["gradcam++"], _GRADCAMPP),
+    MethodSpec("torchcam:gradcam++", "torchcam", "GradCAMpp", _PAPERS["gradcam++"],
+               _GRADCAMPP.format("sum_ab A_k(a, b) g_k(a, b)^3")),
     MethodSpec("torchcam:smoothgradcam++", "torchcam", "SmoothGradCAMpp",
                "Omeiza et al., \"Smooth Grad-CAM++: An Enhanced Inference Level Visualization Technique for Deep "
                "Convolutional Neural Network Models\", arXiv:1908.01224, 2019",
-               "Grad-CAM++ with g^2, g^3 averaged over num_samples copies of the input plus N(0, std^2) noise "
+               "torchcam's Grad-CAM++ with g^2, g^3 averaged over num_samples copies of the input plus "
+               "N(0, std^2) noise "
                f"(seeded with {NOISE_SEED} on every call)", options=(("num_samples", 4), ("std", 0.3))),
     MethodSpec("torchcam:xgradcam", "torchcam", "XGradCAM", _PAPERS["xgradcam"], _XGRADCAM),
     MethodSpec("torchcam:layercam", "torchcam", "LayerCAM", _PAPERS["layercam"], _LAYERCAM),
