@@ -69,6 +69,15 @@ def tiny_train_config(root: Path, *, pooling: str = "lse", pooling_kwargs: Optio
                        run=RunConfig(device="cpu", seed=seed, save_every=save_every))
 
 
+def perturbed(model: Any, scale=0.05, seed=0) -> Any:
+    """Random weights away from the init (FCN's zero-initialised scores would make every logit 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
 def train_state(path: Path) -> Optional[Tuple[int, int]]:
     """``(epoch, step_in_epoch)`` of the training checkpoint ``path``, None while there is none (it is
     renamed into place, so it is never half-written)."""

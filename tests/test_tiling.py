@@ -5,20 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import perturbed
 from wsl.models import build_segmenter
 from wsl.models.tiling import Tiler, mirror_index, mirror_pad, tiled_logits
 from wsl.segment import Segmenter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def perturbed(model, scale=0.05, seed=0):
-    """Random weights away from the init (FCN's zero-initialised scores would make every logit 0)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

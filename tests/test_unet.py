@@ -4,20 +4,13 @@ import itertools
 import pytest
 import torch
 
+from conftest import perturbed
 from wsl.models import build_segmenter, load_segmenter, segmenter_checkpoint
 from wsl.models.segmentation import UNet
 from wsl.models.tiling import mirror_pad
 from wsl.utils.io import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def perturbed(model, scale=0.05, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def test_the_papers_geometry():
