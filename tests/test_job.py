@@ -178,7 +178,8 @@ def _rank1_pid(out: Path) -> int:
 def test_a_killed_rank_ends_the_job_with_one_line_and_resume_finishes_it(scenes_root, checkpoints, tmp_path,
                                                                          launcher):
     """SIGKILL rank 1 once it has written an image of its own. Alone (no agent), rank 0 learns it from gloo
-    at its next collective; under torchrun the agent stops rank 0 with SIGTERM. Either way rank 0 ends
+    at its next collective; under torchrun the agent stops rank 0 with SIGTERM unless gloo tells it first.
+    Either way rank 0 ends
     with one line, no manifest is written, and `--resume` in one process gives the uninterrupted files."""
     args = cam_args(scenes_root, checkpoints["cls"], "--scales", "1", "0.75", "1.25", "0.5", "--flip")
     args[args.index("--batch-size") + 1] = "1"  # one image per unit: rank 1 takes the odd images
@@ -209,7 +210,10 @@ def test_a_killed_rank_ends_the_job_with_one_line_and_resume_finishes_it(scenes_
         assert err.strip() == lines[0], err  # nothing but that line
         assert "rank 0 of 2: another process of the job stopped" in lines[0] and "--resume" in lines[0]
     else:
-        assert "stopped by SIGTERM" in lines[0] and "--resume" in lines[0]
+        # whichever comes first: the agent's SIGTERM, or gloo telling rank 0 at a collective (under load
+        # the collective often wins the race)
+        assert ("stopped by SIGTERM" in lines[0] or "another process of the job stopped" in lines[0]) and \
+            "--resume" in lines[0], lines[0]
     assert stopped_after < 30, f"rank 0 took {stopped_after:.0f} s to stop"
     # nothing half-written is taken for done: the resumed output is the uninterrupted one
     assert cli_main(["-q", *args, "--out", str(out), "--resume"]) == 0

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 from typing import List, Optional
 
 from wsl import __version__
@@ -94,6 +95,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one ``wsl`` command; its exit status. A process that joined a torchrun job's process group
+    ends here with ``os._exit`` once stdout, stderr and the logs are flushed: at interpreter teardown
+    gloo can abort a process whose work is done (see :func:`wsl.utils.dist.joined_a_group`)."""
+    try:
+        code = _main(argv)
+    except BaseException as e:
+        if not _joined_a_group():
+            raise
+        if isinstance(e, SystemExit):
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        else:
+            traceback.print_exc()  # a bug (or --debug): its traceback, as without the job
+            code = 1
+    if _joined_a_group():
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    return code
+
+
+def _joined_a_group() -> bool:
+    dist = sys.modules.get("wsl.utils.dist")  # not imported: no group joined (keeps `wsl --help` light)
+    return bool(dist is not None and dist.joined_a_group())
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO

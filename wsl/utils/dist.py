@@ -21,6 +21,8 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
+_JOINED = False  # whether this process ever joined a process group (see joined_a_group)
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -93,10 +95,21 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        global _JOINED
+        _JOINED = True
         log.debug("rank %d/%d joined the %s process group on %s", dist.get_rank(), world, backend, dev)
     elif world <= 1 and dev.type == "cuda":
         torch.cuda.set_device(dev)
     return DistInfo(rank=get_rank(), local_rank=local_rank, world_size=get_world_size(), device=dev)
+
+
+def joined_a_group() -> bool:
+    """Whether this process ever joined a process group. A process that did should end with
+    ``os._exit`` once its output is flushed (what ``wsl``'s command line does): gloo's worker threads
+    can still hold tensors when the interpreter is torn down, and releasing them then aborts the
+    process (SIGABRT, "terminate called without an active exception") after its work succeeded, or
+    after its one error line when a peer died (pytorch/pytorch#179291, #190489)."""
+    return _JOINED
 
 
 def cleanup() -> None:

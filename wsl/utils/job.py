@@ -98,6 +98,10 @@ def job(device: str = "auto", *, resumable: bool = True) -> Iterator[dist.DistIn
     lost = False
     try:
         yield info
+        if created and info.distributed:
+            # every rank leaves together: one that leaves the group while a peer still works in it can
+            # make gloo abort the peer (SIGABRT) instead of letting it finish
+            barrier("waiting for the other processes to finish")
     except JobError:
         lost = True  # leaving a group whose peer is gone can block or abort: the process ends anyway
         raise
