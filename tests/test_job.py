@@ -179,8 +179,7 @@ def test_a_killed_rank_ends_the_job_with_one_line_and_resume_finishes_it(scenes_
                                                                          launcher):
     """SIGKILL rank 1 once it has written an image of its own. Alone (no agent), rank 0 learns it from gloo
     at its next collective; under torchrun the agent stops rank 0 with SIGTERM unless gloo tells it first.
-    Either way rank 0 ends
-    with one line, no manifest is written, and `--resume` in one process gives the uninterrupted files."""
+    Either way rank 0 ends with one line, no manifest is written, and `--resume` in one process gives the uninterrupted files."""
     args = cam_args(scenes_root, checkpoints["cls"], "--scales", "1", "0.75", "1.25", "0.5", "--flip")
     args[args.index("--batch-size") + 1] = "1"  # one image per unit: rank 1 takes the odd images
     full, out = tmp_path / "full", tmp_path / "killed"
