@@ -10,6 +10,7 @@ equal terms.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
@@ -22,15 +23,84 @@ from wsl.cam.files import file_stem, load_cam_npz
 from wsl.errors import DataError
 from wsl.utils.shards import ShardIndex, has_shards, iter_shard, shard_key, shard_paths
 
+logger = logging.getLogger(__name__)
+
 CamItem = Tuple[np.ndarray, Optional[np.ndarray]]
 cam_file_stem = file_stem  # the file name of an image's CAMs: ``wsl.cam.files.file_stem``
 
 
-def _class_mismatch(found: Sequence[str], expected: Sequence[str]) -> str:
-    for i, (a, b) in enumerate(zip(found, expected)):
-        if a != b:
-            return f"class {i} is {a!r} in the file but {b!r} in the dataset"
-    return f"the file has {len(found)} classes, the dataset {len(expected)}"
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(map(repr, names))
+
+
+class ClassMatcher:
+    """Matches the class list of each CAM file to the dataset's by name.
+
+    The dataset's class list is authoritative: a file may store its maps in any order of the same
+    names (its maps and scores are reordered to the dataset's: ``cams[perm]`` with ``perm[i]`` the
+    file's index of the dataset's class ``i``); a file missing one of the dataset's classes, holding
+    a class the dataset does not have, or naming a class twice is refused with one line naming the
+    file. :meth:`log_summary` says once how many files were reordered."""
+
+    def __init__(self, classes: Sequence[str]) -> None:
+        self.classes = [str(c) for c in classes]
+        self._perms: dict = {}  # class tuple of a file -> permutation (None: the dataset's order)
+        self.reordered = 0
+
+    def _perm(self, where: str, found: Sequence[str]) -> Optional[np.ndarray]:
+        key = tuple(found)
+        if key in self._perms:
+            return self._perms[key]
+        if list(found) == self.classes:
+            perm = None
+        else:
+            twice = sorted({c for c in found if found.count(c) > 1})
+            missing = [c for c in self.classes if c not in found]
+            unknown = [c for c in found if c not in self.classes]
+            if twice or missing or unknown:
+                what = "; ".join(part for part in (
+                    f"missing {_names(missing)}" if missing else "",
+                    f"unknown {_names(unknown)}" if unknown else "",
+                    f"named twice {_names(twice)}" if twice else "") if part)
+                raise DataError(f"{where}: its classes do not match the dataset's ({what}); the dataset's classes "
+                                f"are {', '.join(self.classes)}: store one map per class under these names, "
+                                "in any order")
+            perm = np.array([found.index(c) for c in self.classes])
+        self._perms[key] = perm
+        return perm
+
+    def __call__(self, where: str, cams: np.ndarray, found: Sequence[str],
+                 scores: Optional[np.ndarray]) -> CamItem:
+        """``(cams, scores)`` of a file in the dataset's class order (checks in the class docstring)."""
+        cams = np.asarray(cams)
+        if cams.ndim != 3 or cams.shape[0] != len(found):
+            raise DataError(f"{where}: cams have shape {tuple(cams.shape)}, expected ({len(found)}, H, W): one "
+                            f"map per class of its {len(found)} class names")
+        if scores is not None and np.asarray(scores).size != len(found):
+            raise DataError(f"{where}: scores have shape {tuple(np.shape(scores))}, expected ({len(found)},): "
+                            "one score per class")
+        perm = self._perm(where, found)
+        if perm is None:
+            return cams, scores
+        self.reordered += 1
+        return cams[perm], None if scores is None else np.asarray(scores).reshape(-1)[perm]
+
+    @staticmethod
+    def check_size(where: str, item: CamItem, ann) -> CamItem:
+        """``item`` when its maps are at the size the annotation ``ann`` gives (or gives none); the
+        scoring checks it too, but only here is the file known, so the error can name it."""
+        size = getattr(ann, "size", None)
+        hw = tuple(item[0].shape[1:])
+        if size is not None and hw != tuple(size):
+            raise DataError(f"{where}: cams are {hw[0]}x{hw[1]} but image {ann.id!r} is {size[0]}x{size[1]}; "
+                            "CAMs must be at image resolution")
+        return item
+
+    def log_summary(self) -> None:
+        if self.reordered:
+            logger.info("%d file(s) store their classes in another order than the dataset's (%s); matched by name",
+                        self.reordered, ", ".join(self.classes))
+            self.reordered = 0
 
 
 def _npz_files(directory: Path) -> List[Path]:
@@ -52,35 +122,41 @@ class NpzCamSource:
     """CAM files ``DIR/<image id>.npz`` holding ``cams`` (C, H, W) at image resolution, ``classes``
     (C,) str and ``scores`` (C,) (optional: without them classification metrics are skipped).
     ``DIR`` may also be a ``wsl cam --out`` directory (the files are then in its ``cams/``); ``method``
-    is then the CAM method its ``options.json`` records (None for files of other tools)."""
+    is then the CAM method its ``options.json`` records (None for files of other tools).
+
+    ``classes`` (the dataset's) is authoritative: each file's class list is matched to it by name
+    (:class:`ClassMatcher`), so a file may store the same classes in another order."""
 
     def __init__(self, directory, classes: Sequence[str]) -> None:
         self.directory = _cam_dir(directory)
         self.classes = [str(c) for c in classes]
         self.method = _export_method(self.directory)
+        self._match = ClassMatcher(self.classes)
 
     def describe(self) -> str:
         return f"CAM files in {self.directory}"
 
+    def _path(self, image_id: str) -> Path:
+        return self.directory / f"{cam_file_stem(image_id)}.npz"
+
     def load(self, image_id: str) -> CamItem:
-        path = self.directory / f"{cam_file_stem(image_id)}.npz"
+        path = self._path(image_id)
         if not path.is_file():
             raise FileNotFoundError(f"no CAM file for image {image_id!r}: {path} is missing "
                                     "(write one ID.npz per image of the split, e.g. with `wsl cam`)")
         cams, classes, scores = load_cam_npz(path)
-        if classes != self.classes:
-            raise DataError(f"{path}: class list does not match the dataset's "
-                            f"({_class_mismatch(classes, self.classes)})")
-        return cams, scores
+        return self._match(str(path), cams, classes, scores)
 
     def iter_cams(self, dataset) -> Iterator[CamItem]:
-        for ann in dataset.annotations:
-            yield self.load(ann.id)
+        for _, item in self.iter_part(dataset):
+            yield item
 
     def iter_part(self, dataset, rank: int = 0, world_size: int = 1) -> Iterator[Tuple[int, CamItem]]:
         """``(index, (cams, scores))`` for the images ``rank, rank + world_size, ...`` (a process's share)."""
         for i in range(rank, len(dataset), world_size):
-            yield i, self.load(dataset.annotations[i].id)
+            ann = dataset.annotations[i]
+            yield i, ClassMatcher.check_size(str(self._path(ann.id)), self.load(ann.id), ann)
+        self._match.log_summary()
 
 
 def _export_method(cam_dir: Path) -> Optional[str]:
@@ -97,15 +173,29 @@ def _export_method(cam_dir: Path) -> Optional[str]:
 
 
 def read_npz_classes(directory) -> List[str]:
-    """The class list stored in the first ``.npz`` of ``directory`` (to build the dataset in that order),
-    or in the first CAM file of its tar shards (``wsl cam --shards``)."""
+    """The class list of a CAM folder, for a dataset given no class list of its own choosing (``wsl bench
+    --cams``, the pipeline's bench stage): the list stored in the first ``.npz`` of ``directory`` in
+    file-name order, or in the first CAM file of its tar shards (``wsl cam --shards``) in shard and
+    member order. That file's order becomes the dataset's; every file, this one included, is then
+    matched to the dataset's list by name (:class:`ClassMatcher`). The choice is logged (DEBUG) with
+    the file it came from. The last file's names are compared too (one more file read), so that a
+    first file with other classes than the rest is named as such, not taken for the dataset's."""
     if has_shards(directory):
         return ShardCamSource.read_classes(directory)
     directory = _cam_dir(directory)
-    first = next(iter(_npz_files(directory)), None)
-    if first is None:
+    files = _npz_files(directory)
+    if not files:
         raise FileNotFoundError(f"no .npz CAM files in {directory}")
-    return load_cam_npz(first)[1]
+    first, last = files[0], files[-1]
+    classes = load_cam_npz(first)[1]
+    others = load_cam_npz(last)[1] if last != first else classes
+    if set(others) != set(classes):
+        in_first = _names([c for c in classes if c not in others]) or "none"
+        in_last = _names([c for c in others if c not in classes]) or "none"
+        raise DataError(f"{first} and {last} hold different classes ({in_first} only in the first, {in_last} only "
+                        "in the last); every CAM file must hold the same class names (the dataset's), in any order")
+    logger.debug("class list (order) of %s: %s, from %s", directory, ", ".join(classes), first)
+    return classes
 
 
 class ModelCamSource:
@@ -231,6 +321,7 @@ class ShardCamSource:
         self.classes = [str(c) for c in classes]
         self.method = _export_method(self.directory.parent / "cams")  # the export's options.json
         self._index: Optional[ShardIndex] = None
+        self._match = ClassMatcher(self.classes)  # by name, as NpzCamSource
 
     def describe(self) -> str:
         return f"CAM shards in {self.directory}"
@@ -240,14 +331,15 @@ class ShardCamSource:
         for path in shard_paths(directory):
             for key, files in iter_shard(path):
                 if "cams.npz" in files:
-                    return load_cam_npz(f"{path}:{key}.cams.npz", files["cams.npz"])[1]
+                    classes = load_cam_npz(f"{path}:{key}.cams.npz", files["cams.npz"])[1]
+                    logger.debug("class list (order) of %s: %s, from %s:%s.cams.npz", directory,
+                                 ", ".join(classes), path, key)
+                    return classes
         raise FileNotFoundError(f"no CAM files (KEY.cams.npz) in the shards of {directory}")
 
     def _item(self, where: str, data: bytes) -> CamItem:
         cams, classes, scores = load_cam_npz(where, data)
-        if classes != self.classes:
-            raise DataError(f"{where}: class list does not match the dataset's ({_class_mismatch(classes, self.classes)})")
-        return cams, scores
+        return self._match(where, cams, classes, scores)
 
     def iter_part(self, dataset, rank: int = 0, world_size: int = 1) -> Iterator[Tuple[int, CamItem]]:
         index = {shard_key(cam_file_stem(a.id)): i for i, a in enumerate(dataset.annotations)}
@@ -255,7 +347,10 @@ class ShardCamSource:
             for key, files in iter_shard(path):
                 i = index.get(key)
                 if i is not None and "cams.npz" in files:
-                    yield i, self._item(f"{path}:{key}.cams.npz", files["cams.npz"])
+                    where = f"{path}:{key}.cams.npz"
+                    item = self._item(where, files["cams.npz"])
+                    yield i, ClassMatcher.check_size(where, item, dataset.annotations[i])
+        self._match.log_summary()
 
     def load(self, image_id: str) -> CamItem:
         """One image's CAMs by id (random access through the shards' headers, indexed at the first call)."""
@@ -270,3 +365,4 @@ class ShardCamSource:
     def iter_cams(self, dataset) -> Iterator[CamItem]:
         for ann in dataset.annotations:
             yield self.load(ann.id)
+        self._match.log_summary()
