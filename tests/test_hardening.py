@@ -868,7 +868,7 @@ def _bad_checkpoint(kind: str, command: str, checkpoints: Path, tmp_path: Path, 
     cfg = tiny_train_config(scenes_root, batch_size=4) if name == "train" else seg_config(scenes_root)
     if kind == "ckpt_unsafe_pickle":
         shutil.copy(checkpoints / "evil.pt", bad)
-        needle = ("refused to load: it holds Python objects that would run code", "GLOBAL")
+        needle = ("refused to load: it holds Python objects that would run code", "use a checkpoint written by wsl")
     elif kind == "ckpt_another_model" and resume:  # a training checkpoint, but of 3 classes (and max pooling)
         classes = ["disc", "square", "triangle"]
         model = (build_classifier(backbone="vgg_tiny", num_classes=3, pooling="max") if name == "train" else

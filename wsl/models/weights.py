@@ -70,7 +70,8 @@ def unwrap_state_dict(obj: Dict[str, Any], *, source: str, prefixes=("backbone."
             if part:
                 return part
         raise CheckpointError(f"{source}: {obj['kind']} checkpoint holds no weights under "
-                              f"{' or '.join(repr(p) for p in prefixes)}")
+                              f"{' or '.join(repr(p) for p in prefixes)}: it is not a model these weights can "
+                              "start; pass a checkpoint of the same kind of model, or a plain state dict")
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{source}: not a state dict (entry {bad[0]!r} is a {type(obj[bad[0]]).__name__}); "

@@ -107,12 +107,13 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict:
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to load: {_unsafe_reason(e)}; wsl loads only plain weights "
-                              "(tensors, numbers, strings, lists, dicts). Use a checkpoint written by wsl, or "
-                              "re-save the state dict with torch.save from code you trust") from e
+        raise CheckpointError(f"{path}: refused to load: {_unsafe_reason(e)}; use a checkpoint written by wsl, "
+                              "or re-save the state dict from code you trust") from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from e
+        # torch's first sentence says what failed; the rest is its generic advice (and miniz internals)
+        first = str(e).strip().splitlines()[0].split(". ")[0].rstrip(".") if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first}): the file is truncated or "
+                              "corrupt; copy it again or use another checkpoint") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
     return obj
@@ -129,7 +130,9 @@ def _unsafe_reason(error: BaseException) -> str:
     for line in str(error).splitlines():
         line = line.strip()
         if "GLOBAL" in line or line.lower().startswith(("unsupported", "weightsunpickler error")):
-            return f"it holds Python objects that would run code when loaded ({line.rstrip('.')})"
+            # keep only what was refused ("GLOBAL posix.system"), not torch's sentence around it
+            what = line.split("GLOBAL", 1)[1].split(" whose ")[0].strip() if "GLOBAL" in line else line.rstrip(".")
+            return f"it holds Python objects that would run code when loaded ({what})"
     return "it is not a plain weights file"
 
 
