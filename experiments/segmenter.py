@@ -31,16 +31,19 @@ Run (``--reuse`` skips the stages whose outputs exist and keeps the times measur
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import platform
+import re
 import resource
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Iterator
 
 import torch
 
@@ -64,7 +67,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 class Stages:
     """Runs named stages, timing each; with ``reuse`` a stage whose marker file exists is skipped and
-    keeps the times measured when it ran (``times_file``), listed in ``reused``."""
+    keeps the times measured when it ran (``times_file``), listed in ``reused``.
+
+    Invocations may share one work directory (``--models`` split across two processes): a stage runs
+    under an exclusive lock of its own, so a second invocation that reaches it waits and then reuses it,
+    and each finished stage is merged into ``times_file`` instead of overwriting the other's."""
 
     def __init__(self, reuse: bool, times_file: Path) -> None:
         self.reuse, self.seconds, self.cpu, self.load, self.reused = reuse, {}, {}, {}, []
@@ -72,8 +79,14 @@ class Stages:
         self.recorded = json.loads(times_file.read_text()) if reuse and times_file.is_file() else {}
 
     def __call__(self, name: str, marker: Path, fn: Callable[[], Any]) -> None:
+        with self._lock(name):
+            self._run(name, marker, fn)
+
+    def _run(self, name: str, marker: Path, fn: Callable[[], Any]) -> None:
         if self.reuse and marker.exists():
             log.info("[%s] reusing %s", name, marker)
+            if name not in self.recorded:  # finished by another invocation since this one started
+                self.recorded.update(self._read())
             old = self.recorded.get(name, {})
             self.seconds[name], self.cpu[name], self.load[name] = old.get("seconds"), old.get("cpu"), old.get("load")
             self.reused.append(name)
@@ -87,7 +100,19 @@ class Stages:
         log.info("[%s] done in %.1f s, %.1f CPU s (load average %.1f)", name, self.seconds[name],
                  self.cpu[name], self.load[name])
         self.recorded[name] = {"seconds": self.seconds[name], "cpu": self.cpu[name], "load": self.load[name]}
-        atomic_write_json(self.times_file, self.recorded)
+        with self._lock("stage_times"):
+            atomic_write_json(self.times_file, {**self._read(), name: self.recorded[name]})
+
+    def _read(self) -> Dict[str, Any]:
+        return json.loads(self.times_file.read_text()) if self.times_file.is_file() else {}
+
+    @contextlib.contextmanager
+    def _lock(self, name: str) -> Iterator[None]:
+        folder = self.times_file.parent / ".locks"
+        folder.mkdir(exist_ok=True)
+        with open(folder / (re.sub(r"[^A-Za-z0-9_.-]", "_", name) + ".lock"), "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+            yield
 
 
 def cpu_seconds() -> float:

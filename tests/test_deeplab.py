@@ -8,6 +8,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 from wsl.models import build_backbone, build_segmenter, load_segmenter, maps_to_pixels, segmenter_checkpoint
 from wsl.models.backbones import Backbone, Tap
 from wsl.models.segmentation import DeepLabASPP, DeepLabV3Plus
+from wsl.models.segmentation.deeplab import deeplabv3plus_resnet50
 from wsl.models import BACKBONES
 from wsl.utils.io import save_checkpoint
 
@@ -72,11 +73,11 @@ def test_v3plus_on_resnet50_is_the_papers_design():
 def test_v3plus_output_stride_8_doubles_the_rates():
     for backbone, rates16 in (("resnet18", [6, 12, 18]), ("vgg_tiny", [1, 3, 4])):
         for stride, factor in ((16, 1), (8, 2)):
-            net = build_segmenter("deeplabv3plus_resnet50", num_classes=3, backbone=backbone,
+            net = build_segmenter("deeplabv3plus", num_classes=3, backbone=backbone,
                                   output_stride=stride).net
             assert net.backbone.stride == stride
             assert _dilations(c[0] for c in net.aspp.convs[1:-1]) == [r * factor for r in rates16]
-    net = build_segmenter("deeplabv3plus_resnet50", num_classes=3, backbone="resnet18", output_stride=8,
+    net = build_segmenter("deeplabv3plus", num_classes=3, backbone="resnet18", output_stride=8,
                           rates=[2, 4]).net
     assert net.rates == (2, 4)  # explicit rates are used as given
 
@@ -98,7 +99,7 @@ class _Ramp(nn.Module):
 @pytest.mark.parametrize("backbone", ["vgg_tiny", "resnet18"])
 def test_v3plus_decoder_concatenates_aligned_features(backbone):
     torch.manual_seed(0)
-    net = build_segmenter("deeplabv3plus_resnet50", num_classes=3, backbone=backbone).net.eval()
+    net = build_segmenter("deeplabv3plus", num_classes=3, backbone=backbone).net.eval()
     aspp_channels, low_channels = net.aspp.project[0].out_channels, net.reduce[0].out_channels
     assert (aspp_channels, low_channels) == ({"vgg_tiny": (64, 12), "resnet18": (256, 48)}[backbone])
     net.aspp = _Ramp(aspp_channels)
@@ -127,9 +128,9 @@ def test_v3plus_decoder_concatenates_aligned_features(backbone):
 @pytest.mark.parametrize("name,options,sizes", [
     ("deeplab_aspp", {"backbone": "vgg_tiny"}, [(37, 53), (21, 17)]),
     ("deeplab_aspp", {"backbone": "resnet18", "rates": [2, 4]}, [(37, 53)]),
-    ("deeplabv3plus_resnet50", {"backbone": "vgg_tiny"}, [(37, 53), (17, 21)]),
-    ("deeplabv3plus_resnet50", {"backbone": "vgg_tiny", "output_stride": 8}, [(37, 53), (9, 13)]),
-    ("deeplabv3plus_resnet50", {"backbone": "resnet18", "output_stride": 8}, [(21, 17)]),
+    ("deeplabv3plus", {"backbone": "vgg_tiny"}, [(37, 53), (17, 21)]),
+    ("deeplabv3plus", {"backbone": "vgg_tiny", "output_stride": 8}, [(37, 53), (9, 13)]),
+    ("deeplabv3plus", {"backbone": "resnet18", "output_stride": 8}, [(21, 17)]),
 ])
 def test_logits_at_any_input_size_and_gradients_reach_the_first_conv(name, options, sizes):
     torch.manual_seed(0)
@@ -145,7 +146,7 @@ def test_logits_at_any_input_size_and_gradients_reach_the_first_conv(name, optio
 @pytest.mark.parametrize("name,options,size", [
     ("deeplab_largefov", {"backbone": "vgg_tiny"}, 180),
     ("deeplab_aspp", {"backbone": "vgg_tiny"}, 240),
-    ("deeplabv3plus_resnet50", {"backbone": "vgg_tiny"}, 300),
+    ("deeplabv3plus", {"backbone": "vgg_tiny"}, 300),
 ])
 def test_receptive_margin_bounds_what_a_pixel_sees(name, options, size):
     torch.manual_seed(0)
@@ -181,7 +182,7 @@ def test_backbone_weights_from_a_torchvision_file(tmp_path):
         ref.bn1.running_mean.uniform_()  # a buffer too, so the check is not on an init value
     path = tmp_path / "r18.pth"
     torch.save(ref.state_dict(), path)  # a plain torchvision state dict (with its fc.*)
-    for name in ("deeplabv3plus_resnet50", "deeplab_aspp"):
+    for name in ("deeplabv3plus", "deeplab_aspp"):
         trunk = build_segmenter(name, num_classes=3, backbone="resnet18", backbone_weights=path).net.backbone
         torch.testing.assert_close(trunk.conv1.weight, ref.conv1.weight)
         torch.testing.assert_close(trunk.bn1.running_mean, ref.bn1.running_mean)
@@ -190,7 +191,7 @@ def test_backbone_weights_from_a_torchvision_file(tmp_path):
 
 @pytest.mark.parametrize("name,options", [
     ("deeplab_aspp", {"backbone": "vgg_tiny", "rates": [2, 5]}),
-    ("deeplabv3plus_resnet50", {"backbone": "vgg_tiny", "output_stride": 8}),
+    ("deeplabv3plus", {"backbone": "vgg_tiny", "output_stride": 8}),
 ])
 def test_checkpoint_round_trip(tmp_path, name, options):
     torch.manual_seed(0)
@@ -222,15 +223,33 @@ def test_bad_options_name_the_value():
         (dict(name="deeplab_aspp", backbone="vgg_tiny", rates="6"), "got '6'"),
         (dict(name="deeplab_aspp", backbone="vgg_tiny", rates=[1.5]), r"got \[1.5\]"),
         (dict(name="deeplab_aspp", backbone="vgg_tiny", fc_channels=-1), "fc_channels must be .*got -1"),
-        (dict(name="deeplabv3plus_resnet50", backbone="vgg_tiny", output_stride=32),
+        (dict(name="deeplabv3plus", backbone="vgg_tiny", output_stride=32),
          "output_stride must be 8 or 16, got 32"),
-        (dict(name="deeplabv3plus_resnet50", output_stride=4), "got 4"),
-        (dict(name="deeplabv3plus_resnet50", backbone="mobilenet"), "supports backbones .*got 'mobilenet'"),
-        (dict(name="deeplabv3plus_resnet50", backbone="vgg_tiny", aspp_channels=0), "aspp_channels .*got 0"),
-        (dict(name="deeplabv3plus_resnet50", backbone="vgg_tiny", low_level_channels=True), "low_level_channels"),
+        (dict(name="deeplabv3plus", output_stride=4), "got 4"),
+        (dict(name="deeplabv3plus", backbone="mobilenet"), "supports backbones .*got 'mobilenet'"),
+        (dict(name="deeplabv3plus", backbone="vgg_tiny", aspp_channels=0), "aspp_channels .*got 0"),
+        (dict(name="deeplabv3plus", backbone="vgg_tiny", low_level_channels=True), "low_level_channels"),
     ]
     for options, message in cases:
         with pytest.raises(ValueError, match=message):
             build_segmenter(options.pop("name"), num_classes=3, **options)
+    with pytest.raises(ValueError, match="deeplabv3plus_resnet50 is DeepLab v3\\+ on resnet50 only, got "
+                                         "backbone='vgg_tiny'; use deeplabv3plus"):
+        deeplabv3plus_resnet50(num_classes=3, backbone="vgg_tiny")
     with pytest.raises(ValueError, match=r"stride-4 map .*pool3 \(stride 8\)"):
         DeepLabV3Plus(_NoStride4(), 3)
+
+
+def test_checkpoint_of_deeplabv3plus_resnet50_on_another_backbone_loads_as_deeplabv3plus(tmp_path, caplog):
+    """Before issue 14 deeplabv3plus_resnet50 took any backbone: such checkpoints (and configs) still load,
+    under the family's name."""
+    torch.manual_seed(0)
+    model = build_segmenter("deeplabv3plus", num_classes=3, backbone="vgg_tiny")
+    ckpt = segmenter_checkpoint(model, ["a", "b"])
+    ckpt["config"] = {**ckpt["config"], "name": "deeplabv3plus_resnet50"}  # as written before the rename
+    save_checkpoint(tmp_path / "old.pt", ckpt)
+    loaded, _ = load_segmenter(tmp_path / "old.pt")
+    assert loaded.config.name == "deeplabv3plus" and "now called deeplabv3plus" in caplog.text
+    x = torch.randn(1, 3, 37, 45)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x)["out"], model.eval()(x)["out"])

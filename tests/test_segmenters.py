@@ -25,7 +25,8 @@ CASES = [
     ("unet", {"padding": "same", "base_channels": 4, "depth": 3, "batch_norm": True}, 37, 53),
     ("unet", {"encoder": "vgg_tiny", "base_channels": 4}, 37, 53),
     ("deeplab_aspp", {"backbone": "vgg_tiny"}, 37, 53),
-    ("deeplabv3plus_resnet50", {"backbone": "vgg_tiny"}, 37, 53),
+    ("deeplabv3plus", {"backbone": "vgg_tiny"}, 37, 53),
+    ("deeplabv3plus_resnet50", {}, 64, 64),  # the ResNet-50 preset
     ("deconvnet", {"backbone": "vgg_tiny"}, 37, 53),
     ("deconvnet_shortcut", {"backbone": "vgg_tiny"}, 37, 53),
 ]

@@ -104,6 +104,12 @@ class SegmenterConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.name == "deeplabv3plus_resnet50" and (self.kwargs or {}).get("backbone", "resnet50") != "resnet50":
+            # Until issue 14, deeplabv3plus_resnet50 took any backbone; it is now the ResNet-50 preset of
+            # deeplabv3plus. Configs and checkpoints written before keep loading, under the family's name.
+            log.warning("segmenter deeplabv3plus_resnet50 with backbone=%r is now called deeplabv3plus; "
+                        "loading it as such", self.kwargs["backbone"])
+            object.__setattr__(self, "name", "deeplabv3plus")
         SEGMENTERS.get(self.name)
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2 (background + classes), got {self.num_classes!r}")

@@ -16,7 +16,8 @@
 * DeepLabv3-ResNet50 (Chen et al., "Rethinking Atrous Convolution for Semantic Image Segmentation",
   2017): torchvision's implementation (registered in ``wsl.models.segmentation``).
 * DeepLab v3+ (Chen et al., "Encoder-Decoder with Atrous Separable Convolution for Semantic Image
-  Segmentation", ECCV 2018), :class:`DeepLabV3Plus`, registered as ``deeplabv3plus_resnet50``:
+  Segmentation", ECCV 2018), :class:`DeepLabV3Plus`, registered as ``deeplabv3plus`` (any supported
+  backbone, ResNet-50 by default) and ``deeplabv3plus_resnet50`` (the ResNet-50 preset, no other):
   encoder = dilated ResNet (output stride 16, or 8 with the ASPP rates doubled) + v3's ASPP with
   image pooling (torchvision's ``ASPP``, reused); decoder = ``concat(up(ASPP), reduce48(layer1))``
   -> two 3x3 conv-BN-ReLU (256) -> 1x1 to the classes -> up to the input size. The paper's decoder
@@ -31,7 +32,7 @@ change a pixel's logits (:func:`receptive_margin`), the overlap that tiled infer
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -327,19 +328,40 @@ _V3PLUS: Dict[str, Dict[str, Any]] = {
 }
 
 
+@SEGMENTERS.register("deeplabv3plus")
+def deeplabv3plus(*, num_classes: int, backbone: str = "resnet50", backbone_weights: Any = None,
+                  output_stride: int = 16, rates: Union[Sequence[int], None] = None,
+                  aspp_channels: Union[int, None] = None, low_level_channels: Union[int, None] = None,
+                  decoder_channels: Union[int, None] = None) -> DeepLabV3Plus:
+    """DeepLab v3+ (:class:`DeepLabV3Plus`) on ``resnet50`` (default, the paper's design; ImageNet
+    weights via ``backbone_weights``: a ``ResNet50_Weights`` member or name, or a .pth path), or
+    ``resnet18`` / ``vgg16`` / ``vgg_tiny`` (CPU). ``output_stride`` 16 or 8; at 8 the default rates
+    double (6, 12, 18 -> 12, 24, 36); rates given explicitly are used as they are."""
+    return _v3plus("deeplabv3plus", backbone, backbone_weights, output_stride, rates, aspp_channels,
+                   low_level_channels, decoder_channels, num_classes)
+
+
 @SEGMENTERS.register("deeplabv3plus_resnet50")
 def deeplabv3plus_resnet50(*, num_classes: int, backbone: str = "resnet50", backbone_weights: Any = None,
                            output_stride: int = 16, rates: Union[Sequence[int], None] = None,
                            aspp_channels: Union[int, None] = None, low_level_channels: Union[int, None] = None,
                            decoder_channels: Union[int, None] = None) -> DeepLabV3Plus:
-    """DeepLab v3+ (:class:`DeepLabV3Plus`) on ``resnet50`` (the paper's design; ImageNet weights via
-    ``backbone_weights``: a ``ResNet50_Weights`` member or name, or a .pth path), or ``resnet18`` /
-    ``vgg16`` / ``vgg_tiny`` (CPU). ``output_stride`` 16 or 8; at 8 the default rates double (6, 12,
-    18 -> 12, 24, 36); rates given explicitly are used as they are."""
+    """The ResNet-50 preset of :func:`deeplabv3plus` (the paper's model): the same options, but
+    ``backbone`` can only be ``resnet50``, so that the name says what the network is."""
+    if backbone != "resnet50":
+        raise ValueError(f"deeplabv3plus_resnet50 is DeepLab v3+ on resnet50 only, got backbone={backbone!r}; "
+                         f"use deeplabv3plus for other backbones ({', '.join(_V3PLUS)})")
+    return _v3plus("deeplabv3plus_resnet50", backbone, backbone_weights, output_stride, rates, aspp_channels,
+                   low_level_channels, decoder_channels, num_classes)
+
+
+def _v3plus(name: str, backbone: str, backbone_weights: Any, output_stride: int, rates: Optional[Sequence[int]],
+            aspp_channels: Optional[int], low_level_channels: Optional[int], decoder_channels: Optional[int],
+            num_classes: int) -> DeepLabV3Plus:
     if output_stride not in (8, 16):
-        raise ValueError(f"deeplabv3plus_resnet50: output_stride must be 8 or 16, got {output_stride!r}")
+        raise ValueError(f"{name}: output_stride must be 8 or 16, got {output_stride!r}")
     defaults = _V3PLUS.get(backbone, {})
-    trunk = _trunk("deeplabv3plus_resnet50", backbone, backbone_weights, output_stride, tuple(_V3PLUS))
+    trunk = _trunk(name, backbone, backbone_weights, output_stride, tuple(_V3PLUS))
     if rates is None:
         # The same fields of view in pixels: half the stride, twice the dilation.
         rates = tuple(r * 16 // output_stride for r in defaults["rates"])
@@ -351,4 +373,4 @@ def deeplabv3plus_resnet50(*, num_classes: int, backbone: str = "resnet50", back
 
 
 __all__ = ["DeepLabLargeFOV", "DeepLabASPP", "DeepLabV3Plus", "receptive_margin", "receptive_radius",
-           "deeplab_aspp", "deeplabv3plus_resnet50"]
+           "deeplab_aspp", "deeplabv3plus", "deeplabv3plus_resnet50"]
