@@ -2,9 +2,10 @@
 
 1. A ``wsl train`` step (``Trainer._step``: autocast, NaN guard, loss scaling, scheduler) of VGG16
    (random weights) at 448 px, batch 8, channels_last: bf16 and fp16 autocast against fp32.
-2. CAM export (``CAMExtractor`` maps + argmax points, and local maxima, boxes and pseudo-masks of the
-   tagged classes: what ``wsl cam`` computes per batch) against a plain forward pass, VGG16 at 448 px,
-   batch 8, with 20, 80 and 1000 classes, in fp32 and under bf16 autocast.
+2. CAM export (``CAMExtractor.class_maps`` + ``wsl.cam.export.localize``: the tagged classes' maps
+   upsampled, argmax points, local maxima, boxes, pseudo-masks: what ``wsl cam`` computes per batch)
+   against a plain forward pass, VGG16 at 448 px, batch 8, with 20, 80 and 1000 classes, in fp32 and
+   under bf16 autocast.
 3. The dense CRF (``wsl.cam.DenseCRF``) on the GPU against pydensecrf2 on the CPU (one thread, as it
    runs): a 500x375 photograph, 21 and 3 labels, with the label agreement (skipped without pydensecrf2).
 4. With more than one GPU: an NCCL all-reduce between two processes (bus bandwidth, sum checked).
@@ -37,11 +38,13 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a file from anywhere: the package is the repository's
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "experiments"):  # run as a file from anywhere: the package and speed_rows/
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from wsl.cam import CAMExtractor, DenseCRF, argmax_points, cam_boxes, local_maxima, pseudo_masks  # noqa: E402
-from wsl.cam.export import ExportOptions, imagenet_normalizer  # noqa: E402
+from speed_rows.timing import interleaved  # noqa: E402
+from wsl.cam import CAMExtractor, DenseCRF  # noqa: E402
+from wsl.cam.export import ExportOptions, imagenet_normalizer, localize  # noqa: E402
 from wsl.data.base import collate  # noqa: E402
 from wsl.data.synth import SynthConfig, render_scene  # noqa: E402
 from wsl.models import build_classifier  # noqa: E402
@@ -53,20 +56,10 @@ from wsl.utils.dist import DistInfo  # noqa: E402
 
 # ------------------------------------------------------------------------------------------- timing
 def timed(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int) -> Dict[str, float]:
-    """Median wall seconds per function; the order alternates every round so drift hits all alike."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    times: Dict[str, List[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fns[name]()
-            torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in times.items()}
+    """Median wall seconds per function, timed as experiments/speed.py times (interleaved rounds after
+    warm-up, the GPU synchronised around each call: ``speed_rows.timing.interleaved``)."""
+    times = interleaved(fns, repeats=repeats, warmup=warmup, device=torch.device("cuda"))
+    return {name: statistics.median(t["wall"]) for name, t in times.items()}
 
 
 def scenes(size: int, batch: int, classes: int, device: torch.device) -> Dict[str, torch.Tensor]:
@@ -122,13 +115,8 @@ def check_cam(device: torch.device, repeats: int, warmup: int) -> List[Dict[str,
         positive = batch["labels"] > 0.5
         extractor = CAMExtractor(model)
 
-        def export() -> Any:
-            cams = extractor(x).cams
-            return (argmax_points(cams),
-                    local_maxima(cams, min_distance=opt.peak_min_distance, rel_threshold=opt.peak_threshold,
-                                 top_k=opt.peak_top_k, select=positive),
-                    cam_boxes(cams, tau=opt.tau, mode=opt.box_mode, select=positive),
-                    pseudo_masks(cams, positive, method=opt.mask_method, fg=opt.mask_fg, bg=opt.mask_bg))
+        def export() -> Any:  # wsl cam's per-batch work: only the used classes' maps are upsampled
+            return localize(extractor.class_maps(x), positive, opt)
 
         def forward() -> Any:
             with torch.inference_mode():

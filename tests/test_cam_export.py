@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from wsl.cam.crf import DenseCRF
-from wsl.cam.export import export_cams, imagenet_normalizer
+from wsl.cam.crf import DenseCRF, crf_pseudo_masks
+from wsl.cam.export import ExportOptions, export_cams, imagenet_normalizer, localize
 from wsl.data.images import ImageFolderDataset
-from wsl.cam.extract import CAMExtractor
+from wsl.cam.extract import CAMExtractor, select_classes
+from wsl.cam.postprocess import argmax_points, cam_boxes, local_maxima, pseudo_masks
 from wsl.cli import main as cli_main
 from wsl.data.spec import build_dataset
 from wsl.errors import DataError, OutputExistsError
@@ -324,3 +325,59 @@ def test_ids_sharing_a_file_name_are_refused_before_anything_is_deleted(val_set,
     with pytest.raises(DataError, match="'x/y' and 'x__y' map to the same file name 'x__y'"):
         export_cams(_model(len(val_set.classes)), val_set.classes, val_set, out, overwrite=True, progress=False)
     assert (out / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("scales, flip, crf", [((1.0,), False, False), ((1.0, 0.75), True, False),
+                                               ((1.0,), False, True)])
+def test_localize_upsamples_only_the_used_classes_with_the_full_maps_results(val_set, scales, flip, crf):
+    # The export upsamples the used classes' maps only; maps, points, boxes and pseudo-masks of those
+    # classes are exactly those of the full (N, C, H, W) maps (the path before issue 17).
+    model = _model(40).eval()  # more classes than tags: most maps are never upsampled
+    images = torch.stack([val_set[i]["image"] for i in range(4)])
+    x = imagenet_normalizer(images)
+    ext = CAMExtractor(model, scales=scales, flip=flip)
+    full = ext(x)
+    maps = ext.class_maps(x)
+    select = select_classes(scores=maps.scores, threshold=float(maps.scores.quantile(0.9)))  # a few per image
+    assert 0 < int(select.sum()) < 40 and select.sum(1).max() > 1
+    opt = ExportOptions(box_mode="all")
+    dense = DenseCRF(iterations=2) if crf else None
+    got = localize(maps, select, opt, crf=dense, images=images)
+    used = got.used
+    assert torch.equal(used.cams[used.valid], full.cams[select])
+    points, values = argmax_points(full.cams)
+    assert torch.equal(got.points[used.valid], points[select]) and torch.equal(got.values[used.valid], values[select])
+    want_peaks = local_maxima(full.cams, min_distance=opt.peak_min_distance, rel_threshold=opt.peak_threshold,
+                              top_k=opt.peak_top_k, select=select)
+    want_boxes = cam_boxes(full.cams, tau=opt.tau, mode=opt.box_mode, select=select)
+    for a, b in zip(got.peaks + got.boxes, want_peaks + want_boxes):
+        assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in vars(b))
+    if crf:
+        want_masks = crf_pseudo_masks(dense, images, full.cams, select, method=opt.mask_method, fg=opt.mask_fg,
+                                      bg=opt.mask_bg)
+    else:
+        want_masks = pseudo_masks(full.cams, select, method=opt.mask_method, fg=opt.mask_fg, bg=opt.mask_bg)
+    assert torch.equal(got.masks, want_masks)
+    # full maps (the other CAM methods' output) take the same route
+    assert torch.equal(localize(full.cams, select, opt, crf=dense, images=images).masks, want_masks)
+
+
+def test_exported_files_hold_every_class_map_as_the_full_path_computes_it(image_dir, tmp_path):
+    # Unused classes are upsampled for the file only; the file is the float16 of every full map.
+    classes = [f"c{k}" for k in range(12)]
+    model = _model(len(classes)).eval()
+    ds = ImageFolderDataset(image_dir, classes)
+    export_cams(model, classes, ds, tmp_path / "o", scales=(1.0, 0.5), flip=True, progress=False)
+    ext = CAMExtractor(model, scales=(1.0, 0.5), flip=True)
+    for i in range(len(ds)):
+        sample = ds[i]
+        with np.load(tmp_path / "o" / "cams" / f"{sample['id']}.npz") as z:
+            want = ext(imagenet_normalizer(sample["image"][None])).cams[0].numpy().astype(np.float16)
+            np.testing.assert_array_equal(z["cams"], want)
+
+
+def test_more_classes_than_uint8_masks_hold_are_refused_before_any_file(image_dir, tmp_path):
+    classes = [f"c{k}" for k in range(255)]
+    with pytest.raises(ValueError, match="at most 254"):
+        export_cams(_model(255), classes, ImageFolderDataset(image_dir, classes), tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()

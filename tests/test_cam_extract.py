@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsl.cam.extract import CAMExtractor, normalize_cams, select_classes, selected_maps, upsample_cams
+from wsl.cam.extract import (CAMExtractor, ClassMaps, normalize_cams, select_classes, select_maps, selected_maps,
+                             upsample_cams)
 from wsl.models.layers import geometry
 from wsl.models.layers.geometry import _resize_linear, resample_maps
 
@@ -272,3 +273,35 @@ def test_real_classifier_scores_come_from_its_pooling_in_the_same_pass():
         maps = model.class_maps(x)
         torch.testing.assert_close(out.scores, model(x))
         torch.testing.assert_close(out.cams, upsample_cams(maps, (40, 48), stride=model.stride, offset=model.offset))
+
+
+@pytest.mark.parametrize("scales, flip, normalize", [((1.0,), False, "max"),  # cv2.resize route
+                                                     ((1.0, 0.75), True, "minmax"),  # matrix-product route
+                                                     ((0.5,), True, "none")])
+def test_upsampling_only_the_used_maps_gives_their_full_path_values_exactly(scales, flip, normalize):
+    model = TinyCAMNet(num_classes=7).eval()
+    ext = CAMExtractor(model, scales=scales, flip=flip, normalize=normalize)
+    x = _images(3, 32, 40)
+    full = ext(x)
+    maps = ext.class_maps(x)
+    assert isinstance(maps, ClassMaps)  # the maps stay at map resolution until asked for
+    assert all(m.shape[-2:] == (h // 4, w // 4) for m, (h, w) in maps.passes)
+    assert torch.equal(maps.scores, full.scores)
+    assert torch.equal(maps.upsample(), full.cams)
+    assert maps.upsample(torch.zeros(0, dtype=torch.long)).shape == (0, 32, 40)
+    rows = torch.tensor([20, 0, 9, 13])  # (image, class) = (2, 6), (0, 0), (1, 2), (1, 6)
+    assert torch.equal(maps.upsample(rows), full.cams.flatten(0, 1)[rows])
+    select = torch.zeros(3, 7, dtype=torch.bool)
+    select[0, [1, 4]] = select[2, 6] = True  # image 1 uses no class
+    for source in (maps, full.cams):
+        used = select_maps(source, select)
+        assert used.classes.tolist()[0] == [1, 4] and used.classes[2, 0] == 6
+        assert used.valid.tolist() == [[True, True], [False, False], [True, False]]
+        assert torch.equal(used.cams[used.valid], full.cams[select])
+        assert not used.cams[~used.valid].any()  # padding slots are zero
+
+
+def test_select_maps_refuses_a_selection_of_another_shape():
+    maps = CAMExtractor(TinyCAMNet(num_classes=3).eval()).class_maps(_images(2))
+    with pytest.raises(ValueError, match=r"select must be a bool \(N, C\) = \(2, 3\)"):
+        select_maps(maps, torch.ones(2, 4, dtype=torch.bool))

@@ -7,8 +7,8 @@ import torch
 
 import torch.nn.functional as F
 
-from wsl.cam.postprocess import (_window_max, argmax_points, background_scores, cam_boxes,
-                                 combine_confident, local_maxima, mask_settings, pseudo_masks)
+from wsl.cam.postprocess import (_window_max, argmax_points, background_scores, cam_boxes, class_slots,
+                                 combine_confident, local_maxima, mask_settings, pseudo_masks, slot_labels_to_classes)
 
 
 def _blob(h, w, cy, cx, sigma, peak=1.0):
@@ -277,3 +277,39 @@ def test_ties_are_broken_by_position():
     assert b.boxes.tolist() == [[2.0, 10.0, 5.0, 13.0]]
     (every,) = cam_boxes(_two_blobs(), tau=0.5, mode="all")  # each map's boxes by decreasing score
     assert every.scores.tolist() == pytest.approx([1.0, 0.9])
+
+
+@pytest.mark.parametrize("method", ["threshold", "psa"])
+def test_packed_maps_of_the_used_classes_give_the_full_maps_results(method):
+    # Post-processing only the used maps (packed per image, as wsl cam does) and mapping the slot labels
+    # back to classes gives exactly what the full (N, C, H, W) maps give for those classes.
+    g = torch.Generator().manual_seed(3)
+    cams = F.avg_pool2d(torch.rand(3, 9, 40, 48, generator=g), 5, 1, 2)
+    cams = cams / cams.amax((2, 3), keepdim=True)
+    cams[1, 5] = 0.0  # a used map without signal
+    select = torch.zeros(3, 9, dtype=torch.bool)
+    select[0, [2, 3, 7]] = select[1, [0, 5]] = select[2, 8] = True
+    idx, count = class_slots(select.numpy())
+    classes = torch.from_numpy(idx)
+    valid = torch.arange(idx.shape[1])[None] < torch.from_numpy(count)[:, None]
+    packed = cams[torch.arange(3)[:, None], classes] * valid[..., None, None]
+    pts, vals = argmax_points(packed)
+    full_pts, full_vals = argmax_points(cams)
+    assert torch.equal(pts[valid], full_pts[select]) and torch.equal(vals[valid], full_vals[select])
+    peaks = local_maxima(packed, min_distance=4, top_k=3, select=valid)
+    boxes = cam_boxes(packed, tau=0.6, mode="all", select=valid)
+    slot_labels_to_classes(classes, peaks)
+    masks = slot_labels_to_classes(classes, boxes, pseudo_masks(packed, valid, method=method))
+    for got, want in zip(peaks, local_maxima(cams, min_distance=4, top_k=3, select=select)):
+        assert all(torch.equal(getattr(got, a), getattr(want, a)) for a in ("points", "labels", "scores"))
+    for got, want in zip(boxes, cam_boxes(cams, tau=0.6, mode="all", select=select)):
+        assert all(torch.equal(getattr(got, a), getattr(want, a)) for a in ("boxes", "labels", "scores"))
+    want_masks = pseudo_masks(cams, select, method=method)
+    assert torch.equal(masks, want_masks) and {3, 4, 8, 9} <= set(want_masks.unique().tolist())
+
+
+def test_slot_labels_refuse_a_class_without_a_uint8_label():
+    masks = torch.ones(1, 2, 2, dtype=torch.uint8)
+    assert slot_labels_to_classes(torch.tensor([[253]]), [], masks).unique().tolist() == [254]
+    with pytest.raises(ValueError, match="at most 254 classes"):
+        slot_labels_to_classes(torch.tensor([[254]]), [], masks)

@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "speed.py"
-RATIO_IDS = {"1a", "1b", "3a", "3b", "3c", "3d", "4a", "4d", "5a", "5b", "B"}
+RATIO_IDS = {"1a", "1b", "1d", "1e", "1f", "3a", "3b", "3c", "3d", "4a", "4d", "5a", "5b", "B"}
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,11 @@ def test_json_rows_have_ratios_targets_and_medians(smoke):
             assert r[side]["n"] == len(r[side]["values"]) >= 1
             assert r[side]["q1"] <= r[side]["median"] <= r[side]["q3"]
     assert rows["1a"]["op"] == "<=" and rows["1a"]["target"] == 1.10
+    for rid in ("1d", "1e"):  # CAM export at 20, 80 and 1000 classes, each with its CAM file's cost (1f)
+        counts = [r["what"].rsplit(", ", 1)[1] for r in result["rows"] if r["id"] == rid]
+        assert counts == ["20 classes", "80 classes", "1000 classes"]
+        assert all(r["target"] == 1.05 for r in result["rows"] if r["id"] == rid)
+    assert sum(r["id"] == "1f" for r in result["rows"]) == 6
     assert rows["3a"]["target"] == 0.95 and rows["4a"]["target"] == 3.0 and rows["5a"]["target"] == 10.0
     assert rows["3c"]["target"] == 0.95 and "amp=auto" in rows["3c"]["what"]
     bench = [r for r in result["rows"] if r["id"] == "B"]
@@ -59,7 +64,7 @@ def test_rivals_are_measured_or_skipped_with_a_reason(smoke):
 
 def test_phases_machine_and_cuda_section(smoke):
     _, result, _ = smoke
-    assert set(result["phases"]) == {"cam", "rivals", "train", "precision", "data", "metrics", "crf", "bench", "cuda"}
+    assert set(result["phases"]) == {"cam", "classes", "rivals", "train", "precision", "data", "metrics", "crf", "bench", "cuda"}
     for phase in result["phases"].values():
         assert phase["peak_rss_mb"] > 0 and phase["wall_s"] >= 0
     m = result["machine"]
@@ -91,7 +96,8 @@ def test_merge_replaces_only_the_phases_run_again(smoke, monkeypatch):
     _, result, _ = smoke
     old = json.loads(json.dumps(result))
     for r in old["rows"]:
-        r.pop("phase")  # results written before rows named their phase
+        if r["phase"] != "classes":  # rows 1d-1f came after rows named their phase
+            r.pop("phase")  # results written before rows named their phase
         r["ratio"] = -1.0
     old.update(command="python experiments/speed.py (full)", load_start=[9, 9, 9], load_end=[8, 8, 8])
     new = json.loads(json.dumps(result))
@@ -129,6 +135,17 @@ def test_crf_rows_give_the_label_agreement_or_say_why_not(smoke):
     demo = [r for r in crf if "pseudo-mask stage" in r["what"]]
     assert demo or "crf demo workload" in result["skipped"]
     assert "| C |" in md
+
+
+def test_each_row_family_is_a_small_module():
+    """speed.py is the command line only; every row family and the shared helpers are small modules."""
+    rows = REPO / "experiments" / "speed_rows"
+    families = {"cam", "rivals", "train", "precision", "data", "metrics", "crf", "bench", "glibc", "cuda"}
+    assert families | {"timing", "settings", "report", "child"} <= {p.stem for p in rows.glob("*.py")}
+    for path in [SCRIPT, *rows.glob("*.py")]:
+        assert len(path.read_text().splitlines()) < 250, path.name
+    for name in families:  # each defines its phase
+        assert f"def phase_{name}(" in (rows / f"{name}.py").read_text()
 
 
 # ------------------------------------------------------------------------------ experiments/gpu_check.py

@@ -64,11 +64,13 @@ from tqdm import tqdm
 
 import wsl
 from wsl.cam.crf import DenseCRF, crf_pseudo_masks
-from wsl.cam.extract import CAMExtractor, _model_device, select_classes
+from wsl.cam.extract import CAMExtractor, ClassMaps, SelectedCAMs, _model_device, select_classes, select_maps
 from wsl.cam.methods import build_cam_method
-from wsl.cam.postprocess import BOX_MODES, argmax_points, cam_boxes, local_maxima, mask_settings, pseudo_masks
+from wsl.cam.postprocess import (BOX_MODES, Boxes, Points, argmax_points, cam_boxes, local_maxima, mask_settings,
+                                  pseudo_masks, slot_labels_to_classes)
 from wsl.cam.files import (IMAGE_DIRS, OPTIONS_FILE, cam_npz_bytes, file_stem, json_bytes, open_output_dir,
                            palette_png_bytes, rgb_png_bytes, save_cam_npz, save_palette_png, save_rgb_png)
+from wsl.data.classes import IGNORE_INDEX
 from wsl.errors import DataError
 from wsl.utils import dist, job
 from wsl.utils.io import PathLike, atomic_path, atomic_write_json, image_size
@@ -230,6 +232,68 @@ class ExportOptions:
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
 
 
+@dataclass
+class Localized:
+    """What :func:`localize` derives from one batch: ``used`` the normalised maps of the used classes
+    (packed, :class:`wsl.cam.extract.SelectedCAMs`), ``points`` int64 ``(N, K, 2)`` and ``values`` their
+    argmax points per slot, ``peaks`` and ``boxes`` per image (labels = class indices), ``masks`` uint8
+    ``(N, H, W)`` (``c + 1`` for class ``c``), all on the CPU but ``masks`` (the maps' device)."""
+
+    used: SelectedCAMs
+    points: Tensor
+    values: Tensor
+    peaks: List[Points]
+    boxes: List[Boxes]
+    masks: Tensor
+
+
+def localize(maps: Any, selection: Tensor, options: Optional[ExportOptions] = None, *,
+             crf: Optional[DenseCRF] = None, images: Optional[Tensor] = None) -> Localized:
+    """Points, local maxima, boxes and pseudo-masks of the classes of ``selection`` (bool ``(N, C)``),
+    the per-batch work of ``wsl cam`` before its files. ``maps``: a batch's
+    :class:`wsl.cam.extract.ClassMaps` (only the selected maps are upsampled: the cost no longer grows
+    with the number of classes) or full normalised ``(N, C, H, W)`` maps (other CAM methods). ``images``:
+    the uint8 batch, needed with ``crf``. The results of the selected classes are those of the full maps
+    (tests/test_cam_export.py)."""
+    opt = options or ExportOptions()
+    used = select_maps(maps, selection)
+    points, values = argmax_points(used.cams)
+    peaks = local_maxima(used.cams, min_distance=opt.peak_min_distance, rel_threshold=opt.peak_threshold,
+                         top_k=opt.peak_top_k, select=used.valid)
+    boxes = cam_boxes(used.cams, tau=opt.tau, mode=opt.box_mode, select=used.valid)
+    if crf is None:
+        masks = pseudo_masks(used.cams, used.valid, method=opt.mask_method, fg=opt.mask_fg, bg=opt.mask_bg)
+    else:
+        masks = crf_pseudo_masks(crf, images.to(used.cams.device), used.cams, used.valid,
+                                 method=opt.mask_method, fg=opt.mask_fg, bg=opt.mask_bg)
+    slot_labels_to_classes(used.classes, peaks)
+    masks = slot_labels_to_classes(used.classes, boxes, masks)
+    return Localized(used=used, points=points.cpu(), values=values.cpu(), peaks=peaks, boxes=boxes, masks=masks)
+
+
+def all_class_maps(maps: Any, used: SelectedCAMs, i: int) -> np.ndarray:
+    """Float32 ``(C, H, W)``: every class map of image ``i`` at image resolution, as the CAM file holds
+    them (docs/design.md, "CAM files"); from :class:`ClassMaps` only the unused classes are upsampled
+    here, the used ones are copied."""
+    if not isinstance(maps, ClassMaps):
+        return maps[i].cpu().numpy()
+    n, c = maps.scores.shape
+    mine = used.classes[i][used.valid[i]]
+    rest = torch.ones(c, dtype=torch.bool)
+    rest[mine] = False
+    out = np.empty((c, *maps.image_size), np.float32)
+    out[rest.numpy()] = maps.upsample(i * c + torch.nonzero(rest).flatten()).cpu().numpy()
+    out[mine.numpy()] = used.cams[i, :len(mine)].cpu().numpy()
+    return out
+
+
+def _lazy_extractor(method: Any) -> Optional[CAMExtractor]:
+    """The :class:`CAMExtractor` behind the ``cam`` method (``OwnCAM.extractor``), whose maps can be
+    upsampled for the used classes only; None for the library methods (they fill the used maps only)."""
+    extractor = getattr(method, "extractor", None)
+    return extractor if isinstance(extractor, CAMExtractor) else None
+
+
 class _Stems(dict):
     """Dataset index -> file stem, refusing two image ids that would share a file."""
 
@@ -286,52 +350,52 @@ class _Writer:
         x = self.normalizer(images)
         # The maps a method must compute: the tags, or None for the predicted classes (known from its scores).
         wanted = self._selection(samples, x.new_zeros(len(samples), len(classes))).cpu() if self.labelled else None
-        result = self.extractor(x, wanted)
-        cams, scores = result.cams, result.scores
-        if cams.shape[1] != len(classes):
-            raise ValueError(f"the model produces {cams.shape[1]} class maps but {len(classes)} class names "
+        lazy = _lazy_extractor(self.extractor)
+        if lazy is not None:  # upsampled below for the used classes only
+            maps = lazy.class_maps(x)
+            scores = maps.scores
+        else:
+            result = self.extractor(x, wanted)
+            maps, scores = result.cams, result.scores
+        if scores.shape[1] != len(classes):
+            raise ValueError(f"the model produces {scores.shape[1]} class maps but {len(classes)} class names "
                              "were given")
         selection = self._selection(samples, scores)
-        points, values = argmax_points(cams)
-        peaks = local_maxima(cams, min_distance=opt.peak_min_distance, rel_threshold=opt.peak_threshold,
-                             top_k=opt.peak_top_k, select=selection)
-        boxes = cam_boxes(cams, tau=opt.tau, mode=opt.box_mode, select=selection)
-        if self.crf is None:
-            masks = pseudo_masks(cams, selection, method=opt.mask_method, fg=opt.mask_fg, bg=opt.mask_bg)
-        else:
-            masks = crf_pseudo_masks(self.crf, images.to(cams.device), cams, selection,
-                                     method=opt.mask_method, fg=opt.mask_fg, bg=opt.mask_bg)
+        loc = localize(maps, selection, opt, crf=self.crf, images=images)
         probs, scores = torch.sigmoid(scores).cpu(), scores.cpu()
-        cams_np, masks_np = cams.cpu().numpy(), masks.cpu().numpy()
-        selection, points, values = selection.cpu(), points.cpu(), values.cpu()
+        masks_np, used = loc.masks.cpu().numpy(), loc.used
+        used_np = used.cams.cpu().numpy()
+        h, w = used_np.shape[-2:]
+        points, values = loc.points, loc.values
         for i, (index, s) in enumerate(zip(indices, samples)):
             image_id = str(s["id"])
             stem = self.stems.add(index, image_id)
             if sink.complete(stem):  # finished before an interruption (the batch is recomputed whole)
                 continue
-            chosen = torch.nonzero(selection[i]).flatten().tolist()
+            slots = torch.nonzero(used.valid[i]).flatten().tolist()
+            chosen = used.classes[i, slots].tolist()  # ascending, as the selection's nonzero
             box_list, panel_boxes, coco = [], defaultdict(list), []
-            b = boxes[i]
+            b = loc.boxes[i]
             for box, k, peak in zip(b.boxes.tolist(), b.labels.tolist(), b.scores.tolist()):
                 score = float(probs[i, k]) * peak
                 box_list.append({"class": classes[k], "class_index": k, "bbox": box, "score": score, "peak": peak})
                 panel_boxes[k].append(box)
                 coco.append(_coco_entry(image_id, classes[k], k, box, score, self.ids))
-            xy = {k: (int(points[i, k, 0]), int(points[i, k, 1])) for k in chosen}
+            xy = {k: (int(points[i, j, 0]), int(points[i, j, 1])) for j, k in zip(slots, chosen)}
             point_list = [{"class": classes[k], "class_index": k, "x": xy[k][0], "y": xy[k][1],
-                           "value": float(values[i, k])} for k in chosen]
-            p = peaks[i]
+                           "value": float(values[i, j])} for j, k in zip(slots, chosen)]
+            p = loc.peaks[i]
             peak_list = [{"class": classes[k], "class_index": k, "x": x, "y": y, "value": v}
                          for (x, y), k, v in zip(p.points.tolist(), p.labels.tolist(), p.scores.tolist())]
-            h, w = cams_np.shape[-2:]
             record = {
                 "id": image_id, "file": stem, "height": h, "width": w, "classes": [classes[k] for k in chosen],
                 "scores": {name: float(scores[i, k]) for k, name in enumerate(classes)},
                 "points": point_list, "peaks": peak_list, "boxes": box_list}
             titles = [f"{classes[k]} {float(probs[i, k]):.2f}" for k in chosen]
-            panels = overlay_panels(images[i].permute(1, 2, 0).numpy(), cams_np[i, chosen], titles,
+            panels = overlay_panels(images[i].permute(1, 2, 0).numpy(), used_np[i, slots], titles,
                                     boxes=[panel_boxes[k] for k in chosen], points=[xy[k] for k in chosen])
-            sink.write(stem, cams_np[i], scores[i].numpy(), panels, masks_np[i], {"localization": record, "coco": coco})
+            sink.write(stem, all_class_maps(maps, used, i), scores[i].numpy(), panels, masks_np[i],
+                       {"localization": record, "coco": coco})
 
     def _records(self, n: int, sharded: bool) -> Iterator[Dict[str, Any]]:
         """Every image's record in dataset order, one at a time (memory: one record)."""
@@ -516,6 +580,9 @@ def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir:
         raise ValueError("export_cams: empty class list")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if len(classes) > IGNORE_INDEX - 1:
+        raise ValueError(f"{len(classes)} classes: the uint8 pseudo-masks of `wsl cam` hold at most {IGNORE_INDEX - 1} "
+                         f"(label {IGNORE_INDEX} is 'ignore'); export a model with fewer classes")
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: --resume finishes an export, "
                          "--overwrite starts it again")

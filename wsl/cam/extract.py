@@ -19,6 +19,11 @@ Aggregation (multi-scale and flip, as in e.g. Ahn et al., IRN, CVPR 2019): for e
 are resized and, with ``flip``, stacked with their mirror images into one batch; the maps are
 upsampled to the original size, the mirrored ones flipped back, and all are averaged. Normalisation is
 applied to the average.
+
+Only the maps that are used need image resolution: :meth:`CAMExtractor.class_maps` stops after the
+forward passes (:class:`ClassMaps`, maps at map resolution), and :func:`select_maps` upsamples the
+selected (image, class) pairs alone, with the values the full path gives them (``wsl cam`` does this,
+so its cost does not grow with the number of classes).
 """
 from __future__ import annotations
 
@@ -27,10 +32,12 @@ import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wsl.cam.postprocess import class_slots
 from wsl.models.layers.geometry import resample_bilinear
 
 logger = logging.getLogger(__name__)
@@ -47,6 +54,93 @@ class CAMOutput:
 
     cams: Tensor
     scores: Tensor
+
+
+@dataclass
+class ClassMaps:
+    """One batch's class maps before upsampling (:meth:`CAMExtractor.class_maps`): ``passes`` holds per
+    scale the model's maps ``(N, C, h, w)`` (``(2N, ...)`` with ``flip``, mirrored images second) and the
+    input size they were computed at; ``scores`` float32 ``(N, C)`` as in :class:`CAMOutput`.
+
+    Upsampling costs a full-resolution map per class, while points, boxes and pseudo-masks need only
+    the classes that are used (tagged or predicted): :meth:`upsample` does it for chosen (image, class)
+    pairs, each map exactly as :class:`CAMExtractor` computes it among all of them (resampling and
+    normalisation work map by map)."""
+
+    passes: List[Tuple[Tensor, Tuple[int, int]]]
+    scores: Tensor
+    image_size: Tuple[int, int]
+    stride: Union[Number, Sequence[Number]]
+    offset: Union[Number, Sequence[Number]]
+    flip: bool = False
+    normalize: str = "max"
+
+    def upsample(self, rows: Optional[Tensor] = None, *, normalize: bool = True) -> Tensor:
+        """The aggregated maps at image resolution: all ``(N, C, H, W)`` when ``rows`` is None, else
+        ``(K, H, W)`` of the pairs ``rows`` (int64 indices ``image * C + class``); normalised per map
+        (``self.normalize``) unless ``normalize=False``."""
+        n, c = self.scores.shape
+        if rows is not None and rows.numel() == 0:  # no pair: nothing to resample (the GEMM route needs one)
+            return self.scores.new_zeros(0, *self.image_size)
+        total: Optional[Tensor] = None
+        count = 0
+        with torch.inference_mode():
+            for maps, size in self.passes:
+                if rows is not None:
+                    idx = rows.to(maps.device)
+                    idx = torch.cat([idx, idx + n * c]) if self.flip else idx
+                    maps = maps.flatten(0, 1).index_select(0, idx)[None]
+                up = upsample_cams(maps, self.image_size, stride=self.stride, offset=self.offset, input_size=size)
+                if rows is not None:
+                    up = up[0]
+                if self.flip:
+                    half = up.shape[0] // 2
+                    up = up[:half] + up[half:].flip(-1)
+                # In place: the maps are the largest tensors here (the first pass's are fresh tensors).
+                total = up if total is None else total.add_(up)
+                count += 2 if self.flip else 1
+            if count > 1:
+                total.div_(count)
+            return normalize_cams(total, self.normalize, inplace=True) if normalize else total
+
+
+@dataclass
+class SelectedCAMs:
+    """The normalised maps of the used classes only, packed per image: ``cams`` ``(N, K, H, W)``, slot
+    ``k`` of image ``i`` holding class ``classes[i, k]`` (ascending), ``valid`` bool ``(N, K)`` marking
+    the used slots (the first ``count_i``; the others are zero padding). Post-processing runs on them
+    with ``select=valid`` / ``positive=valid`` and its slot labels are mapped back with ``classes``
+    (:func:`wsl.cam.postprocess.slot_labels_to_classes`)."""
+
+    cams: Tensor
+    classes: Tensor
+    valid: Tensor
+
+
+def select_maps(maps: Union[ClassMaps, Tensor], select: Tensor) -> SelectedCAMs:
+    """The maps of ``select`` (bool ``(N, C)``) packed as :class:`SelectedCAMs`, from a batch's
+    :class:`ClassMaps` (only these maps are upsampled) or from full ``(N, C, H, W)`` maps."""
+    select = torch.as_tensor(select).cpu().bool()
+    scores_shape = maps.scores.shape if isinstance(maps, ClassMaps) else maps.shape[:2]
+    if tuple(select.shape) != tuple(scores_shape):
+        raise ValueError(f"select must be a bool (N, C) = {tuple(scores_shape)} mask, got {tuple(select.shape)}")
+    n, c = select.shape
+    idx, count = class_slots(select.numpy())
+    k = idx.shape[1]
+    valid = np.arange(k)[None] < count[:, None]
+    # Index arithmetic in numpy: on a small batch torch's per-op overhead costs more than the upsampling.
+    rows = torch.from_numpy((np.arange(n)[:, None] * c + idx)[valid])
+    if isinstance(maps, ClassMaps):
+        used = maps.upsample(rows)
+        H, W = maps.image_size
+    else:
+        used = maps.flatten(0, 1).index_select(0, rows.to(maps.device)).float()
+        H, W = maps.shape[-2:]
+    with torch.inference_mode():  # an inference tensor, like CAMExtractor's maps
+        out = used.new_empty(n * k, H, W)
+        out.index_copy_(0, torch.from_numpy(np.flatnonzero(valid)).to(out.device), used)
+        out.index_fill_(0, torch.from_numpy(np.flatnonzero(~valid)).to(out.device), 0.0)
+    return SelectedCAMs(cams=out.view(n, k, H, W), classes=torch.from_numpy(idx), valid=torch.from_numpy(valid))
 
 
 def _pair(value: Union[Number, Sequence[Number]], name: str) -> Tuple[float, float]:
@@ -182,8 +276,9 @@ class CAMExtractor:
                     "its border (maps cropped back to the image)", h, w, need)
         return F.pad(x, (0, max(0, need - w), 0, max(0, need - h)), mode="replicate")
 
-    def raw(self, images: Tensor) -> CAMOutput:
-        """Aggregated maps before normalisation (same as ``normalize="none"``)."""
+    def class_maps(self, images: Tensor) -> "ClassMaps":
+        """The forward passes alone: every scale's maps at map resolution and the aggregated scores,
+        to be upsampled for the classes that are used (:meth:`ClassMaps.upsample`)."""
         if images.dim() != 4 or images.shape[1] != 3 or not images.is_floating_point():
             raise ValueError(f"images must be a normalised float tensor (N, 3, H, W), got "
                              f"{images.dtype} {tuple(images.shape)}")
@@ -194,9 +289,8 @@ class CAMExtractor:
         if device is not None:
             images = images.to(device)
         n, _, H, W = images.shape
-        total_maps: Optional[Tensor] = None
+        passes: List[Tuple[Tensor, Tuple[int, int]]] = []
         total_scores: Optional[Tensor] = None
-        count = 0
         with torch.inference_mode():
             for s in self.scales:
                 size = (max(1, round(H * s)), max(1, round(W * s)))
@@ -209,19 +303,20 @@ class CAMExtractor:
                     x = x.contiguous(memory_format=torch.channels_last)
                 maps = self.model.class_maps(x)
                 scores = self._scores(maps, x).float()
-                up = upsample_cams(maps, (H, W), stride=self.model.stride, offset=self.model.offset,
-                                   input_size=size)
                 if self.flip:
-                    up = up[:n] + up[n:].flip(-1)
                     scores = scores[:n] + scores[n:]
-                # In place: the maps are the largest tensors here (the first pass's are fresh tensors).
-                total_maps = up if total_maps is None else total_maps.add_(up)
+                passes.append((maps, size))
                 total_scores = scores.clone() if total_scores is None else total_scores.add_(scores)
-                count += 2 if self.flip else 1
+            count = len(passes) * (2 if self.flip else 1)
             if count > 1:  # x / 1 == x: a single pass needs no division
-                total_maps.div_(count)
                 total_scores.div_(count)
-            return CAMOutput(cams=total_maps, scores=total_scores)
+        return ClassMaps(passes=passes, scores=total_scores, image_size=(H, W), stride=self.model.stride,
+                         offset=self.model.offset, flip=self.flip, normalize=self.normalize)
+
+    def raw(self, images: Tensor) -> CAMOutput:
+        """Aggregated maps before normalisation (same as ``normalize="none"``)."""
+        maps = self.class_maps(images)
+        return CAMOutput(cams=maps.upsample(normalize=False), scores=maps.scores)
 
     def __call__(self, images: Tensor) -> CAMOutput:
         out = self.raw(images)

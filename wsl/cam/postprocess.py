@@ -292,8 +292,8 @@ def background_scores(cams: Tensor, positive: Tensor, *, method: str, value: flo
     return torch.cat([bg, fg], dim=1)
 
 
-def _positive_slots(pos: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Each image's positive classes in ascending order, padded to the largest count with copies of its
+def class_slots(pos: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Each image's positive (selected) classes in ascending order, padded to the largest count with copies of its
     last one (a copy comes after the original, so the first maximum is still the lowest class):
     int64 ``(N, K)`` class indices, ``K >= 1``, and the counts ``(N,)``."""
     count = pos.sum(1)
@@ -322,7 +322,7 @@ def _best_positive(cams: Tensor, positive: Tensor) -> Tuple[np.ndarray, np.ndarr
                          f"'ignore'), got {c} class maps")
     if c == 0:
         return np.full((n, h, w), -np.inf, np.float32), np.zeros((n, h, w), np.uint8)
-    idx, count = _positive_slots(pos.cpu().numpy())
+    idx, count = class_slots(pos.cpu().numpy())
     k = idx.shape[1]
     rows = torch.from_numpy((np.arange(n)[:, None] * c + idx).ravel()).to(cams.device)
     maps = cams.detach().flatten(0, 1).index_select(0, rows).cpu().numpy().reshape(n, k, h, w)  # a copy
@@ -386,3 +386,25 @@ def pseudo_masks(cams: Tensor, positive: Tensor, *, method: str = "threshold", f
     permissive = strict if fg == bg else _foreground_wins(best, method, bg)
     # IGNORE_INDEX (255) where the permissive setting sees an object: bools as bytes 0/1, negated mod 256
     return torch.from_numpy(np.where(strict, label, -permissive.view(np.uint8))).to(cams.device)
+
+
+def slot_labels_to_classes(classes: Tensor, items: List, masks: Optional[Tensor] = None) -> Optional[Tensor]:
+    """Map the results of post-processing packed maps (:class:`wsl.cam.extract.SelectedCAMs`, slot ``k``
+    of image ``i`` = class ``classes[i, k]``) back to class indices: the ``labels`` of each image's
+    :class:`Points` / :class:`Boxes` in ``items`` (in place; slots ascend with the classes, so their order
+    is the one full maps give) and, when given, a pseudo-mask's labels ``k + 1`` -> ``classes[i, k] + 1``
+    (returned; 0 and 255 kept)."""
+    classes = torch.as_tensor(classes).cpu()
+    for i, item in enumerate(items):
+        item.labels = classes[i].index_select(0, item.labels) if len(item.labels) else item.labels
+    if masks is None:
+        return None
+    n, k = classes.shape
+    if k > 0 and int(classes.max()) + 1 >= IGNORE_INDEX:
+        raise ValueError(f"uint8 pseudo-masks hold at most {IGNORE_INDEX - 1} classes (label {IGNORE_INDEX} is "
+                         f"'ignore'), got class index {int(classes.max())}")
+    lut = np.zeros((n, 256), np.uint8)
+    lut[:, 1:k + 1] = classes.numpy() + 1
+    lut[:, IGNORE_INDEX] = IGNORE_INDEX
+    return torch.from_numpy(np.stack([t[m] for t, m in zip(lut, masks.cpu().numpy())])
+                            .reshape(masks.shape)).to(masks.device)

@@ -1,0 +1,71 @@
+"""Rows B: ``wsl bench``'s per-image pseudo-mask mIoU update / decoding the image's .npz.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict
+
+import cv2
+import numpy as np
+import torch
+
+from wsl.cam import normalize_cams, pseudo_masks
+from wsl.cam.files import cam_npz_bytes
+from wsl.data.synth import SynthConfig, render_scene
+
+from speed_rows.settings import Settings
+from speed_rows.timing import interleaved, row, stats
+
+
+def phase_bench(s: Settings) -> Dict[str, Any]:
+    """``wsl bench``'s largest per-image item, the pseudo-mask mIoU update (``PseudoMaskMIoU``), against
+    decoding the image's .npz, and against the torch route it replaced (identical counts asserted)."""
+    from types import SimpleNamespace
+
+    from wsl.bench.metrics import PseudoMaskMIoU
+    from wsl.bench.record import BenchSettings
+    from wsl.cam.files import cam_npz_bytes, load_cam_npz
+    from wsl.metrics.segmentation import confusion_matrix
+
+    cfg, settings = SynthConfig(), BenchSettings()
+    classes = [str(c) for c in range(cfg.num_classes)]
+    blobs, records = [], []
+    for i in range(s.bench_images):  # the demo's val scenes, stand-in CAMs as in demo_pseudo_mask_batches
+        sc = render_scene(cfg, "val", i)
+        cams = np.stack([cv2.GaussianBlur((sc.class_mask == c + 1).astype(np.float32), (0, 0), 8) for c in
+                         range(cfg.num_classes)])
+        blobs.append(cam_npz_bytes(cams, classes, np.zeros(len(classes), np.float32)))
+        present = np.zeros(len(classes), bool)
+        present[[o["cls"] for o in sc.objects]] = True
+        records.append(SimpleNamespace(cams=load_cam_npz("x.npz", blobs[-1])[0].astype(np.float32),
+                                       present=present, mask=sc.class_mask))
+    t_mask = settings.mask_threshold
+
+    def torch_route(rec: Any) -> np.ndarray:  # PseudoMaskMIoU.update before issue 17
+        present = torch.from_numpy(rec.present)
+        cams = torch.from_numpy(np.nan_to_num(rec.cams, nan=0.0, posinf=0.0, neginf=0.0))
+        maps = torch.zeros_like(cams)
+        maps[present] = normalize_cams(cams[present], "max")
+        pred = pseudo_masks(maps[None], present[None], method="threshold", fg=t_mask, bg=t_mask)[0].numpy()
+        return confusion_matrix(pred, rec.mask, len(classes) + 1)
+
+    metric = PseudoMaskMIoU(classes, settings)
+    for rec in records:
+        metric.update(rec)
+    if not np.array_equal(metric.cm, sum(torch_route(rec) for rec in records)):
+        raise RuntimeError("PseudoMaskMIoU disagrees with the torch route it replaced")
+    n = len(records)
+    t = interleaved({"update": lambda: [metric.update(rec) for rec in records],
+                     "torch": lambda: [torch_route(rec) for rec in records],
+                     "decode": lambda: [load_cam_npz("x.npz", b)[0].astype(np.float32) for b in blobs]},
+                    repeats=s.repeats, warmup=s.warmup)
+    threads = f"torch threads {torch.get_num_threads()}"
+    what = f"{n} demo val scenes, {cfg.size} px, {cfg.num_classes} classes"
+    return {"rows": [
+        row("B", f"`wsl bench` per image: pseudo_mask_miou update / decoding the image's .npz, {what}",
+            "PseudoMaskMIoU.update", stats(t["update"], 1 / n), "load_cam_npz", stats(t["decode"], 1 / n), "<=", 1.0,
+            note=f"{threads}; load {[round(x, 2) for x in os.getloadavg()]}"),
+        row("B", f"`wsl bench` per image: pseudo_mask_miou update before issue 17 (torch) / now (numpy), {what}",
+            "torch route", stats(t["torch"], 1 / n), "numpy route", stats(t["update"], 1 / n),
+            note=f"identical confusion matrices asserted; {threads}")],
+        "info": {"images": n}}
