@@ -2,8 +2,11 @@
 refusing a non-empty output; resuming without redoing finished stages; the JSON configs."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import random
 import shutil
 from pathlib import Path
@@ -19,7 +22,7 @@ from wsl.pipeline import (STAGES, PipelineConfig, active_stages, demo_config, re
                           stage_complete)
 from wsl.train.classifier import TrainConfig
 from wsl.train.config import with_overrides
-from wsl.utils.io import load_checkpoint
+from wsl.utils.io import load_checkpoint, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"
@@ -33,10 +36,13 @@ def demo_dir(tmp_path_factory) -> Path:
     # One thread, as the `python -m wsl` children of the kill test run (CHILD_ENV): same sums, same bits.
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    printed = io.StringIO()
     try:
-        assert cli.main(["-q", "demo", "--out", str(out), "--quick"]) == 0
+        with contextlib.redirect_stdout(printed):
+            assert cli.main(["-q", "demo", "--out", str(out), "--quick"]) == 0
     finally:
         torch.set_num_threads(before)
+    (out.parent / "printed.txt").write_text(printed.getvalue(), encoding="utf-8")  # what the user saw
     return out
 
 
@@ -72,6 +78,36 @@ def test_demo_quick_metrics_and_stage_records(demo_dir):
     # The segment stage scored the same files the report shows.
     assert len(list((demo_dir / "segment").glob("val_*.png"))) == 16
     assert len(list((demo_dir / "pseudo_masks" / "masks").glob("train_*.png"))) == 48
+
+
+def test_the_printed_total_is_the_reports(demo_dir):
+    """One figure: the total time `wsl demo` prints is the report's, its report stage included (the report
+    used to leave out its own stage, which the printed total counted)."""
+    printed = (demo_dir.parent / "printed.txt").read_text(encoding="utf-8")
+    report = (demo_dir / "report.md").read_text(encoding="utf-8").split("## Time per stage")[1]
+    total = re.search(r"^total\s+([0-9.]+)", printed, re.M)
+    rows = dict(re.findall(r"^\| ([a-z_]+|total \(stages above\)) \| ([0-9.]+) \|", report, re.M))
+    assert total and rows, (printed, report[-1500:])
+    assert rows["total (stages above)"] == total.group(1)
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    assert set(rows) - {"total (stages above)"} == set(QUICK_STAGES)
+    assert float(rows["report"]) == pytest.approx(read_stage(demo_dir, "report")["seconds"], abs=0.051)
+    assert f"{summary['seconds']:.1f}" == total.group(1)
+
+
+def test_pooling_heads_count_each_second_once(tmp_path, one_thread):
+    """A head's wall time is its epochs' seconds plus its benchmark's: the heads trained by the stage
+    cost no more than the stage itself (the epochs used to be counted twice)."""
+    config = with_overrides(demo_config(quick=True), {"pooling.heads": {"max": {}, "avg": {}}, "pooling.epochs": 1})
+    out = tmp_path / "run"
+    run_pipeline(config, out, stop_after="pooling", progress=False)
+    heads = json.loads((out / "pooling" / "pooling_heads.json").read_text())["heads"]
+    assert [h["head"] for h in heads] == ["max", "avg"] and all(h["wall_s"] > 0 for h in heads)
+    for h in heads:
+        epochs = sum(r["seconds"] for r in read_jsonl(Path(h["run_dir"]) / "metrics.jsonl"))
+        bench = json.loads((Path(h["bench_dir"]) / "config.json").read_text())["timing"]["total_s"]
+        assert h["wall_s"] == pytest.approx(epochs + bench, abs=0.051)
+    assert sum(h["wall_s"] for h in heads) <= read_stage(out, "pooling")["seconds"] + 0.1
 
 
 def test_demo_refuses_a_non_empty_out_dir(tmp_path, capsys):

@@ -15,7 +15,8 @@ from wsl.data.classes import VOC_PALETTE
 from wsl.data.spec import build_dataset
 from wsl.errors import CheckpointError, OutputExistsError
 from wsl.models import build_classifier, build_segmenter, classifier_checkpoint, segmenter_checkpoint
-from wsl.segment import Segmenter, load_for_inference, normalize_images, segment_dataset, segment_folder
+from wsl.segment import (Segmenter, load_for_inference, mask_overlay, normalize_images, segment_dataset,
+                         segment_folder)
 from wsl.utils.io import save_checkpoint
 
 CLASSES = ["disc", "square", "triangle", "star"]
@@ -125,6 +126,48 @@ def test_cli_segment_and_one_line_errors(checkpoint, scenes_root, tmp_path, caps
     assert cli.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("wsl segment: error: output directory is not empty")
+
+
+def test_overlays_show_the_mask_on_the_image(model, scenes_root, tmp_path):
+    val = build_dataset(f"voc:{scenes_root}", "val", classes=CLASSES)
+    out = tmp_path / "seg"
+    manifest = segment_dataset(model, CLASSES, val, out, batch_size=4, progress=False)
+    assert manifest["files"]["overlays"] == "overlays/{id}.png"
+    foreground = 0
+    for i, ann in enumerate(val.annotations):
+        image = val.load_image(i)
+        with Image.open(out / f"{ann.id}.png") as im:
+            mask = np.asarray(im)
+        with Image.open(out / "overlays" / f"{ann.id}.png") as im:
+            assert im.mode == "RGB" and im.size == (image.shape[1], image.shape[0])
+            overlay = np.asarray(im)
+        np.testing.assert_array_equal(overlay, mask_overlay(image, mask, CLASSES))
+        fg = mask > 0
+        foreground += int(fg.sum())
+        # outside the legend (the top-left corner), foreground is tinted and background left as it was
+        body = ~np.any(overlay != mask_overlay(image, mask, []), axis=-1)  # no class named: no legend
+        assert body[-1, -1] and not body[2, 2] if fg.any() else body.all()
+        changed = np.any(overlay != image, axis=-1)
+        assert changed[fg & body].mean() > 0.95 if (fg & body).any() else True
+        assert not changed[~fg & body].any()
+    assert foreground > 0, "the untrained model predicted no foreground: the test would prove nothing"
+
+
+def test_mask_overlay_blends_the_palette_colour_and_names_the_classes_present():
+    image = np.full((100, 120, 3), 100, np.uint8)
+    mask = np.zeros((100, 120), np.uint8)
+    mask[60:90, 70:110] = 3  # "triangle"
+    mask[95:, :5] = 255  # ignore: left as the image
+    out = mask_overlay(image, mask, CLASSES, alpha=0.5)
+    assert out.shape == image.shape and out.dtype == np.uint8
+    want = np.round(0.5 * 100 + 0.5 * VOC_PALETTE[3].astype(np.float32)).astype(np.uint8)
+    assert (out[60:90, 70:110] == want).all()
+    assert (out[95:, :5] == 100).all() and (out[40:55, 60:] == 100).all()
+    legend = out[:14, :60]  # one class present: one legend row, white with a swatch and text
+    assert (legend == 255).mean() > 0.3 and (np.all(legend == VOC_PALETTE[3], axis=-1)).any()
+    assert np.array_equal(mask_overlay(image, np.zeros_like(mask), CLASSES), image)  # nothing found: no legend
+    with pytest.raises(ValueError, match="differ in size"):
+        mask_overlay(image, mask[:50], CLASSES)
 
 
 def test_cli_segment_in_tiles_matches_whole_images(checkpoint, scenes_root, tmp_path, capsys):

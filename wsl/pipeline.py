@@ -315,6 +315,7 @@ class _Context:
     progress: bool
     command: str
     resume: bool  # continue this stage's interrupted work (a trainer's last.pt, finished pooling heads)
+    clock: Optional["_Clock"] = None  # the running stage's
 
     def dir(self, stage: str) -> Path:
         return self.out / stage
@@ -413,6 +414,14 @@ def _stage_bench(ctx: _Context) -> Dict[str, Any]:
     return {k: v for k, v in json_safe(flat).items() if "/" not in k}
 
 
+def _head_seconds(records: Sequence[Mapping[str, Any]], bench_dir: Path) -> float:
+    """A pooling head's cost: its epochs' seconds (training and validation, as ``metrics.jsonl`` records
+    them, so a resumed run counts every epoch once) plus its benchmark's ``total_s`` (``config.json``)."""
+    config = bench_dir / "config.json"
+    bench = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    return round(sum(r.get("seconds", 0.0) for r in records) + bench.get("timing", {}).get("total_s", 0.0), 1)
+
+
 def _stage_pooling(ctx: _Context) -> Dict[str, Any]:
     """Train and score one classifier per head; the pipeline's own classifier stands in for its head
     when the settings are the same."""
@@ -426,7 +435,6 @@ def _stage_pooling(ctx: _Context) -> Dict[str, Any]:
     rows, bench_dirs = [], []
     for head, kwargs in p.heads.items():
         cfg = with_overrides(base, {"model.pooling": head, "model.pooling_kwargs": dict(kwargs), **overrides})
-        t0 = time.perf_counter()
         if cfg == base and (ctx.dir("bench") / "metrics.json").is_file():
             run_dir, bench_dir = ctx.dir("classifier"), ctx.dir("bench")
             log.info("pooling: %s is the pipeline's classifier; reusing it", head)
@@ -447,7 +455,7 @@ def _stage_pooling(ctx: _Context) -> Dict[str, Any]:
         localization = json.loads((bench_dir / "metrics.json").read_text(encoding="utf-8"))
         rows.append({"head": head, "pooling_kwargs": dict(kwargs), "val_map": records[-1].get("val_map"),
                      "best_val_map": best.get("val_map"), "best_epoch": best.get("epoch"),
-                     "wall_s": round(sum(r.get("seconds", 0.0) for r in records) + time.perf_counter() - t0, 1),
+                     "wall_s": _head_seconds(records, bench_dir),
                      "run_dir": str(run_dir), "bench_dir": str(bench_dir),
                      "load_average": round(os.getloadavg()[0], 1),  # wall times depend on other jobs
                      "localization": {k: v for k, v in localization.items() if "/" not in k}})
@@ -518,8 +526,12 @@ def _stage_report(ctx: _Context) -> Dict[str, Any]:
     from wsl.report import write_report
 
     r = ctx.config.report
+    # The report's time table ends with this stage's own time, read once and kept as the stage's record,
+    # so the report's total and the one the command prints are the same figure.
+    clock = ctx.clock
     path = job.on_main(lambda: write_report(ctx.out, examples=r.examples, curve_images=r.curve_images,
-                                            pooling_results=r.pooling_results))
+                                            pooling_results=r.pooling_results,
+                                            this_stage=None if clock is None else lambda: clock.read(final=True)))
     return {"report": str(path)}
 
 
@@ -547,6 +559,25 @@ def _cpu_seconds() -> float:
     """CPU time of this process and its finished children (DataLoader workers), all threads."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+class _Clock:
+    """Wall and CPU seconds of one stage since it started, with the load average and the time of day.
+    The first reading taken with ``final=True`` is the stage's figure from then on: the report stage
+    takes it when it renders its time table, a moment before it writes the files."""
+
+    def __init__(self) -> None:
+        self.t0, self.c0 = time.perf_counter(), _cpu_seconds()
+        self.final: Optional[Dict[str, Any]] = None
+
+    def read(self, final: bool = False) -> Dict[str, Any]:
+        if self.final is not None:
+            return dict(self.final)
+        record = {"seconds": round(time.perf_counter() - self.t0, 2), "cpu_seconds": round(_cpu_seconds() - self.c0, 2),
+                  "load_average": round(os.getloadavg()[0], 2), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        if final:
+            self.final = record
+        return dict(record)
 
 
 def _environment() -> Dict[str, Any]:
@@ -644,11 +675,9 @@ def _run_stages(ctx: _Context, stages: List[str], stop_after: Optional[str]) -> 
         rerun = True
         log.info("[%d/%d] %s: %s ...", i, len(stages), stage, what)
         stage_file = out / stage / STAGE_FILE
-        t0, c0 = time.perf_counter(), _cpu_seconds()
+        ctx.clock = _Clock()
         result = fn(ctx)
-        record = {"stage": stage, "seconds": round(time.perf_counter() - t0, 2),
-                  "cpu_seconds": round(_cpu_seconds() - c0, 2), "load_average": round(os.getloadavg()[0], 2),
-                  "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "result": json_safe(result)}
+        record = {"stage": stage, **ctx.clock.read(), "result": json_safe(result)}
         if dist.is_initialized():
             record["world_size"] = dist.get_world_size()
         job.on_main(lambda: atomic_write_json(stage_file, record))

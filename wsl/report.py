@@ -30,7 +30,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -573,20 +573,24 @@ def _dataset(out: Path, config: Dict[str, Any], classes: Sequence[str]) -> Tuple
     return build_dataset(spec, split, classes=classes, masks=has_ground_truth(spec, split)), spec
 
 
-def _timing_rows(results: Dict[str, Any]) -> List[List[str]]:
+def _timing_rows(stages: Dict[str, Dict[str, Any]]) -> List[List[str]]:
     rows = [[s, f"{r.get('seconds', 0):.1f}", f"{r.get('cpu_seconds', 0):.1f}", f"{r.get('load_average', 0):.1f}",
-             r.get("finished", "")] for s, r in results["stages"].items()]
-    total = sum(r.get("seconds", 0) for r in results["stages"].values())
+             r.get("finished", "")] for s, r in stages.items()]
+    total = round(sum(r.get("seconds", 0) for r in stages.values()), 2)  # as the pipeline's summary adds them
     return rows + [["total (stages above)", f"{total:.1f}", "", "", ""]]
 
 
 def write_report(pipeline_dir: PathLike, *, examples: int = 6, curve_images: int = 500,
-                 pooling_results: Optional[PathLike] = "experiments/results/pooling_heads.json") -> Path:
+                 pooling_results: Optional[PathLike] = "experiments/results/pooling_heads.json",
+                 this_stage: Optional[Callable[[], Dict[str, Any]]] = None) -> Path:
     """Write ``report.md``, ``report.html`` and ``figures/*.png`` into ``pipeline_dir`` (a
     :func:`wsl.pipeline.run_pipeline` output); returns the path of ``report.md``.
 
     ``examples``: rows of the example grid; ``curve_images``: val images used for the threshold curves;
     ``pooling_results``: the pooling-head results file shown when the run has no ``pooling`` stage.
+    ``this_stage``: called once, after the figures, for the record (``seconds``, ``cpu_seconds``,
+    ``load_average``, ``finished``) of the pipeline stage writing this report, which the time table then
+    shows as its ``report`` row and counts in its total (the pipeline keeps the same record).
     """
     out = Path(pipeline_dir)
     config = _json(out / "config.json")
@@ -664,8 +668,11 @@ def write_report(pipeline_dir: PathLike, *, examples: int = 6, curve_images: int
         blocks.append(("p", "No comparison available: run `python experiments/pooling_heads.py`, or set "
                             "`pooling.heads` in the pipeline config (e.g. "
                             '`{"max": {}, "avg": {}, "lse": {"beta": 5.0}}`).'))
+    stages = dict(results["stages"])
+    if this_stage is not None:
+        stages["report"] = this_stage()
     blocks += [("h2", "Time per stage"),
-               ("table", ["stage", "wall s", "CPU s", "load average after", "finished"], _timing_rows(results)),
+               ("table", ["stage", "wall s", "CPU s", "load average after", "finished"], _timing_rows(stages)),
                ("p", "CPU seconds add up all threads of the process and its finished data-loading workers; a load "
                      "average above the number of cores means the machine was shared while the stage ran.")]
     atomic_write_text(out / "report.md", render_markdown(blocks))

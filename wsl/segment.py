@@ -25,12 +25,15 @@ equal the whole-image ones wherever the overlap covers the model's receptive fie
 Output of :func:`segment_dataset` (``out_dir``)::
 
     options.json    what the masks depend on (written first; ``resume`` refuses other settings)
+    overlays/ID.png the image with the mask blended in (VOC palette colours) and a legend naming the
+                    classes present, at the image's size (:func:`mask_overlay`), written before the mask
     ID.png          class-index mask at the image's size, VOC palette (0 background, c+1 class c)
     manifest.json   classes, options (scales, flip, crf, input size, tile and overlap), counts, the world
                     size and each rank's share (written last)
     metrics.json    only when the dataset has ground-truth masks: mIoU, pixel accuracy, per-class IoU
 
-With ``shards=N`` the masks go into ``shards/shard-XXXXXX.tar`` instead (members ``KEY.mask.png``,
+With ``shards=N`` the masks and overlays go into ``shards/shard-XXXXXX.tar`` instead (members
+``KEY.overlay.png`` and ``KEY.mask.png``,
 the layout the ``webdataset`` package reads; :mod:`wsl.utils.shards`). Under ``torchrun`` the batches
 are dealt to the ranks in turn, each rank writes its images' masks and rank 0 the JSON files, after
 summing every rank's confusion matrix (:mod:`wsl.utils.job`): the same files as one process writes.
@@ -55,8 +58,8 @@ from tqdm.auto import tqdm
 
 from wsl.cam.export import eval_mode
 from wsl.data.images import ImageFolderDataset
-from wsl.cam.files import file_stem, palette_png_bytes, save_palette_png
-from wsl.data.classes import IGNORE_INDEX
+from wsl.cam.files import file_stem, palette_png_bytes, rgb_png_bytes, save_palette_png, save_rgb_png
+from wsl.data.classes import IGNORE_INDEX, VOC_PALETTE
 from wsl.errors import CheckpointError, DataError
 from wsl.train.engine import autocast, json_safe
 from wsl.utils import dist, job
@@ -67,6 +70,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "wsl-segment/1"
 MIN_SIDE = 32  # the smallest side a VGG-style segmenter with 3+ pools still maps sensibly
+OVERLAY_DIR = "overlays"
 
 
 def normalize_images(images: Tensor) -> Tensor:
@@ -76,6 +80,41 @@ def normalize_images(images: Tensor) -> Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     return (images.float() / 255.0 - mean) / std
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray, classes: Sequence[str], alpha: float = 0.5) -> np.ndarray:
+    """What a class-index mask says about an image, as one uint8 RGB picture of the image's size.
+
+    Each pixel of class ``c`` (mask value ``c + 1``) becomes ``(1 - alpha) * image + alpha * colour``
+    with the class's VOC palette colour (the colours of ``wsl cam``'s pseudo-mask PNGs); background and
+    ignore (255) pixels keep the image's. A legend in the top-left corner names the classes present, each
+    beside a swatch of its colour, in class order (none when the mask is all background).
+    ``image`` ``(H, W, 3)`` uint8, ``mask`` ``(H, W)`` uint8.
+    """
+    import cv2
+
+    if image.shape[:2] != mask.shape:
+        raise ValueError(f"mask {mask.shape} and image {image.shape[:2]} differ in size")
+    fg = (mask > 0) & (mask != IGNORE_INDEX)
+    out = image.astype(np.float32)
+    out[fg] = (1.0 - alpha) * out[fg] + alpha * VOC_PALETTE[mask[fg]].astype(np.float32)
+    out = np.ascontiguousarray(out.round().astype(np.uint8))
+    present = [int(v) for v in np.unique(mask[fg]) if int(v) <= len(classes)]
+    if not present:
+        return out
+    # Small type on small images: the legend must leave most of a 64 px scene visible.
+    scale = 0.3 if min(mask.shape) < 160 else 0.45
+    (_, text_h), _ = cv2.getTextSize("Ag", cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    row, swatch = text_h + 5, text_h + 1
+    names = [classes[v - 1] for v in present]
+    width = swatch + 6 + max(cv2.getTextSize(n, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] for n in names)
+    cv2.rectangle(out, (0, 0), (width + 2, row * len(names) + 2), (255, 255, 255), cv2.FILLED)
+    for k, (v, name) in enumerate(zip(present, names)):
+        y = 2 + k * row
+        cv2.rectangle(out, (2, y + 1), (2 + swatch, y + 1 + swatch), tuple(int(c) for c in VOC_PALETTE[v]), cv2.FILLED)
+        cv2.putText(out, name, (swatch + 6, y + text_h + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    return out
 
 
 class Segmenter:
@@ -306,9 +345,11 @@ def segment_dataset(model: nn.Module, classes: Sequence[str], dataset: Any, out_
     ``out_dir`` is refused unless ``overwrite``, which never empties a folder holding the dataset's files or
     ``inputs`` (e.g. the checkpoint), or ``resume``, which finishes an interrupted run with the same
     settings (``options.json``; the masks written are kept, and scored from their files); every file is
-    written atomically. Returns the manifest (with ``metrics`` when scored). ``tile`` / ``tile_overlap``:
-    overlap-tile inference (:class:`Segmenter`). ``shards=N``: the masks go into tar shards
-    (``shards/shard-XXXXXX.tar``, members ``KEY.mask.png``, :mod:`wsl.utils.shards`) of N images or more.
+    written atomically. Beside each mask, ``overlays/ID.png`` shows it on the image
+    (:func:`mask_overlay`). Returns the manifest (with ``metrics`` when scored). ``tile`` / ``tile_overlap``:
+    overlap-tile inference (:class:`Segmenter`). ``shards=N``: the masks and overlays go into tar shards
+    (``shards/shard-XXXXXX.tar``, members ``KEY.mask.png``, ``KEY.overlay.png``, :mod:`wsl.utils.shards`)
+    of N images or more.
     Under ``torchrun`` every rank calls this with the same arguments; the batches are dealt to the ranks
     in turn and the confusion matrices summed (:mod:`wsl.utils.job`).
     """
@@ -354,7 +395,7 @@ def segment_dataset(model: nn.Module, classes: Sequence[str], dataset: Any, out_
     reads = [*inputs, *(dataset.input_paths() if hasattr(dataset, "input_paths") else ())]
     scored = bool(getattr(dataset, "masks", False))
     sharded = shards is not None
-    dirs = (SHARD_DIR,) if sharded else ()
+    dirs = (SHARD_DIR,) if sharded else (OVERLAY_DIR,)
     plan = plan_batches(len(dataset), batch_size)  # the whole dataset's, also when resuming
     with job.prepared_output(out_dir, "segment", lambda: open_output_dir(
             out_dir, run_info, overwrite=overwrite, resume=resume, inputs=reads, kind="segment", dirs=dirs)) as out:
@@ -385,9 +426,12 @@ def segment_dataset(model: nn.Module, classes: Sequence[str], dataset: Any, out_
                         sample, _, labels = next(predictions)
                         stem = add_stem(index, str(sample["id"]))
                         pred = labels.cpu().numpy()
+                        overlay = mask_overlay(sample["image"].permute(1, 2, 0).numpy(), pred, classes)
                         if shard is not None:
-                            shard.add(shard_key(stem), {"mask.png": palette_png_bytes(pred)})
-                        else:
+                            shard.add(shard_key(stem), {"overlay.png": rgb_png_bytes(overlay),
+                                                        "mask.png": palette_png_bytes(pred)})
+                        else:  # the overlay first: the mask marks the image done (resume)
+                            save_rgb_png(out / OVERLAY_DIR / f"{stem}.png", overlay)
                             save_palette_png(out / f"{stem}.png", pred)
                         if scored:
                             confusion += confusion_matrix(pred, sample["mask"].numpy(), k, ignore_index=IGNORE_INDEX)
@@ -398,8 +442,9 @@ def segment_dataset(model: nn.Module, classes: Sequence[str], dataset: Any, out_
         def finish() -> Dict[str, Any]:
             matrix = np.sum([g.pop("confusion") for g in gathered], axis=0)
             count = sum(g["images"] for g in gathered)
-            files: Dict[str, Any] = ({"shards": f"{SHARD_DIR}/shard-{{index:06d}}.tar", "members": {"masks": "{key}.mask.png"}}
-                                     if sharded else {"masks": "{id}.png"})
+            files: Dict[str, Any] = ({"shards": f"{SHARD_DIR}/shard-{{index:06d}}.tar",
+                                      "members": {"masks": "{key}.mask.png", "overlays": "{key}.overlay.png"}}
+                                     if sharded else {"masks": "{id}.png", "overlays": f"{OVERLAY_DIR}/{{id}}.png"})
             files.update(options=OPTIONS_FILE, metrics="metrics.json" if scored else None)
             manifest: Dict[str, Any] = {
                 "format": FORMAT, "classes": classes, "count": count, "options": options, "files": files,
@@ -426,5 +471,6 @@ def segment_folder(model: nn.Module, classes: Sequence[str], image_dir: PathLike
     return segment_dataset(model, classes, ImageFolderDataset(image_dir, classes), out_dir, **kwargs)
 
 
-__all__ = ["Segmenter", "normalize_images", "load_for_inference", "has_ground_truth", "plan_batches", "iter_predictions",
+__all__ = ["Segmenter", "mask_overlay", "normalize_images", "load_for_inference", "has_ground_truth", "plan_batches",
+           "iter_predictions",
            "score_masks", "score_mask_dir", "segment_dataset", "segment_folder"]

@@ -43,6 +43,28 @@ def show_config_defaults(parser: argparse.ArgumentParser, config: Any, fields: M
         action.help = f"{action.help + ' ' if action.help else ''}(default: {str(shown).replace('%', '%%')})"
 
 
+#: How each scheme of :data:`wsl.data.spec.SCHEMES` is written, for --data's help. The help lists the
+#: schemes from SCHEMES itself, so a new scheme shows up (as ``NAME:PATH``) even before it gets a line here.
+SPEC_FORMS = {
+    "voc": "voc:DIR (PASCAL VOC 2007 or 2012; split train_aug: SBD-augmented)",
+    "voc2007": "voc2007:DIR", "voc2012": "voc2012:DIR (one year of a DIR holding both)",
+    "synth": "synth:DIR (wsl synth's scenes)",
+    "coco": "coco:ANN_JSON:IMAGE_DIR (ANN_JSON may be a folder of instances_SPLIT.json)",
+    "tags": "tags:FILE (image<TAB>tags lines; val: a fixed 10%% held out) or tags:DIR (DIR/SPLIT.txt)",
+    "folder": "folder:DIR (one folder per class)",
+    "images": "images:DIR (unlabelled)",
+}
+
+
+def data_help(prefix: str = "dataset") -> str:
+    """``--data``'s help: every dataset spec :func:`wsl.data.spec.build_dataset` accepts."""
+    from wsl.data.spec import SCHEMES
+
+    forms = [form for s, form in SPEC_FORMS.items() if s in SCHEMES]
+    forms += [f"{s}:PATH" for s in SCHEMES if s not in SPEC_FORMS]
+    return f"{prefix}: " + ", ".join(forms)
+
+
 def add_inference_flags(parser: argparse.ArgumentParser, *, checkpoint_help: str, images_help: str,
                         split_help: str) -> None:
     """``--checkpoint``, ``--data SPEC`` | ``--images DIR``, ``--split``, ``--out``: the model an
@@ -50,7 +72,7 @@ def add_inference_flags(parser: argparse.ArgumentParser, *, checkpoint_help: str
     checks them)."""
     parser.add_argument("--checkpoint", required=True, type=Path, help=checkpoint_help)
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", metavar="SPEC", help="dataset: voc:DIR, synth:DIR, coco:ANN_JSON:IMAGE_DIR, tags:FILE")
+    src.add_argument("--data", metavar="SPEC", help=data_help())
     src.add_argument("--images", metavar="DIR", type=Path, help=images_help)
     parser.add_argument("--split", help=split_help)
     parser.add_argument("--out", required=True, type=Path, help="output directory")

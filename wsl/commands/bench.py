@@ -7,7 +7,7 @@ from pathlib import Path
 
 from wsl.bench import (CORLOC_THRESHOLD, DEFAULT_PROTOCOL, MASK_THRESHOLD, METRIC_ORDER, METRICS, PROTOCOL_NAMES,
                        RANK_BY, BenchSettings)
-from wsl.commands._flags import add_method_flags
+from wsl.commands._flags import add_method_flags, data_help
 from wsl.metrics.localization import CAM_CURVE_INTERVAL, default_thresholds
 
 
@@ -20,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "`torchrun --nproc_per_node N -m wsl bench ...` the images are split between the N processes "
                     "and the metrics are those of one process.")
     p.add_argument("--data", required=True, metavar="SPEC",
-                   help="dataset: voc:DIR, synth:DIR, coco:JSON:IMAGES, tags:FILE")
+                   help=data_help("dataset (boxes or masks for the localization metrics)"))
     p.add_argument("--split", required=True, metavar="NAME", help="split to score, e.g. val")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", metavar="CKPT", help="classifier checkpoint (maps computed here)")

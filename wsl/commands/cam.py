@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from wsl.cam.postprocess import BOX_MODES, DEFAULT_MASK_SETTINGS, PSEUDO_MASK_METHODS
 from wsl.commands._flags import (add_device_flag, add_inference_flags, add_loader_flags, add_method_flags,
                                  add_shards_flag, inference_device)
-
-logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -71,12 +68,11 @@ def _export(args: argparse.Namespace, device: object) -> int:
     else:
         dataset = ImageFolderDataset(args.images, classes)
     crf = DenseCRF(max_pixels=args.crf_max_pixels) if args.crf else None
-    manifest = export_cams(
+    # export_cams logs the one summary line (images, boxes, folder): repeating it here printed it twice.
+    export_cams(
         model, classes, dataset, args.out, batch_size=args.batch_size, scales=args.scales, flip=args.flip,
         tau=args.tau, box_mode=args.box_mode, mask_method=args.mask_method, mask_fg=args.mask_fg,
         mask_bg=args.mask_bg, crf=crf, use_labels=not args.predicted, num_workers=args.workers,
         overwrite=args.overwrite, resume=args.resume, progress=not getattr(args, "quiet", False),
         inputs=[args.checkpoint], method=args.method or "cam", target_layer=args.target_layer, shards=args.shards)
-    c = manifest["counts"]
-    logger.info("wsl cam: %d images, %d boxes, %d points -> %s", c["images"], c["boxes"], c["points"], args.out)
     return 0

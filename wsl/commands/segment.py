@@ -1,20 +1,18 @@
 """``wsl segment``: run a trained segmenter over a dataset split or a folder of images.
 
-Writes ``OUT/ID.png`` (VOC palette class-index masks at each image's size; with ``--shards N`` tar shards
-``OUT/shards/shard-XXXXXX.tar`` of ``KEY.mask.png`` members instead), ``OUT/options.json``,
+Writes ``OUT/ID.png`` (VOC palette class-index masks at each image's size) and ``OUT/overlays/ID.png`` (the
+mask blended into the image, with a legend naming the classes found); with ``--shards N`` tar shards
+``OUT/shards/shard-XXXXXX.tar`` of ``KEY.overlay.png`` and ``KEY.mask.png`` members instead; ``OUT/options.json``,
 ``OUT/manifest.json`` and, when the split has ground-truth masks, ``OUT/metrics.json`` with the mIoU.
 Under ``torchrun --nproc_per_node N -m wsl segment ...`` the images are split between the N processes.
 """
 from __future__ import annotations
 
 import argparse
-import logging
 from typing import Any
 
 from wsl.commands._flags import add_device_flag, add_inference_flags, add_loader_flags, add_shards_flag, inference_device
 from wsl.train.config import AMP_MODES
-
-log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -39,7 +37,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         "a multiple of the model's pooling grid)")
     p.add_argument("--tile-overlap", type=int, metavar="PX",
                    help="context px on each side of a tile (default: the model's receptive margin)")
-    add_shards_flag(p, "KEY.mask.png")
+    add_shards_flag(p, "KEY.overlay.png, KEY.mask.png")
     add_loader_flags(p)
     p.add_argument("--amp", choices=AMP_MODES, default="auto",
                    help="autocast precision (default auto: bfloat16 where the hardware computes it natively)")
@@ -75,10 +73,7 @@ def _segment(args: argparse.Namespace, device: Any) -> int:
 
         dataset = build_dataset(args.data, args.split, classes=classes,
                                 masks=has_ground_truth(args.data, args.split))
-        manifest = segment_dataset(model, classes, dataset, args.out, **options)
+        segment_dataset(model, classes, dataset, args.out, **options)
     else:
-        manifest = segment_folder(model, classes, args.images, args.out, **options)
-    miou = manifest.get("metrics", {}).get("miou")
-    log.info("wsl segment: %d masks -> %s%s", manifest["count"], args.out,
-             "" if miou is None else f" (mIoU {100 * miou:.2f}%)")
-    return 0
+        segment_folder(model, classes, args.images, args.out, **options)
+    return 0  # the library logged the one summary line (count, folder, mIoU)

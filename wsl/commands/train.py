@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from wsl.commands._flags import add_run_flags, add_skip_bad_flag, run_trainer, trainer_config
+from wsl.commands._flags import add_run_flags, add_skip_bad_flag, data_help, run_trainer, trainer_config
 from wsl.train.config import AMP_MODES, OPTIMIZERS, SCHEDULES
 
 # flag dest -> dotted config field
@@ -46,7 +46,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_flags(p)
     g = p.add_argument_group("data")
-    g.add_argument("--data", metavar="SPEC", help="dataset: voc:DIR, synth:DIR, coco:JSON:IMAGES or tags:FILE")
+    g.add_argument("--data", metavar="SPEC", help=data_help())
     g.add_argument("--train-split", metavar="NAME", help=d("train_split"))
     g.add_argument("--val-split", metavar="NAME", help=d("val_split"))
     g.add_argument("--size", type=int, metavar="PX", help=d("size", "training crop and validation size"))

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from wsl.commands._flags import add_run_flags, add_skip_bad_flag, run_trainer, show_config_defaults, trainer_config
+from wsl.commands._flags import (add_run_flags, add_skip_bad_flag, data_help, run_trainer, show_config_defaults,
+                                 trainer_config)
 from wsl.train.config import AMP_MODES, OPTIMIZERS, SCHEDULES
 
 # flag dest -> dotted config field
@@ -37,7 +38,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_flags(p)
     g = p.add_argument_group("data")
-    g.add_argument("--data", metavar="SPEC", help="dataset: voc:DIR, synth:DIR, coco:JSON:IMAGES")
+    g.add_argument("--data", metavar="SPEC", help=data_help("dataset (with masks, or --masks)"))
     g.add_argument("--masks", metavar="DIR", help="pseudo-mask folder (ID.png), a `wsl cam --out` folder, or one "
                                                   "written with --shards (tar shards); default: ground-truth masks")
     g.add_argument("--train-split", metavar="NAME")

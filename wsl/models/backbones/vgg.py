@@ -58,6 +58,14 @@ VARIANTS: Dict[str, VGGVariant] = {
                            torchvision_weights=False),
 }
 
+#: One line per variant for its builder's docstring (and so the README's generated component table).
+DESCRIPTIONS: Dict[str, str] = {
+    "vgg16": "VGG16 with fc6/fc7 as convolutions (fc6 7x7 unpadded, as ImageNet's classifier), stride 32",
+    "vgg16_conv5": "VGG16's conv5_3 maps (pool5 and the fc layers removed), stride 16, as in CAM",
+    "vgg16_atrous": "DeepLab-v1 VGG16: pool4/pool5 at stride 1, conv5 dilation 2, fc6 7x7 dilation 4, stride 8",
+    "vgg_tiny": "narrow VGG with BatchNorm for the CPU (16-128 channels, fc6 3x3 of 256), stride 8",
+}
+
 
 class VGGBackbone(Backbone):
     """Fully convolutional VGG: conv blocks (``features``, same indices as torchvision) then
@@ -227,7 +235,7 @@ def _register(name: str, variant: VGGVariant, registry: Registry) -> None:
 
     builder.__name__ = name
     builder.__qualname__ = name
-    builder.__doc__ = (f"``{name}`` backbone ({VGGVariant.__name__} {VARIANTS[name]}).\n\n"
+    builder.__doc__ = (f"``{name}`` backbone: {DESCRIPTIONS[name]}.\n\n{VGGVariant.__name__}: {VARIANTS[name]}.\n\n"
                        f"Keyword-only: ``weights`` (None, {'a VGG16_Weights member or name, ' if variant.torchvision_weights else ''}"
                        "or a .pth path) and any :class:`VGGBackbone` argument to override the variant.")
     registry.register(name)(builder)
