@@ -42,11 +42,12 @@ RESUMABLE = ("train", "train-seg", "cam", "segment", "demo", "pipeline")
 _ROLE = re.compile(r":(?:func|class|mod|meth|data|attr|obj|exc):`~?([^`<]+?)(?:\s*<[^`]*>)?`")
 
 
-def plain_text(text: str) -> str:
-    """``:func:`~wsl.segment.segment_dataset``` -> ``segment_dataset``, double backticks dropped."""
-    text = _ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1] if m.group(0)[m.group(0).index("`") + 1] == "~"
-                     else m.group(1), text)
-    return text.replace("``", "")
+def plain_text(text: str, code: str = "") -> str:
+    """``:func:`~wsl.segment.segment_dataset``` -> ``segment_dataset``, double backticks dropped; ``code``
+    goes around each role's name and literal instead (```` ` ```` for Markdown: the README's tables)."""
+    text = _ROLE.sub(lambda m: code + (m.group(1).rsplit(".", 1)[-1] if m.group(0)[m.group(0).index("`") + 1] == "~"
+                                       else m.group(1)) + code, text)
+    return text.replace("``", code)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
