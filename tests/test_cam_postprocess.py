@@ -299,7 +299,8 @@ def test_packed_maps_of_the_used_classes_give_the_full_maps_results(method):
     peaks = local_maxima(packed, min_distance=4, top_k=3, select=valid)
     boxes = cam_boxes(packed, tau=0.6, mode="all", select=valid)
     slot_labels_to_classes(classes, peaks)
-    masks = slot_labels_to_classes(classes, boxes, pseudo_masks(packed, valid, method=method))
+    slot_labels_to_classes(classes, boxes)
+    masks = pseudo_masks(packed, valid, method=method, classes=classes)
     for got, want in zip(peaks, local_maxima(cams, min_distance=4, top_k=3, select=select)):
         assert all(torch.equal(getattr(got, a), getattr(want, a)) for a in ("points", "labels", "scores"))
     for got, want in zip(boxes, cam_boxes(cams, tau=0.6, mode="all", select=select)):
@@ -308,8 +309,10 @@ def test_packed_maps_of_the_used_classes_give_the_full_maps_results(method):
     assert torch.equal(masks, want_masks) and {3, 4, 8, 9} <= set(want_masks.unique().tolist())
 
 
-def test_slot_labels_refuse_a_class_without_a_uint8_label():
-    masks = torch.ones(1, 2, 2, dtype=torch.uint8)
-    assert slot_labels_to_classes(torch.tensor([[253]]), [], masks).unique().tolist() == [254]
+def test_packed_pseudo_masks_refuse_a_class_without_a_uint8_label():
+    cams = torch.ones(1, 1, 2, 2)
+    assert pseudo_masks(cams, torch.ones(1, 1, dtype=torch.bool), classes=torch.tensor([[253]])).unique().tolist() == [254]
     with pytest.raises(ValueError, match="at most 254 classes"):
-        slot_labels_to_classes(torch.tensor([[254]]), [], masks)
+        pseudo_masks(cams, torch.ones(1, 1, dtype=torch.bool), classes=torch.tensor([[254]]))
+    with pytest.raises(ValueError, match="used slots first"):
+        pseudo_masks(torch.ones(1, 2, 2, 2), torch.tensor([[False, True]]), classes=torch.tensor([[0, 1]]))

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from wsl.cam.postprocess import background_scores, combine_confident, mask_settings
+from wsl.data.classes import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -530,7 +531,7 @@ class DenseCRF:
 
 def crf_pseudo_masks(crf: DenseCRF, images: Tensor, cams: Tensor, positive: Tensor, *,
                      method: str = "threshold", fg: Optional[float] = None,
-                     bg: Optional[float] = None) -> Tensor:
+                     bg: Optional[float] = None, classes: Optional[Tensor] = None) -> Tensor:
     """Pseudo-masks ``(N, H, W)`` uint8 refined by the dense CRF.
 
     For each background setting (see :func:`wsl.cam.postprocess.pseudo_masks`) the scores
@@ -539,7 +540,8 @@ def crf_pseudo_masks(crf: DenseCRF, images: Tensor, cams: Tensor, positive: Tens
     max #positives`` per batch, absent ones masked). The ignore band is *recomputed* after the CRF,
     as in PSA/IRN: foreground where the strict (``fg``) setting's CRF labels an object, background
     where both settings' CRFs say background, ``255`` elsewhere. Both settings run in one CRF call
-    sharing each image's kernels; equal settings give one run and no ignore band.
+    sharing each image's kernels; equal settings give one run and no ignore band. ``classes``: the
+    class of each slot of packed maps, as in :func:`wsl.cam.postprocess.pseudo_masks`.
     """
     fg, bg = mask_settings(method, fg, bg)
     if cams.dim() != 4:
@@ -555,6 +557,13 @@ def crf_pseudo_masks(crf: DenseCRF, images: Tensor, cams: Tensor, positive: Tens
     lut = torch.zeros(n, k, dtype=torch.long, device=dev)
     valid = torch.zeros(n, k, dtype=torch.bool, device=dev)
     valid[:, 0] = True
+    if classes is not None:
+        classes = torch.as_tensor(classes)
+        if tuple(classes.shape) != (n, c):
+            raise ValueError(f"classes must be (N, K) = ({n}, {c}) like the packed maps, got {tuple(classes.shape)}")
+        if classes.numel() and int(classes.max()) >= IGNORE_INDEX - 1:
+            raise ValueError(f"uint8 pseudo-masks hold at most {IGNORE_INDEX - 1} classes (label {IGNORE_INDEX} is "
+                             f"'ignore'), got class index {int(classes.max())}")
     for i in range(n):
         cls = torch.nonzero(pos[i]).flatten()
         lut[i, 1:1 + cls.numel()] = cls + 1
@@ -568,5 +577,8 @@ def crf_pseudo_masks(crf: DenseCRF, images: Tensor, cams: Tensor, positive: Tens
         probs.append(compact / compact.sum(1, keepdim=True))
     reps = len(settings)
     q = crf(images, torch.stack(probs, 1), valid[:, None].expand(n, reps, k))  # one lattice per image
-    labels = lut.gather(1, q.argmax(2).flatten(1)).view(n, reps, height, width)
+    # Packed maps: slot k's label k + 1 becomes its class's, classes[i, k] + 1.
+    names = lut if classes is None else torch.where(lut > 0, classes.to(dev).gather(
+        1, (lut - 1).clamp_min(0)) + 1, lut)
+    labels = names.gather(1, q.argmax(2).flatten(1)).view(n, reps, height, width)
     return combine_confident(labels[:, 0], labels[:, -1])

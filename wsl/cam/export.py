@@ -262,12 +262,13 @@ def localize(maps: Any, selection: Tensor, options: Optional[ExportOptions] = No
                          top_k=opt.peak_top_k, select=used.valid)
     boxes = cam_boxes(used.cams, tau=opt.tau, mode=opt.box_mode, select=used.valid)
     if crf is None:
-        masks = pseudo_masks(used.cams, used.valid, method=opt.mask_method, fg=opt.mask_fg, bg=opt.mask_bg)
+        masks = pseudo_masks(used.cams, used.valid, method=opt.mask_method, fg=opt.mask_fg, bg=opt.mask_bg,
+                             classes=used.classes)
     else:
         masks = crf_pseudo_masks(crf, images.to(used.cams.device), used.cams, used.valid,
-                                 method=opt.mask_method, fg=opt.mask_fg, bg=opt.mask_bg)
+                                 method=opt.mask_method, fg=opt.mask_fg, bg=opt.mask_bg, classes=used.classes)
     slot_labels_to_classes(used.classes, peaks)
-    masks = slot_labels_to_classes(used.classes, boxes, masks)
+    slot_labels_to_classes(used.classes, boxes)
     return Localized(used=used, points=points.cpu(), values=values.cpu(), peaks=peaks, boxes=boxes, masks=masks)
 
 

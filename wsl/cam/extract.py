@@ -77,31 +77,52 @@ class ClassMaps:
 
     def upsample(self, rows: Optional[Tensor] = None, *, normalize: bool = True) -> Tensor:
         """The aggregated maps at image resolution: all ``(N, C, H, W)`` when ``rows`` is None, else
-        ``(K, H, W)`` of the pairs ``rows`` (int64 indices ``image * C + class``); normalised per map
-        (``self.normalize``) unless ``normalize=False``."""
+        ``(K, H, W)`` of the pairs ``rows`` (int64 indices ``image * C + class``; a negative index gives
+        an all-zero map, the padding of :func:`select_maps`); normalised per map (``self.normalize``)
+        unless ``normalize=False``."""
         n, c = self.scores.shape
-        if rows is not None and rows.numel() == 0:  # no pair: nothing to resample (the GEMM route needs one)
-            return self.scores.new_zeros(0, *self.image_size)
+        if rows is not None:
+            rows = torch.as_tensor(rows, dtype=torch.int64).cpu()
+            slots = torch.nonzero(rows >= 0).flatten()
+            pairs = rows[slots]
+            if pairs.numel() == 0:  # no pair: nothing to resample (the GEMM route needs one)
+                return self.scores.new_zeros(len(rows), *self.image_size)
         total: Optional[Tensor] = None
         count = 0
         with torch.inference_mode():
             for maps, size in self.passes:
-                if rows is not None:
-                    idx = rows.to(maps.device)
-                    idx = torch.cat([idx, idx + n * c]) if self.flip else idx
-                    maps = maps.flatten(0, 1).index_select(0, idx)[None]
-                up = upsample_cams(maps, self.image_size, stride=self.stride, offset=self.offset, input_size=size)
-                if rows is not None:
-                    up = up[0]
+                if rows is None:
+                    total = self._add(total, upsample_cams(maps, self.image_size, stride=self.stride,
+                                                           offset=self.offset, input_size=size))
+                    continue
+                # The pairs' maps by (image, class) indexing: flattening the batch first would copy every
+                # map of a channels-last batch (all 1000 classes' for ImageNet).
+                image, cls = pairs // c, pairs % c
                 if self.flip:
-                    half = up.shape[0] // 2
-                    up = up[:half] + up[half:].flip(-1)
-                # In place: the maps are the largest tensors here (the first pass's are fresh tensors).
-                total = up if total is None else total.add_(up)
-                count += 2 if self.flip else 1
+                    image, cls = torch.cat([image, image + n]), torch.cat([cls, cls])
+                maps = maps[image.to(maps.device), cls.to(maps.device)][None]
+                if len(self.passes) == 1 and not self.flip:
+                    # The one pass is the result: written straight into its slots (the padding stays zero).
+                    total = upsample_cams(maps, self.image_size, stride=self.stride, offset=self.offset,
+                                          input_size=size, out=maps.new_zeros(len(rows), *self.image_size,
+                                                                              dtype=torch.float32), index=slots)
+                else:
+                    total = self._add(total, upsample_cams(maps, self.image_size, stride=self.stride,
+                                                           offset=self.offset, input_size=size)[0])
+            count = len(self.passes) * (2 if self.flip else 1)
             if count > 1:
                 total.div_(count)
+            if rows is not None and len(total) != len(rows):  # the aggregate of several passes, into its slots
+                total = total.new_zeros(len(rows), *self.image_size).index_copy_(0, slots.to(total.device), total)
             return normalize_cams(total, self.normalize, inplace=True) if normalize else total
+
+    def _add(self, total: Optional[Tensor], up: Tensor) -> Tensor:
+        """``total + up`` with the mirrored half of ``up`` flipped back and added to the first (``flip``);
+        in place on ``total``: the maps are the largest tensors here (the first pass's are fresh)."""
+        if self.flip:
+            half = up.shape[0] // 2
+            up = up[:half] + up[half:].flip(-1)
+        return up if total is None else total.add_(up)
 
 
 @dataclass
@@ -109,8 +130,9 @@ class SelectedCAMs:
     """The normalised maps of the used classes only, packed per image: ``cams`` ``(N, K, H, W)``, slot
     ``k`` of image ``i`` holding class ``classes[i, k]`` (ascending), ``valid`` bool ``(N, K)`` marking
     the used slots (the first ``count_i``; the others are zero padding). Post-processing runs on them
-    with ``select=valid`` / ``positive=valid`` and its slot labels are mapped back with ``classes``
-    (:func:`wsl.cam.postprocess.slot_labels_to_classes`)."""
+    with ``select=valid`` / ``positive=valid``; the slot labels of points and boxes are mapped back with
+    ``classes`` (:func:`wsl.cam.postprocess.slot_labels_to_classes`), pseudo-masks take ``classes=``
+    (:func:`wsl.cam.postprocess.pseudo_masks`)."""
 
     cams: Tensor
     classes: Tensor
@@ -129,17 +151,16 @@ def select_maps(maps: Union[ClassMaps, Tensor], select: Tensor) -> SelectedCAMs:
     k = idx.shape[1]
     valid = np.arange(k)[None] < count[:, None]
     # Index arithmetic in numpy: on a small batch torch's per-op overhead costs more than the upsampling.
-    rows = torch.from_numpy((np.arange(n)[:, None] * c + idx)[valid])
+    # Padding slots get row -1, an all-zero map.
+    rows = torch.from_numpy(np.where(valid, np.arange(n)[:, None] * c + idx, -1).ravel())
     if isinstance(maps, ClassMaps):
-        used = maps.upsample(rows)
+        out = maps.upsample(rows)
         H, W = maps.image_size
     else:
-        used = maps.flatten(0, 1).index_select(0, rows.to(maps.device)).float()
         H, W = maps.shape[-2:]
-    with torch.inference_mode():  # an inference tensor, like CAMExtractor's maps
-        out = used.new_empty(n * k, H, W)
-        out.index_copy_(0, torch.from_numpy(np.flatnonzero(valid)).to(out.device), used)
-        out.index_fill_(0, torch.from_numpy(np.flatnonzero(~valid)).to(out.device), 0.0)
+        with torch.inference_mode():  # an inference tensor, like CAMExtractor's maps
+            out = maps.flatten(0, 1).index_select(0, rows.clamp_min(0).to(maps.device)).float()
+            out.index_fill_(0, torch.from_numpy(np.flatnonzero(~valid)).to(out.device), 0.0)
     return SelectedCAMs(cams=out.view(n, k, H, W), classes=torch.from_numpy(idx), valid=torch.from_numpy(valid))
 
 
@@ -155,12 +176,14 @@ def _pair(value: Union[Number, Sequence[Number]], name: str) -> Tuple[float, flo
 
 def upsample_cams(maps: Tensor, image_size: Tuple[int, int], *, stride: Union[Number, Sequence[Number]],
                   offset: Union[Number, Sequence[Number]] = 0.0,
-                  input_size: Optional[Tuple[int, int]] = None) -> Tensor:
+                  input_size: Optional[Tuple[int, int]] = None, out: Optional[Tensor] = None,
+                  index: Optional[Tensor] = None) -> Tensor:
     """Bilinearly upsample ``(N, C, h, w)`` maps to ``image_size`` (H, W), honouring the network geometry.
 
     ``input_size`` is the size of the tensor the network saw when it differs from ``image_size``
     (multi-scale inference); map cell ``(i, j)`` is centred at input pixel ``offset + stride * (i, j)``.
-    Pixels beyond the outermost cell centres take the border cell's value.
+    Pixels beyond the outermost cell centres take the border cell's value. ``out`` / ``index``: write
+    the maps into chosen slots of a larger tensor (:func:`wsl.models.layers.geometry.resample_bilinear`).
     """
     if maps.dim() != 4:
         raise ValueError(f"maps must be (N, C, h, w), got shape {tuple(maps.shape)}")
@@ -172,7 +195,7 @@ def upsample_cams(maps: Tensor, image_size: Tuple[int, int], *, stride: Union[Nu
     # Pixel p of the image sits at (p + 0.5) * r - 0.5 in the network input, r = input / image size.
     ry, rx = in_h / H, in_w / W
     return resample_bilinear(maps.float(), (H, W), stride=(sy, sx), offset=(oy, ox), out_stride=(ry, rx),
-                             out_offset=(0.5 * ry - 0.5, 0.5 * rx - 0.5))
+                             out_offset=(0.5 * ry - 0.5, 0.5 * rx - 0.5), out=out, index=index)
 
 
 def normalize_cams(cams: Tensor, mode: str = "max", eps: float = 1e-12, *, inplace: bool = False) -> Tensor:
@@ -193,6 +216,9 @@ def normalize_cams(cams: Tensor, mode: str = "max", eps: float = 1e-12, *, inpla
     if inplace and not (cams.is_contiguous() and cams.is_floating_point()):
         raise ValueError("normalize_cams(inplace=True) needs a contiguous float tensor")
     out = cams.flatten(-2) if inplace else cams.flatten(-2).clone()
+    if out.device.type == "cpu" and out.dtype == torch.float32 and not out.requires_grad:
+        _normalize_numpy(out.detach().numpy().reshape(-1, out.shape[-1]), mode, eps)
+        return out.view_as(cams)
     # In place on out: the values of where(ok, x / d, 0) in three passes.
     if mode == "max":
         peak = out.amax(-1, keepdim=True)  # when positive, also the max of relu(M)
@@ -206,6 +232,24 @@ def normalize_cams(cams: Tensor, mode: str = "max", eps: float = 1e-12, *, inpla
     # Zero only the maps without signal, by row index (a boolean row mask costs a pass over every pixel).
     out.view(-1, out.shape[-1]).index_fill_(0, torch.nonzero(~ok.view(-1)).flatten(), 0.0)
     return out.view_as(cams)
+
+
+def _normalize_numpy(a: np.ndarray, mode: str, eps: float) -> None:
+    """:func:`normalize_cams` of float32 rows ``(M, H*W)`` in place, in numpy: the same IEEE operations
+    as the torch route (so the same values), at half its time on the CPU's small maps."""
+    if mode == "max":
+        peak = a.max(-1, keepdims=True) if a.shape[-1] else np.zeros((len(a), 1), a.dtype)
+        ok = peak[:, 0] > eps  # NaN: no signal
+        np.maximum(a, 0, out=a)
+        np.divide(a, np.maximum(peak, np.float32(eps)), out=a)
+    else:
+        lo = a.min(-1, keepdims=True) if a.shape[-1] else np.zeros((len(a), 1), a.dtype)
+        rng = (a.max(-1, keepdims=True) if a.shape[-1] else lo) - lo
+        ok = rng[:, 0] > eps
+        np.subtract(a, lo, out=a)
+        np.divide(a, np.maximum(rng, np.float32(eps)), out=a)
+    if not ok.all():
+        a[~ok] = 0.0
 
 
 def _model_device(model: nn.Module) -> Optional[torch.device]:

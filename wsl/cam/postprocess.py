@@ -75,19 +75,26 @@ def _informative_maps(cams: Tensor, select: Optional[Tensor], eps: float = 1e-12
     the CPU the maps are views (no copy), and each is worked on while it is in the cache (after a
     forward pass that is some 30% faster than gathering them first); only selected maps leave a GPU."""
     n, c, h, w = cams.shape
-    idx = torch.nonzero(_selection(select, n, c, cams.device).flatten()).flatten()
-    if h * w == 0:  # empty maps: nothing to localize
+    idx = np.flatnonzero(_selection(select, n, c, cams.device).flatten().cpu().numpy())
+    if h * w == 0 or len(idx) == 0:  # empty maps or none selected: nothing to localize
         return
     if cams.device.type == "cpu":
-        maps, rows = cams.detach().numpy().reshape(n * c, h, w), idx.tolist()
+        maps, rows = cams.detach().numpy().reshape(n * c, h, w), idx
     else:
-        maps, rows = cams.detach().flatten(0, 1).index_select(0, idx).cpu().numpy(), range(len(idx))
-    for i, row in zip(idx.tolist(), rows):
-        m = maps[row]
-        hi, lo = m.max(), m.min()  # NaN when the map holds one: such a map is dropped
-        with np.errstate(invalid="ignore"):  # inf - inf: a map without finite contrast is dropped
-            if hi > eps and hi - lo > eps * max(abs(float(hi)), 1.0):
-                yield i // c, i % c, m, hi
+        maps = cams.detach().flatten(0, 1).index_select(0, torch.from_numpy(idx).to(cams.device)).cpu().numpy()
+        rows = np.arange(len(idx))
+    # Peaks and floors in one call each where most maps are selected (wsl cam's packed maps), else map
+    # by map (a few classes of many). NaN when a map holds one: such a map is dropped.
+    if 2 * len(rows) >= len(maps):
+        flat = maps.reshape(len(maps), h * w)
+        hi, lo = flat.max(1)[rows], flat.min(1)[rows]
+    else:
+        hi = np.array([maps[r].max() for r in rows.tolist()], np.float32)
+        lo = np.array([maps[r].min() for r in rows.tolist()], np.float32)
+    with np.errstate(invalid="ignore"):  # inf - inf: a map without finite contrast is dropped
+        ok = (hi > eps) & (hi - lo > eps * np.maximum(np.abs(hi), np.float32(1.0)))
+    for i, row, top in zip(idx[ok].tolist(), rows[ok].tolist(), hi[ok]):
+        yield i // c, i % c, maps[row], top
 
 
 @functools.lru_cache(maxsize=8)
@@ -303,41 +310,65 @@ def class_slots(pos: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return np.where(np.arange(k) < count[:, None], idx, last), count
 
 
-def _best_positive(cams: Tensor, positive: Tensor) -> Tuple[np.ndarray, np.ndarray]:
+def _best_positive(cams: Tensor, positive: Tensor, classes: Optional[Tensor] = None
+                   ) -> Tuple[np.ndarray, np.ndarray]:
     """Per pixel, the best positive class's CAM clamped to [0, 1] and its mask label ``c + 1`` (the
     lowest class on ties; a NaN CAM is the maximum, as in ``torch.max``): float32 ``(N, H, W)`` values,
     ``-inf`` where the image has no positive class, and uint8 labels (broadcast views allowed).
 
     Each image's positive maps (a few of the C) are gathered on the maps' device; only they leave a
     GPU, and the per-pixel work runs in numpy, whose elementwise kernels on these small
-    uint8/bool/float arrays take half the time of torch's on the CPU.
+    uint8/bool/float arrays take half the time of torch's on the CPU. Packed maps (``classes`` given,
+    see :func:`pseudo_masks`) need no gathering: they are the positive maps already.
     """
-    pos = torch.as_tensor(positive).bool()
+    pos = torch.as_tensor(positive).bool().cpu()
     if pos.shape != cams.shape[:2]:
         raise ValueError(f"positive must be a bool (N, C) mask matching cams {tuple(cams.shape[:2])}, "
                          f"got {tuple(pos.shape)}")
     n, c, h, w = cams.shape
-    if c > IGNORE_INDEX - 1:
-        raise ValueError(f"uint8 pseudo-masks hold at most {IGNORE_INDEX - 1} classes (label {IGNORE_INDEX} is "
+    limit = IGNORE_INDEX - 1
+    if classes is None and c > limit:
+        raise ValueError(f"uint8 pseudo-masks hold at most {limit} classes (label {IGNORE_INDEX} is "
                          f"'ignore'), got {c} class maps")
     if c == 0:
         return np.full((n, h, w), -np.inf, np.float32), np.zeros((n, h, w), np.uint8)
-    idx, count = class_slots(pos.cpu().numpy())
-    k = idx.shape[1]
-    rows = torch.from_numpy((np.arange(n)[:, None] * c + idx).ravel()).to(cams.device)
-    maps = cams.detach().flatten(0, 1).index_select(0, rows).cpu().numpy().reshape(n, k, h, w)  # a copy
-    np.clip(maps, 0.0, 1.0, out=maps)
+    pos = pos.numpy()
+    if classes is None:
+        idx, count = class_slots(pos)
+        k = idx.shape[1]
+        rows = torch.from_numpy((np.arange(n)[:, None] * c + idx).ravel()).to(cams.device)
+        maps = cams.detach().flatten(0, 1).index_select(0, rows).cpu().numpy().reshape(n, k, h, w)  # a copy
+        np.clip(maps, 0.0, 1.0, out=maps)
+        lut = idx + 1
+    else:
+        classes = torch.as_tensor(classes).cpu().numpy()
+        count, k = pos.sum(1), c
+        if classes.shape != (n, c) or not np.array_equal(pos, np.arange(c) < count[:, None]):
+            raise ValueError(f"packed maps need classes of shape (N, K) = {(n, c)} and their used slots first "
+                             f"(wsl.cam.extract.SelectedCAMs), got classes {classes.shape}")
+        if count.any() and int(classes[pos].max()) >= limit:
+            raise ValueError(f"uint8 pseudo-masks hold at most {limit} classes (label {IGNORE_INDEX} is "
+                             f"'ignore'), got class index {int(classes[pos].max())}")
+        maps = np.clip(cams.detach().cpu().numpy(), 0.0, 1.0)  # a copy, as the gather above
+        if not pos.all():
+            maps[~pos] = 0.0  # padding slots never win: a used slot comes first and is >= 0
+        lut = np.where(pos, classes, 0) + 1
     # The class is the first k whose map equals the max: going down from the last, the lowest k is
-    # written last.
+    # written last. Selected bytewise (label ^ ((label ^ l_k) & -hit)): numpy's where on uint8 is not
+    # vectorised, these bitwise ops are.
     best = maps.max(1)
-    labels = (idx + 1).astype(np.uint8)[..., None, None]  # (N, K, 1, 1) mask labels
+    labels = lut.astype(np.uint8)[..., None, None]  # (N, K, 1, 1) mask labels
     label = np.broadcast_to(labels[:, k - 1], (n, h, w))
+
+    def pick(label: np.ndarray, hit: np.ndarray, value: np.ndarray) -> np.ndarray:
+        return label ^ ((label ^ value) & np.negative(hit.view(np.uint8)))
+
     for j in range(k - 2, -1, -1):
-        label = np.where(maps[:, j] == best, labels[:, j], label)
+        label = pick(label, maps[:, j] == best, labels[:, j])
     if np.isnan(best.sum()):  # a NaN CAM is the maximum (max propagates it): the first NaN class wins
         nan = np.isnan(best)  # (the maps are clipped to [0, 1], so only a NaN makes the sum NaN)
         for j in range(k - 1, -1, -1):
-            label = np.where(nan & np.isnan(maps[:, j]), labels[:, j], label)
+            label = pick(label, nan & np.isnan(maps[:, j]), labels[:, j])
     best[count == 0] = -np.inf
     return best, label
 
@@ -365,7 +396,7 @@ def combine_confident(strict: Tensor, permissive: Tensor) -> Tensor:
 
 
 def pseudo_masks(cams: Tensor, positive: Tensor, *, method: str = "threshold", fg: Optional[float] = None,
-                 bg: Optional[float] = None) -> Tensor:
+                 bg: Optional[float] = None, classes: Optional[Tensor] = None) -> Tensor:
     """Pseudo-masks ``(N, H, W)`` uint8 from normalised CAMs and the image's positive classes.
 
     Only the positive classes of each image compete (``positive``: bool ``(N, C)``, e.g. the tags);
@@ -375,36 +406,31 @@ def pseudo_masks(cams: Tensor, positive: Tensor, *, method: str = "threshold", f
     are ``255``. Threshold method: a pixel whose best positive CAM ``m`` has ``m > fg`` is foreground,
     ``m <= bg`` background. Equal settings give a mask without ignore band. Values are in
     ``{0, 255} ∪ {c + 1 : c positive}``.
+
+    ``classes``: for packed maps (:class:`wsl.cam.extract.SelectedCAMs`, what ``wsl cam`` computes),
+    int64 ``(N, K)``, slot ``k`` of image ``i`` holding class ``classes[i, k]``; ``positive`` then marks
+    each image's used slots, which come first (the others are ignored), and a pixel of slot ``k`` is
+    labelled ``classes[i, k] + 1``: the masks the full maps give.
     """
     fg, bg = mask_settings(method, fg, bg)
     cams = _check_cams(cams)
     # One masked max serves both settings (the best positive class does not depend on the
     # background); combine_confident's rule then reads: strict foreground -> its class, permissive
     # foreground only -> 255, else 0.
-    best, label = _best_positive(cams, positive)
+    best, label = _best_positive(cams, positive, classes)
     strict = _foreground_wins(best, method, fg)
     permissive = strict if fg == bg else _foreground_wins(best, method, bg)
-    # IGNORE_INDEX (255) where the permissive setting sees an object: bools as bytes 0/1, negated mod 256
-    return torch.from_numpy(np.where(strict, label, -permissive.view(np.uint8))).to(cams.device)
+    # Bytewise: label where strict, else IGNORE_INDEX (255 = -1 mod 256) where the permissive setting sees an
+    # object, else 0 (bools as bytes 0/1, negated mod 256: all ones where true).
+    ones = np.negative(strict.view(np.uint8))
+    return torch.from_numpy((label & ones) | (np.negative(permissive.view(np.uint8)) & ~ones)).to(cams.device)
 
 
-def slot_labels_to_classes(classes: Tensor, items: List, masks: Optional[Tensor] = None) -> Optional[Tensor]:
-    """Map the results of post-processing packed maps (:class:`wsl.cam.extract.SelectedCAMs`, slot ``k``
-    of image ``i`` = class ``classes[i, k]``) back to class indices: the ``labels`` of each image's
-    :class:`Points` / :class:`Boxes` in ``items`` (in place; slots ascend with the classes, so their order
-    is the one full maps give) and, when given, a pseudo-mask's labels ``k + 1`` -> ``classes[i, k] + 1``
-    (returned; 0 and 255 kept)."""
+def slot_labels_to_classes(classes: Tensor, items: List) -> None:
+    """Map the ``labels`` of each image's :class:`Points` / :class:`Boxes` in ``items``, found on packed
+    maps (:class:`wsl.cam.extract.SelectedCAMs`, slot ``k`` of image ``i`` = class ``classes[i, k]``),
+    back to class indices, in place; slots ascend with the classes, so their order is the one full
+    maps give. (Pseudo-masks take ``classes`` themselves: :func:`pseudo_masks`.)"""
     classes = torch.as_tensor(classes).cpu()
     for i, item in enumerate(items):
         item.labels = classes[i].index_select(0, item.labels) if len(item.labels) else item.labels
-    if masks is None:
-        return None
-    n, k = classes.shape
-    if k > 0 and int(classes.max()) + 1 >= IGNORE_INDEX:
-        raise ValueError(f"uint8 pseudo-masks hold at most {IGNORE_INDEX - 1} classes (label {IGNORE_INDEX} is "
-                         f"'ignore'), got class index {int(classes.max())}")
-    lut = np.zeros((n, 256), np.uint8)
-    lut[:, 1:k + 1] = classes.numpy() + 1
-    lut[:, IGNORE_INDEX] = IGNORE_INDEX
-    return torch.from_numpy(np.stack([t[m] for t, m in zip(lut, masks.cpu().numpy())])
-                            .reshape(masks.shape)).to(masks.device)

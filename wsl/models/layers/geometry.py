@@ -7,7 +7,7 @@ receptive-field centre of input pixel ``(o + s * i, o + s * j)`` (pixel indices,
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import cv2
 import torch
@@ -93,20 +93,24 @@ def _opencv_axis(n_out: int, n_in: int, stride: float, offset: float, out_stride
     return out_stride * n_out == stride * n_in and 2 * n_out * (out_offset - offset) == stride * (n_in - n_out)
 
 
-def _resize_linear(maps: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+def _resize_linear(maps: torch.Tensor, size: Tuple[int, int], out: Optional[torch.Tensor] = None,
+                   index: Optional[Sequence[int]] = None) -> torch.Tensor:
     """``cv2.resize(INTER_LINEAR)`` of each float32 CPU map (float weights, the border cell held beyond
-    the outermost ones)."""
+    the outermost ones); map ``j`` is written to ``out``'s map ``index[j]`` when given."""
     n, c, h, w = maps.shape
     src = maps.detach().contiguous().numpy().reshape(n * c, h, w)
-    out = torch.empty(n, c, *size)
-    for m, o in zip(src, out.numpy().reshape(n * c, *size)):
-        cv2.resize(m, (size[1], size[0]), dst=o, interpolation=cv2.INTER_LINEAR)
+    if out is None:
+        out, index = torch.empty(n, c, *size), range(n * c)
+    dst = out.numpy().reshape(-1, *size)
+    for m, j in zip(src, index):
+        cv2.resize(m, (size[1], size[0]), dst=dst[j], interpolation=cv2.INTER_LINEAR)
     return out
 
 
 def resample_bilinear(maps: torch.Tensor, size: Sequence[int], *, stride: Tuple[float, float],
                       offset: Tuple[float, float], out_stride: Tuple[float, float] = (1.0, 1.0),
-                      out_offset: Tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+                      out_offset: Tuple[float, float] = (0.0, 0.0), out: Optional[torch.Tensor] = None,
+                      index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Bilinearly resample maps ``(N, C, h, w)`` onto ``size = (H, W)``, with the geometry of
     :func:`axis_weights` per axis ``(y, x)``: output cell ``p`` sits at input pixel ``out_offset +
     out_stride * p`` and reads source cell ``(pixel - offset) / stride``, the border held beyond.
@@ -116,16 +120,28 @@ def resample_bilinear(maps: torch.Tensor, size: Sequence[int], *, stride: Tuple[
     as VGG16's and the demo network's CAMs): its two-tap passes cost about two thirds of the matrix
     products of :func:`resample_separable`, which serve every other case. The two agree up to float
     rounding (tests/test_cam_extract.py).
+
+    ``out`` and ``index``: write map ``j`` of the flattened ``N * C`` to map ``index[j]`` of the
+    contiguous ``out`` (``(M, H, W)`` or any shape of ``M`` such maps) and return ``out``, which saves a
+    copy where the results are scattered into a larger batch (:func:`wsl.cam.extract.select_maps`).
     """
+    if (out is None) != (index is None):
+        raise ValueError("resample_bilinear: out and index go together")
     h, w = maps.shape[-2:]
     axes = [(int(size[0]), h, float(stride[0]), float(offset[0]), float(out_stride[0]), float(out_offset[0])),
             (int(size[1]), w, float(stride[1]), float(offset[1]), float(out_stride[1]), float(out_offset[1]))]
     if (maps.device.type == "cpu" and maps.dtype == torch.float32 and not maps.requires_grad
             and all(_opencv_axis(*axis) for axis in axes)):
-        return _resize_linear(maps, (axes[0][0], axes[1][0]))
+        if out is not None and not (out.is_contiguous() and out.dtype == torch.float32 and out.device.type == "cpu"):
+            raise ValueError("resample_bilinear: out must be a contiguous float32 CPU tensor")
+        return _resize_linear(maps, (axes[0][0], axes[1][0]), out, None if index is None else index.tolist())
     rows, cols = (axis_weights(n_out, n_in, stride=s, offset=o, out_stride=os_, out_offset=oo, device=maps.device)
                   for n_out, n_in, s, o, os_, oo in axes)
-    return resample_separable(maps, rows, cols)
+    result = resample_separable(maps, rows, cols)
+    if out is None:
+        return result
+    out.view(-1, *result.shape[-2:]).index_copy_(0, index.to(out.device), result.flatten(0, 1).to(out.dtype))
+    return out
 
 
 def resample_maps(maps: torch.Tensor, size: Sequence[int], *, stride: float, offset: float,
