@@ -316,3 +316,48 @@ def test_packed_pseudo_masks_refuse_a_class_without_a_uint8_label():
         pseudo_masks(cams, torch.ones(1, 1, dtype=torch.bool), classes=torch.tensor([[254]]))
     with pytest.raises(ValueError, match="used slots first"):
         pseudo_masks(torch.ones(1, 2, 2, 2), torch.tensor([[False, True]]), classes=torch.tensor([[0, 1]]))
+
+
+def _parity_maps(seed: int, n: int = 3, c: int = 5, h: int = 37, w: int = 45) -> torch.Tensor:
+    """Smooth random maps with what the batched code must get right: plateaus (rounded values, flat
+    borders), equal-area components, maps without signal, negative maps, blobs at the border."""
+    g = torch.Generator().manual_seed(seed)
+    cams = F.interpolate(torch.rand(n, c, 5, 6, generator=g) - 0.3, size=(h, w), mode="bilinear",
+                         align_corners=False)
+    cams[0, 0] = (cams[0, 0] * 8).round() / 8  # plateaus
+    cams[0, 1] = 0.0  # no signal
+    cams[1, 2] = -cams[1, 2].abs()  # no positive value
+    cams[2, 3] = 0.0
+    cams[2, 3, 3:6, 4:7] = cams[2, 3, 20:23, 30:33] = 1.0  # two equal squares: area and peak ties
+    cams[2, 4, :4, -4:] = 2.0  # a blob in the corner
+    return cams
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_peaks_and_boxes_equal_the_plain_reference(seed):
+    import reference_postprocess as ref
+    import wsl.cam.postprocess as pp
+
+    cams = _parity_maps(seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    select = torch.rand(cams.shape[:2], generator=g) < 0.8
+    select[0, :2] = select[2, 3:] = True
+    for d, rel, top_k in ((3, 0.5, None), (1, 0.0, 2), (6, 0.9, 1)):
+        got = pp.local_maxima(cams, min_distance=d, rel_threshold=rel, top_k=top_k, select=select)
+        for i, pts in enumerate(got):
+            want = [(cls, x, y, v) for cls in range(cams.shape[1]) if select[i, cls]
+                    for x, y, v in ref.map_peaks(cams[i, cls].numpy(), d, rel, top_k)]
+            assert [(cls, x, y, v) for cls, (x, y), v in zip(pts.labels.tolist(), pts.points.tolist(),
+                                                              pts.scores.tolist())] == want
+    for tau, mode, min_area in ((0.5, "largest", 1), (0.3, "all", 1), (0.7, "all", 4), (0.2, "largest", 50)):
+        got = pp.cam_boxes(cams, tau=tau, mode=mode, select=select, min_area=min_area)
+        for i, b in enumerate(got):
+            want = [(cls, *box) for cls in range(cams.shape[1]) if select[i, cls]
+                    for box in ref.map_boxes(cams[i, cls].numpy(), tau, mode, min_area)]
+            assert [(cls, *xyxy, s) for cls, xyxy, s in zip(b.labels.tolist(), b.boxes.tolist(),
+                                                            b.scores.tolist())] == want
+    peaks, boxes = pp.peaks_and_boxes(cams, select=select, min_distance=4, top_k=3, tau=0.5, mode="all")
+    for a, b in zip(peaks, pp.local_maxima(cams, min_distance=4, top_k=3, select=select)):
+        assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("points", "labels", "scores"))
+    for a, b in zip(boxes, pp.cam_boxes(cams, tau=0.5, mode="all", select=select)):
+        assert all(torch.equal(getattr(a, k), getattr(b, k)) for k in ("boxes", "labels", "scores"))

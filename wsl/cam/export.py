@@ -66,7 +66,7 @@ import wsl
 from wsl.cam.crf import DenseCRF, crf_pseudo_masks
 from wsl.cam.extract import CAMExtractor, ClassMaps, SelectedCAMs, _model_device, select_classes, select_maps
 from wsl.cam.methods import build_cam_method
-from wsl.cam.postprocess import (BOX_MODES, Boxes, Points, argmax_points, cam_boxes, local_maxima, mask_settings,
+from wsl.cam.postprocess import (BOX_MODES, Boxes, Points, argmax_points, mask_settings, peaks_and_boxes,
                                   pseudo_masks, slot_labels_to_classes)
 from wsl.cam.files import (IMAGE_DIRS, OPTIONS_FILE, cam_npz_bytes, file_stem, json_bytes, open_output_dir,
                            palette_png_bytes, rgb_png_bytes, save_cam_npz, save_palette_png, save_rgb_png)
@@ -258,9 +258,9 @@ def localize(maps: Any, selection: Tensor, options: Optional[ExportOptions] = No
     opt = options or ExportOptions()
     used = select_maps(maps, selection)
     points, values = argmax_points(used.cams)
-    peaks = local_maxima(used.cams, min_distance=opt.peak_min_distance, rel_threshold=opt.peak_threshold,
-                         top_k=opt.peak_top_k, select=used.valid)
-    boxes = cam_boxes(used.cams, tau=opt.tau, mode=opt.box_mode, select=used.valid)
+    peaks, boxes = peaks_and_boxes(used.cams, select=used.valid, min_distance=opt.peak_min_distance,
+                                   rel_threshold=opt.peak_threshold, top_k=opt.peak_top_k, tau=opt.tau,
+                                   mode=opt.box_mode)
     if crf is None:
         masks = pseudo_masks(used.cams, used.valid, method=opt.mask_method, fg=opt.mask_fg, bg=opt.mask_bg,
                              classes=used.classes)

@@ -131,39 +131,41 @@ def argmax_points(cams: Tensor) -> Tuple[Tensor, Tensor]:
     return torch.stack([idx % w, idx // w], dim=-1), values
 
 
-def local_maxima(cams: Tensor, *, min_distance: int = 8, rel_threshold: float = 0.5,
-                 top_k: Optional[int] = None, select: Optional[Tensor] = None) -> List[Points]:
-    """Local maxima of every (selected) map, as in peak-based WSL (e.g. Zhou et al., PRM, CVPR 2018).
-
-    A pixel is a peak when it equals the max over its ``(2d+1)^2`` window (max-pool NMS, ``d =
-    min_distance``), is positive and is at least ``rel_threshold * max`` of its map. Plateaus (equal
-    neighbours) are thinned greedily with non-maximum suppression on ``(d+1)``-pixel squares, so kept
-    peaks of one map are more than ``d`` pixels apart (Chebyshev distance); of equal values the first
-    pixel in raster order wins. At most ``top_k`` peaks per map, best first (ties in raster order);
-    returns one :class:`Points` per image, ordered by class then score.
-    """
-    cams = _check_cams(cams)
+def _peak_options(min_distance: int, rel_threshold: float, top_k: Optional[int]) -> int:
     if int(min_distance) < 1:
         raise ValueError(f"min_distance must be >= 1 pixel, got {min_distance}")
     if not 0.0 <= rel_threshold <= 1.0:
         raise ValueError(f"rel_threshold must be in [0, 1], got {rel_threshold}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
-    d = int(min_distance)
-    n, c, _, w = cams.shape
-    # Only the selected, informative maps are searched: on VGG16 inputs most of the N*C maps are
-    # not selected, and the windowed max below is the costly step. The per-pixel work runs in OpenCV
-    # and numpy (several times faster than torch's CPU kernels for comparisons and nonzero).
-    tiny = np.nextafter(np.float32(0), np.float32(1))
-    found: List[Tuple[np.ndarray, np.ndarray, int]] = []
-    for image, cls, m, hi in _informative_maps(cams, select):
-        # A pixel is a candidate when it is the max of its window (it is never above it, so "==" is
-        # ">="), positive and >= rel * max of its map: one comparison against max(window, low), with
-        # "> 0" written as ">= the smallest positive float".
-        win = _window_max(m, d)
-        np.maximum(win, max(np.float32(rel_threshold) * hi, tiny), out=win)
-        flat = np.flatnonzero(m >= win)
-        found.append((flat, m.ravel()[flat], image * c + cls))
+    return int(min_distance)
+
+
+def _box_options(tau: float, mode: str) -> None:
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    if mode not in BOX_MODES:
+        raise ValueError(f"unknown box mode {mode!r}; choose one of {', '.join(BOX_MODES)}")
+
+
+_TINY = np.nextafter(np.float32(0), np.float32(1))
+
+
+def _map_peaks(m: np.ndarray, hi: np.float32, d: int, rel_threshold: float) -> Tuple[np.ndarray, np.ndarray]:
+    """One map's peak candidates (flat pixel indices, values) for :func:`local_maxima`.
+
+    A pixel is a candidate when it is the max of its window (it is never above it, so "==" is ">="),
+    positive and >= rel * max of its map: one comparison against max(window, low), with "> 0" written
+    as ">= the smallest positive float"."""
+    win = _window_max(m, d)
+    np.maximum(win, max(np.float32(rel_threshold) * hi, _TINY), out=win)
+    flat = np.flatnonzero(m >= win)
+    return flat, m.ravel()[flat]
+
+
+def _collect_peaks(found: List[Tuple[np.ndarray, np.ndarray, int]], n: int, c: int, w: int, d: int,
+                   top_k: Optional[int]) -> List[Points]:
+    """:class:`Points` per image from the candidates ``(flat, values, image * C + class)`` of each map."""
     flat = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
     scores = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.float32)
     group = np.repeat(np.array([f[2] for f in found], np.int64), [len(f[0]) for f in found])
@@ -177,11 +179,18 @@ def local_maxima(cams: Tensor, *, min_distance: int = 8, rel_threshold: float = 
     # (Chebyshev) from every kept one. Written out over the runs alone: torchvision's batched_nms on
     # all candidates took a third of local_maxima on the demo's maps (border replication makes small
     # plateaus common), for the same result (tests/test_cam_postprocess.py).
+    # Most runs are one plateau (border replication holds a map's edge cells over a few pixels): when
+    # every member is within d of the run's first, greedy keeps the first alone, decided for all such
+    # runs at once; only the others (equal values far apart) are walked.
     same = (group[1:] == group[:-1]) & (scores[1:] == scores[:-1])
     if same.any():
-        keep = np.ones(len(group), dtype=bool)
-        starts = np.flatnonzero(np.r_[True, ~same])
-        for a, b in zip(starts.tolist(), np.r_[starts[1:], len(group)].tolist()):
+        first = np.r_[True, ~same]
+        starts = np.flatnonzero(first)
+        run = np.cumsum(first) - 1  # each candidate's run
+        near = np.maximum(np.abs(xs - xs[starts][run]), np.abs(ys - ys[starts][run])) <= d
+        compact = np.bincount(run, weights=~near, minlength=len(starts)) == 0
+        keep = first | ~compact[run]
+        for a, b in zip(starts[~compact].tolist(), np.r_[starts[1:], len(group)][~compact].tolist()):
             alive, rx, ry = keep[a:b], xs[a:b], ys[a:b]  # alive is a view into keep
             for j in range(b - a - 1):
                 if alive[j]:
@@ -197,6 +206,78 @@ def local_maxima(cams: Tensor, *, min_distance: int = 8, rel_threshold: float = 
     return [Points(points=p, labels=lab, scores=sc) for p, lab, sc in zip(*parts)]
 
 
+def local_maxima(cams: Tensor, *, min_distance: int = 8, rel_threshold: float = 0.5,
+                 top_k: Optional[int] = None, select: Optional[Tensor] = None) -> List[Points]:
+    """Local maxima of every (selected) map, as in peak-based WSL (e.g. Zhou et al., PRM, CVPR 2018).
+
+    A pixel is a peak when it equals the max over its ``(2d+1)^2`` window (max-pool NMS, ``d =
+    min_distance``), is positive and is at least ``rel_threshold * max`` of its map. Plateaus (equal
+    neighbours) are thinned greedily with non-maximum suppression on ``(d+1)``-pixel squares, so kept
+    peaks of one map are more than ``d`` pixels apart (Chebyshev distance); of equal values the first
+    pixel in raster order wins. At most ``top_k`` peaks per map, best first (ties in raster order);
+    returns one :class:`Points` per image, ordered by class then score.
+    """
+    cams = _check_cams(cams)
+    d = _peak_options(min_distance, rel_threshold, top_k)
+    n, c, _, w = cams.shape
+    # Only the selected, informative maps are searched: on VGG16 inputs most of the N*C maps are
+    # not selected, and the windowed max is the costly step. The per-pixel work runs in OpenCV and
+    # numpy (several times faster than torch's CPU kernels for comparisons and nonzero).
+    found = [(*_map_peaks(m, hi, d, rel_threshold), image * c + cls)
+             for image, cls, m, hi in _informative_maps(cams, select)]
+    return _collect_peaks(found, n, c, w, d, top_k)
+
+
+def _map_boxes(m: np.ndarray, hi: np.float32, tau: float, mode: str, min_area: int
+               ) -> List[Tuple[float, int, int, int, int]]:
+    """One map's boxes for :func:`cam_boxes`: ``(score, left, top, width, height)``, best first."""
+    w = m.shape[1]
+    binary = (m >= np.float32(tau) * hi).view(np.uint8)
+    peak_y, peak_x = divmod(int(m.argmax()), w)  # the map's max, >= tau * max
+    # The statistics pass visits every pixel (the background is a component too): labelling only
+    # the foreground's bounding box makes it cheaper. 16-bit labels are faster still where they
+    # fit: 8-connected components are at least one pixel apart, so a (bh, bw) box has at most
+    # ceil(bh/2) * ceil(bw/2) of them (+1 for the background).
+    x0, y0, bw, bh = cv2.boundingRect(binary)  # never empty: the map's max is >= tau * max
+    ltype = cv2.CV_16U if ((bh + 1) // 2) * ((bw + 1) // 2) < 65535 else cv2.CV_32S
+    count, comp, stats, _ = cv2.connectedComponentsWithStats(binary[y0:y0 + bh, x0:x0 + bw],
+                                                             connectivity=8, ltype=ltype)
+    stats[:, :2] += (x0, y0)  # left, top in map coordinates
+    area = stats[:, cv2.CC_STAT_AREA]
+    area[0] = -1  # the background is no object
+    crop = m[y0:y0 + bh, x0:x0 + bw]
+    # The map's max lies in one component, whose peak is then the map's max: only other
+    # components need a pass over their pixels.
+    holder = int(comp[peak_y - y0, peak_x - x0])
+    if mode == "largest":
+        best = int(area.argmax())
+        if area[best] < max(min_area, 1):
+            return []
+        ids = np.flatnonzero(area == area[best])
+        if len(ids) > 1:  # equal areas: the higher peak, then the upper, then the left-most box
+            peaks = np.array([hi if i == holder else crop[comp == i].max() for i in ids.tolist()])
+            best = int(ids[np.lexsort((stats[ids, 0], stats[ids, 1], -peaks))[0]])
+        peak = hi if best == holder else crop[comp == best].max()
+        return [(float(peak), *stats[best, :4].tolist())]
+    ids = np.flatnonzero(area >= max(min_area, 1))
+    peaks = np.full(count, -np.inf, dtype=np.float32)
+    np.maximum.at(peaks, comp.ravel(), crop.ravel())  # each component's highest CAM value
+    return [(float(peaks[i]), *stats[i, :4].tolist())
+            for i in ids[np.lexsort((stats[ids, 0], stats[ids, 1], -peaks[ids]))].tolist()]
+
+
+def _collect_boxes(rows: List[Tuple[int, int, float, int, int, int, int]], n: int) -> List[Boxes]:
+    """:class:`Boxes` per image from rows ``(image, class, score, left, top, width, height)`` in image order."""
+    table = np.array(rows, dtype=np.float64).reshape(-1, 7)
+    xy = table[:, 3:5]
+    boxes = torch.from_numpy(np.concatenate([xy, xy + table[:, 5:7]], 1).astype(np.float32))
+    labels = torch.from_numpy(table[:, 1].astype(np.int64))
+    scores = torch.from_numpy(table[:, 2].astype(np.float32))
+    sizes = np.bincount(table[:, 0].astype(np.int64), minlength=n).tolist()
+    return [Boxes(boxes=b, labels=lab, scores=sc) for b, lab, sc in zip(boxes.split(sizes), labels.split(sizes),
+                                                                        scores.split(sizes))]
+
+
 def cam_boxes(cams: Tensor, *, tau: float = 0.5, mode: str = "largest", select: Optional[Tensor] = None,
               min_area: int = 1) -> List[Boxes]:
     """Boxes from thresholded maps (the CAM protocol of Zhou et al., CVPR 2016).
@@ -208,54 +289,27 @@ def cam_boxes(cams: Tensor, *, tau: float = 0.5, mode: str = "largest", select: 
     least ``min_area`` pixels, best first. A box's score is the map's peak in its component.
     """
     cams = _check_cams(cams)
-    if not 0.0 < tau <= 1.0:
-        raise ValueError(f"tau must be in (0, 1], got {tau}")
-    if mode not in BOX_MODES:
-        raise ValueError(f"unknown box mode {mode!r}; choose one of {', '.join(BOX_MODES)}")
-    n, _, _, w = cams.shape
-    rows: List[Tuple[int, int, float, int, int, int, int]] = []  # image, class, score, left, top, width, height
+    _box_options(tau, mode)
+    rows = [(image, cls, *box) for image, cls, m, hi in _informative_maps(cams, select)
+            for box in _map_boxes(m, hi, tau, mode, min_area)]
+    return _collect_boxes(rows, cams.shape[0])
+
+
+def peaks_and_boxes(cams: Tensor, *, select: Optional[Tensor] = None, min_distance: int = 8,
+                    rel_threshold: float = 0.5, top_k: Optional[int] = None, tau: float = 0.5,
+                    mode: str = "largest", min_area: int = 1) -> Tuple[List[Points], List[Boxes]]:
+    """``(local_maxima(cams, ...), cam_boxes(cams, ...))`` in one pass over the maps, each map's peaks
+    and boxes found while it is in the cache (what ``wsl cam`` computes per batch)."""
+    cams = _check_cams(cams)
+    d = _peak_options(min_distance, rel_threshold, top_k)
+    _box_options(tau, mode)
+    n, c, _, w = cams.shape
+    found: List[Tuple[np.ndarray, np.ndarray, int]] = []
+    rows: List[Tuple[int, int, float, int, int, int, int]] = []
     for image, cls, m, hi in _informative_maps(cams, select):
-        binary = (m >= np.float32(tau) * hi).view(np.uint8)
-        peak_y, peak_x = divmod(int(m.argmax()), w)  # the map's max, >= tau * max
-        # The statistics pass visits every pixel (the background is a component too): labelling only
-        # the foreground's bounding box makes it cheaper. 16-bit labels are faster still where they
-        # fit: 8-connected components are at least one pixel apart, so a (bh, bw) box has at most
-        # ceil(bh/2) * ceil(bw/2) of them (+1 for the background).
-        x0, y0, bw, bh = cv2.boundingRect(binary)  # never empty: the map's max is >= tau * max
-        ltype = cv2.CV_16U if ((bh + 1) // 2) * ((bw + 1) // 2) < 65535 else cv2.CV_32S
-        count, comp, stats, _ = cv2.connectedComponentsWithStats(binary[y0:y0 + bh, x0:x0 + bw],
-                                                                 connectivity=8, ltype=ltype)
-        stats[:, :2] += (x0, y0)  # left, top in map coordinates
-        area = stats[:, cv2.CC_STAT_AREA]
-        area[0] = -1  # the background is no object
-        crop = m[y0:y0 + bh, x0:x0 + bw]
-        # The map's max lies in one component, whose peak is then the map's max: only other
-        # components need a pass over their pixels.
-        holder = int(comp[peak_y - y0, peak_x - x0])
-        if mode == "largest":
-            best = int(area.argmax())
-            if area[best] < max(min_area, 1):
-                continue
-            ids = np.flatnonzero(area == area[best])
-            if len(ids) > 1:  # equal areas: the higher peak, then the upper, then the left-most box
-                peaks = np.array([hi if i == holder else crop[comp == i].max() for i in ids.tolist()])
-                best = int(ids[np.lexsort((stats[ids, 0], stats[ids, 1], -peaks))[0]])
-            peak = hi if best == holder else crop[comp == best].max()
-            rows.append((image, cls, float(peak), *stats[best, :4].tolist()))
-        else:
-            ids = np.flatnonzero(area >= max(min_area, 1))
-            peaks = np.full(count, -np.inf, dtype=np.float32)
-            np.maximum.at(peaks, comp.ravel(), crop.ravel())  # each component's highest CAM value
-            for i in ids[np.lexsort((stats[ids, 0], stats[ids, 1], -peaks[ids]))].tolist():
-                rows.append((image, cls, float(peaks[i]), *stats[i, :4].tolist()))
-    table = np.array(rows, dtype=np.float64).reshape(-1, 7)
-    xy = table[:, 3:5]
-    boxes = torch.from_numpy(np.concatenate([xy, xy + table[:, 5:7]], 1).astype(np.float32))
-    labels = torch.from_numpy(table[:, 1].astype(np.int64))
-    scores = torch.from_numpy(table[:, 2].astype(np.float32))
-    sizes = np.bincount(table[:, 0].astype(np.int64), minlength=n).tolist()  # rows are in image order
-    return [Boxes(boxes=b, labels=lab, scores=sc) for b, lab, sc in zip(boxes.split(sizes), labels.split(sizes),
-                                                                        scores.split(sizes))]
+        found.append((*_map_peaks(m, hi, d, rel_threshold), image * c + cls))
+        rows.extend((image, cls, *box) for box in _map_boxes(m, hi, tau, mode, min_area))
+    return _collect_peaks(found, n, c, w, d, top_k), _collect_boxes(rows, n)
 
 
 def mask_settings(method: str, fg: Optional[float] = None, bg: Optional[float] = None) -> Tuple[float, float]:
