@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import reference_metrics as ref
+from wsl.cam.files import load_cam_npz
 from wsl.bench import (METRICS, BenchSettings, ModelCamSource, NpzCamSource, cam_file_stem, compare_runs, evaluate,
                        load_run, read_npz_classes)
 from wsl.data.base import Annotation
@@ -113,9 +114,9 @@ def _reference_metrics(dataset, cam_dir, protocol="published"):
     under "published", with exact components and the masks under "wsl-exact"."""
     published = protocol == "published"
     sweep = ref.wsol_box_sweep if published else ref.box_sweep
-    loaded = [np.load(cam_dir / f"{a.id}.npz") for a in dataset.annotations]
-    cams = [z["cams"].astype(np.float64) for z in loaded]
-    scores = np.stack([z["scores"].astype(np.float64) for z in loaded])
+    loaded = [load_cam_npz(cam_dir / f"{a.id}.npz") for a in dataset.annotations]
+    cams = [z[0].astype(np.float64) for z in loaded]
+    scores = np.stack([z[2].astype(np.float64) for z in loaded])
     anns, masks = dataset.annotations, dataset.masks
     labels = np.stack([a.labels for a in anns])
     out = {}
@@ -319,7 +320,7 @@ def test_point_map_ranked_by_map_maximum_and_settings_validation(scenes, caplog)
     by_map = evaluate(NpzCamSource(cam_dir, CLASSES), dataset, metrics=["point_map"],
                       settings=BenchSettings(rank_by="map"))
     anns = dataset.annotations
-    cams = [np.load(cam_dir / f"{a.id}.npz")["cams"].astype(np.float64) for a in anns]
+    cams = [load_cam_npz(cam_dir / f"{a.id}.npz")[0].astype(np.float64) for a in anns]
     expected = ref.point_map(cams, np.stack([a.labels for a in anns]), [a.boxes for a in anns],
                              [a.box_labels for a in anns], [a.difficult for a in anns])
     assert by_map["point_map"] == pytest.approx(np.nanmean(expected), abs=1e-9)

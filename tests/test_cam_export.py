@@ -13,6 +13,7 @@ from wsl.cam.crf import DenseCRF, crf_pseudo_masks
 from wsl.cam.export import ExportOptions, export_cams, imagenet_normalizer, localize
 from wsl.data.images import ImageFolderDataset
 from wsl.cam.extract import CAMExtractor, select_classes
+from wsl.cam.files import load_cam_npz
 from wsl.cam.postprocess import argmax_points, cam_boxes, local_maxima, pseudo_masks
 from wsl.cli import main as cli_main
 from wsl.data.spec import build_dataset
@@ -56,15 +57,20 @@ def test_export_dataset_writes_every_file_in_its_format(val_set, tmp_path):
                                                      "records", "wsl-output.json"]
     assert json.loads((out / "options.json").read_text())["options"] == manifest["options"]
     ext = CAMExtractor(model, scales=(1.0, 0.75), flip=True)
+    assert manifest["format"] == "wsl-cams/2" and set(manifest["npz"]) >= {"used_cams", "pass_maps_P"}
     for i, ann in enumerate(val_set.annotations):
         with np.load(out / "cams" / f"{ann.id}.npz", allow_pickle=False) as z:
-            assert sorted(z.files) == ["cams", "classes", "scores"]
-            cams, names, scores = z["cams"], z["classes"].tolist(), z["scores"]
+            assert sorted(z.files) == ["classes", "format", "geometry", "pass_maps_0", "pass_maps_1", "scores",
+                                       "used_cams", "used_classes"]
+            used, which, names = z["used_cams"], z["used_classes"], z["classes"].tolist()
+            assert str(z["format"]) == "wsl-cams/2" and z["pass_maps_0"].shape[:2] == (2, len(classes))  # flip
+        cams, _, scores = load_cam_npz(out / "cams" / f"{ann.id}.npz")  # every class, the others upsampled
         image = val_set[i]["image"]
-        assert cams.dtype == np.float16 and cams.shape == (len(classes),) + tuple(image.shape[1:])
+        assert which.tolist() == np.flatnonzero(ann.labels).tolist() and used.dtype == np.float16
+        assert cams.shape == (len(classes),) + tuple(image.shape[1:]) and np.array_equal(cams[which], used)
         assert names == classes and scores.dtype == np.float32 and scores.shape == (len(classes),)
         ref = ext(imagenet_normalizer(image[None]))
-        np.testing.assert_allclose(cams.astype(np.float32), ref.cams[0].numpy(), atol=2e-3)
+        np.testing.assert_allclose(cams, ref.cams[0].numpy(), atol=2e-3)
         np.testing.assert_allclose(scores, ref.scores[0].numpy(), rtol=1e-4, atol=1e-4)
         with Image.open(out / "masks" / f"{ann.id}.png") as im:
             assert im.mode == "P" and im.size == (image.shape[2], image.shape[1])
@@ -86,6 +92,44 @@ def test_export_dataset_writes_every_file_in_its_format(val_set, tmp_path):
         assert set(det) == {"image_id", "category_id", "bbox", "score"}
         assert 1 <= det["category_id"] <= len(classes) and det["bbox"][2] > 0 and det["bbox"][3] > 0
         assert 0.0 <= det["score"] <= 1.0
+
+
+@pytest.mark.parametrize("scales, flip", [((1.0,), False), ((1.0, 0.5), True)])
+def test_packed_cam_files_give_the_full_maps_of_every_class(val_set, tmp_path, scales, flip):
+    # wsl-cams/2 stores the used classes' maps and every class's raw maps; read back, the other classes'
+    # maps are those --full-maps (wsl-cams/1) stores at image resolution, up to float16 rounding.
+    model = _model(len(val_set.classes)).eval()
+    kw = dict(scales=scales, flip=flip, progress=False, batch_size=2)
+    packed = export_cams(model, val_set.classes, val_set, tmp_path / "packed", **kw)
+    full = export_cams(model, val_set.classes, val_set, tmp_path / "full", full_maps=True, **kw)
+    assert (packed["format"], full["format"]) == ("wsl-cams/2", "wsl-cams/1")
+    for ann in val_set.annotations:
+        a, names_a, scores_a = load_cam_npz(tmp_path / "packed" / "cams" / f"{ann.id}.npz")
+        with np.load(tmp_path / "full" / "cams" / f"{ann.id}.npz") as z:
+            b, names_b, scores_b = z["cams"], z["classes"].tolist(), z["scores"]
+        assert names_a == names_b and np.array_equal(scores_a, scores_b) and a.shape == b.shape
+        used = ann.labels > 0.5
+        assert np.array_equal(a[used], b[used].astype(np.float32))  # the used maps: the same float16 values
+        np.testing.assert_allclose(a[~used], b[~used].astype(np.float32), atol=2e-3)
+    for name in ("masks", "records"):  # everything else is the same
+        for f in sorted((tmp_path / "full" / name).iterdir()):
+            assert f.read_bytes() == (tmp_path / "packed" / name / f.name).read_bytes()
+
+
+def test_packed_cam_files_are_refused_when_inconsistent(tmp_path):
+    good = dict(used_cams=np.zeros((1, 4, 5), np.float16), used_classes=np.array([1], np.int32),
+                classes=np.array(["a", "b"]), scores=np.zeros(2, np.float32))
+    np.savez(tmp_path / "ok.npz", **good)
+    cams, names, _ = load_cam_npz(tmp_path / "ok.npz")  # no pass maps: the other class is zero
+    assert cams.shape == (2, 4, 5) and names == ["a", "b"] and not cams.any()
+    for bad in ({"used_classes": np.array([2], np.int32)}, {"used_classes": np.array([0, 0], np.int32)},
+                {"used_cams": np.zeros((4, 5), np.float16)}):
+        np.savez(tmp_path / "bad.npz", **{**good, **bad})
+        with pytest.raises(DataError, match="bad.npz: used_cams .* and used_classes .* do not match"):
+            load_cam_npz(tmp_path / "bad.npz")
+    np.savez(tmp_path / "geo.npz", **good, pass_maps_0=np.zeros((1, 2, 2, 2), np.float16), geometry=np.array("{}"))
+    with pytest.raises(DataError, match="geo.npz: its pass maps and geometry do not give 2 class maps"):
+        load_cam_npz(tmp_path / "geo.npz")
 
 
 def test_exported_npz_is_read_by_the_benchmark(val_set, tmp_path):
@@ -149,7 +193,7 @@ def test_a_failed_write_never_leaves_a_partial_file(image_dir, tmp_path, monkeyp
 
     def flaky(fp, array, **kw):
         calls["n"] += 1
-        if calls["n"] == 4:  # the second image's first array (cams, classes, scores per file): half, then die
+        if calls["n"] == 8:  # the second image's first array (7 per wsl-cams/2 file): half, then die
             fp.write(b"\x93NUMPY truncated")
             raise OSError("disk full")
         real(fp, array, **kw)
@@ -159,8 +203,7 @@ def test_a_failed_write_never_leaves_a_partial_file(image_dir, tmp_path, monkeyp
     with pytest.raises(OSError, match="disk full"):
         export_cams(_model(2), ["x", "y"], ImageFolderDataset(image_dir, ["x", "y"]), out, progress=False)
     assert sorted(p.name for p in (out / "cams").iterdir()) == ["a.npz"]  # no b.npz, no temporary file
-    with np.load(out / "cams" / "a.npz") as z:
-        assert z["cams"].shape == (2, 40, 48)
+    assert load_cam_npz(out / "cams" / "a.npz")[0].shape == (2, 40, 48)
     assert not (out / "manifest.json").exists()
 
 
@@ -244,8 +287,12 @@ def test_resume_recomputes_only_unfinished_images_and_matches_a_full_run(val_set
 
     import wsl.cam.export as export_module
     written = []
-    real = export_module.save_cam_npz
-    monkeypatch.setattr(export_module, "save_cam_npz", lambda path, *a: (written.append(Path(path).stem), real(path, *a)))
+    real = export_module.atomic_write_bytes  # the CAM file's writer
+
+    def write(path, data):
+        written.append(Path(path).stem)
+        real(path, data)
+    monkeypatch.setattr(export_module, "atomic_write_bytes", write)
     manifest = export_cams(model, classes, val_set, out, resume=True, **kw)
     assert sorted(written) == [ids[i] for i in (2, 5, 6, 7)]  # finished images are not written again
     assert manifest["counts"]["images"] == len(val_set)
@@ -363,21 +410,47 @@ def test_localize_upsamples_only_the_used_classes_with_the_full_maps_results(val
 
 
 def test_exported_files_hold_every_class_map_as_the_full_path_computes_it(image_dir, tmp_path):
-    # Unused classes are upsampled for the file only; the file is the float16 of every full map.
+    # Unused classes are upsampled for the file only; the file is the float16 of every full map (--full-maps),
+    # and a wsl-cams/2 file gives the same maps up to float16 rounding of the raw maps.
     classes = [f"c{k}" for k in range(12)]
     model = _model(len(classes)).eval()
     ds = ImageFolderDataset(image_dir, classes)
-    export_cams(model, classes, ds, tmp_path / "o", scales=(1.0, 0.5), flip=True, progress=False)
+    export_cams(model, classes, ds, tmp_path / "o", scales=(1.0, 0.5), flip=True, progress=False, full_maps=True)
+    export_cams(model, classes, ds, tmp_path / "p", scales=(1.0, 0.5), flip=True, progress=False)
     ext = CAMExtractor(model, scales=(1.0, 0.5), flip=True)
     for i in range(len(ds)):
         sample = ds[i]
+        want = ext(imagenet_normalizer(sample["image"][None])).cams[0].numpy()
         with np.load(tmp_path / "o" / "cams" / f"{sample['id']}.npz") as z:
-            want = ext(imagenet_normalizer(sample["image"][None])).cams[0].numpy().astype(np.float16)
-            np.testing.assert_array_equal(z["cams"], want)
+            np.testing.assert_array_equal(z["cams"], want.astype(np.float16))
+        np.testing.assert_allclose(load_cam_npz(tmp_path / "p" / "cams" / f"{sample['id']}.npz")[0], want, atol=2e-3)
 
 
-def test_more_classes_than_uint8_masks_hold_are_refused_before_any_file(image_dir, tmp_path):
-    classes = [f"c{k}" for k in range(255)]
-    with pytest.raises(ValueError, match="at most 254"):
-        export_cams(_model(255), classes, ImageFolderDataset(image_dir, classes), tmp_path / "o", progress=False)
-    assert not (tmp_path / "o").exists()
+@pytest.mark.parametrize("shards", [None, 2])
+def test_more_classes_than_uint8_masks_hold_export_everything_but_masks(image_dir, tmp_path, shards):
+    # ImageNet-sized heads: uint8 pseudo-masks cannot label class 254 and up, so there are none; every other
+    # output is written, and the CAM files hold all 300 classes in a few cells each.
+    classes = [f"c{k}" for k in range(300)]
+    model, ds = _model(300).eval(), ImageFolderDataset(image_dir, classes)
+    with pytest.raises(ValueError, match="the CRF refines pseudo-masks"):
+        export_cams(model, classes, ds, tmp_path / "crf", crf=DenseCRF(), progress=False)
+    assert not (tmp_path / "crf").exists()
+    out = tmp_path / "o"
+    manifest = export_cams(model, classes, ds, out, progress=False, shards=shards)
+    assert manifest["counts"]["masks"] == 0 and manifest["counts"]["images"] == len(ds) > 0
+    assert json.loads((out / "options.json").read_text())["pseudo_masks"] is False
+    if shards is None:
+        assert "masks" not in manifest["files"] and not (out / "masks").exists()
+        assert sorted(p.name for p in (out / "cams").iterdir()) == sorted(f"{ds[i]['id']}.npz" for i in range(len(ds)))
+        cams, names, _ = load_cam_npz(out / "cams" / f"{ds[0]['id']}.npz")
+    else:
+        assert "masks" not in manifest["files"]["members"]
+        from wsl.utils.shards import iter_shard, shard_paths
+        members = [files for path in shard_paths(out) for _, files in iter_shard(path)]
+        assert len(members) == len(ds) and all(set(m) == {"cams.npz", "overlay.png", "json"} for m in members)
+        cams, names, _ = load_cam_npz("member", members[0]["cams.npz"])
+    assert cams.shape[0] == 300 and names == classes
+    records = json.loads((out / "localization.json").read_text())["images"]
+    assert all(r["classes"] and len(r["points"]) == len(r["classes"]) for r in records)  # predicted classes
+    again = export_cams(model, classes, ds, out, progress=False, shards=shards, resume=True)  # nothing left to do
+    assert again["counts"] == manifest["counts"]

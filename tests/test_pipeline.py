@@ -161,7 +161,7 @@ def test_pipeline_killed_mid_stage_resumes_to_the_uninterrupted_outputs(demo_dir
         assert names and names == sorted(p.relative_to(out) for p in out.glob(pattern)), pattern
         for name in names:
             if name.suffix == ".npz":
-                np.testing.assert_array_equal(np.load(out / name)["cams"], np.load(demo_dir / name)["cams"])
+                assert (out / name).read_bytes() == (demo_dir / name).read_bytes(), name
             else:
                 assert (out / name).read_bytes() == (demo_dir / name).read_bytes(), name
     a, b = load_checkpoint(out / "segmenter" / "last.pt"), load_checkpoint(demo_dir / "segmenter" / "last.pt")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from wsl.cam.files import load_cam_npz
 from wsl.bench import NpzCamSource, ShardCamSource, cam_files_source, evaluate, read_npz_classes
 from wsl.cam.export import export_cams
 from wsl.data.spec import build_dataset
@@ -144,7 +145,8 @@ def test_webdataset_reads_the_shards(exports):
     for sample in wds.WebDataset(urls, shardshuffle=False):
         assert {"cams.npz", "mask.png", "overlay.png", "json"} <= set(sample)
         with np.load(io.BytesIO(sample["cams.npz"])) as z:
-            assert z["cams"].dtype == np.float16 and z["cams"].shape[0] == len(z["classes"])
+            assert z["used_cams"].dtype == np.float16 and str(z["format"]) == "wsl-cams/2"
+        assert load_cam_npz("member", sample["cams.npz"])[0].shape[0] == len(load_cam_npz("member", sample["cams.npz"])[1])
         record = json.loads(sample["json"])
         assert shard_key(record["localization"]["file"]) == sample["__key__"]
         seen.append(sample["__key__"])

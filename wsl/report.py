@@ -188,7 +188,7 @@ def examples_figure(out: Path, dataset: Any, path: Path, n: int) -> Optional[Pat
     import matplotlib
     from matplotlib.patches import Patch
 
-    from wsl.cam.export import file_stem
+    from wsl.cam.files import file_stem, load_cam_npz
 
     loc = _json(out / "cams" / "localization.json")
     if not loc or not loc.get("images"):
@@ -210,8 +210,7 @@ def examples_figure(out: Path, dataset: Any, path: Path, n: int) -> Optional[Pat
         i = by_id[rec["id"]]
         ann, image = dataset.annotations[i], dataset.load_image(i)
         stem = file_stem(rec["id"])
-        with np.load(out / "cams" / "cams" / f"{stem}.npz", allow_pickle=False) as z:
-            cams = z["cams"].astype(np.float32)
+        cams = load_cam_npz(out / "cams" / "cams" / f"{stem}.npz")[0].astype(np.float32)
         tagged = [classes.index(c) for c in rec["classes"]]
         ax = grid[r, 0]
         ax.imshow(image)

@@ -12,7 +12,7 @@ import torch
 from wsl.cam import CAMExtractor, argmax_points, cam_boxes, local_maxima, pseudo_masks
 from wsl.cam.extract import select_maps
 from wsl.cam.export import ExportOptions, all_class_maps, localize
-from wsl.cam.files import cam_npz_bytes
+from wsl.cam.files import cam_npz_bytes, packed_cam_npz_bytes
 
 from speed_rows.settings import Settings, build_model, forward_only, scene_batch
 from speed_rows.timing import autocast, interleaved, row, stats
@@ -86,9 +86,10 @@ def phase_cam(s: Settings, device: torch.device, amp: Optional[torch.dtype] = No
 def phase_classes(s: Settings, device: torch.device) -> Dict[str, Any]:
     """Rows 1d-1f: CAM export / forward as the number of classes grows (random-init heads: speed does not
     depend on the weights). Only the used (tagged) classes' maps are upsampled, so the export's extra
-    cost should not grow with C; the CAM file, which holds every class at image resolution
-    (docs/design.md, "CAM files"), does: 1f times one image's .npz bytes against that image's share of
-    the forward pass."""
+    cost should not grow with C. 1f times one image's .npz bytes against that image's share of the
+    forward pass, in both layouts (docs/design.md, "CAM files"): wsl-cams/2 (the default) keeps the
+    used maps at image resolution and every class at map resolution, wsl-cams/1 (--full-maps) every
+    class at image resolution, so only its cost grows with C at full size."""
     rows, info, cpu = [], {}, device.type == "cpu"
     opt = ExportOptions()
     for rid, base in (("1d", s.tiny), ("1e", s.vgg448)):
@@ -105,20 +106,29 @@ def phase_classes(s: Settings, device: torch.device) -> Dict[str, Any]:
             maps = CAMExtractor(model).class_maps(x)
             used = localize(maps, positive, opt).used
             names = [f"c{k}" for k in range(classes)]
-            one = {"file": lambda: cam_npz_bytes(all_class_maps(maps, used, 0), names, maps.scores[0].numpy())}
-            f = interleaved(one, repeats=repeats, warmup=s.warmup, device=device)
-            size = len(one["file"]())
+            slots = torch.nonzero(used.valid[0]).flatten().tolist()
+            files = {  # image 0's file in each layout, as wsl cam's writer builds it (wsl.cam.files)
+                "wsl-cams/2": lambda: packed_cam_npz_bytes(
+                    used.cams[0, slots].numpy(), used.classes[0, slots].tolist(), names, maps.scores[0].numpy(),
+                    maps.image_passes(0), maps.geometry()),
+                "wsl-cams/1": lambda: cam_npz_bytes(all_class_maps(maps, used, 0), names, maps.scores[0].numpy())}
+            f = interleaved(files, repeats=repeats, warmup=s.warmup, device=device)
+            size = {k: len(fn()) for k, fn in files.items()}
             h, w = maps.passes[0][0].shape[-2:]
             what = f"{spec.label}, batch {spec.batch}, {classes} classes"
             rows.append(row(rid, f"CAM export / forward, {what}", "CAM + points + boxes + pseudo-masks",
                             stats(t["cam"], cpu=cpu), "plain forward", stats(t["forward"], cpu=cpu), "<=", 1.05,
                             note=f"{int(positive.sum())} used maps of {classes * spec.batch} upsampled from "
                                  f"{h}x{w} cells"))
-            rows.append(row("1f", f"one image's CAM file (.npz, all {classes} maps at {spec.size} px) / its "
-                            f"forward pass, {what}", "upsample the unused maps + float16 + deflate",
-                            stats(f["file"], cpu=cpu), "plain forward / batch",
-                            stats(t["forward"], scale=1.0 / spec.batch, cpu=cpu),
-                            note=f"file of {size / 2**20:.1f} MiB; not part of 1d/1e"))
+            per_image = stats(t["forward"], scale=1.0 / spec.batch, cpu=cpu)
+            rows.append(row("1f", f"one image's CAM file, wsl-cams/2 (wsl cam's default: {len(slots)} used maps at "
+                            f"{spec.size} px + {classes} raw {h}x{w} maps) / its forward pass, {what}",
+                            "float16 + deflate", stats(f["wsl-cams/2"], cpu=cpu), "plain forward / batch", per_image,
+                            note=f"file of {size['wsl-cams/2'] / 2**20:.2f} MiB; not part of 1d/1e"))
+            rows.append(row("1f", f"one image's CAM file, wsl-cams/1 (--full-maps: all {classes} maps at {spec.size} "
+                            f"px) / its forward pass, {what}", "upsample the unused maps + float16 + deflate",
+                            stats(f["wsl-cams/1"], cpu=cpu), "plain forward / batch", per_image,
+                            note=f"file of {size['wsl-cams/1'] / 2**20:.2f} MiB; not part of 1d/1e"))
             info[f"{rid}_{classes}"] = {"spec": dataclasses.asdict(spec), "file_bytes": size}
             del model, maps, used
     return {"rows": rows, "info": info}

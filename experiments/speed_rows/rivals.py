@@ -1,5 +1,11 @@
 """Rows 2a-2d: post-hoc CAM libraries (pytorch-grad-cam, torchcam; optional) computing the maps of every
 tagged class on the same VGG16 batch / our whole CAM export.
+
+Target: ratio >= 0.95, i.e. our whole export (maps, points, boxes, pseudo-masks) costs no more than a
+rival's maps alone, within the 5% that interleaved medians of 3 VGG16 runs still move. Every rival runs
+at least the forward pass we run once; torchcam's CAM needs no more (it reads the same activations), so
+equal cost is the best to expect against it, while gradient methods add backward passes (2a, 2d).
+(Until issue 17 the target was >= 2 for every row, which a one-forward rival cannot miss by design.)
 """
 from __future__ import annotations
 
@@ -89,7 +95,7 @@ def phase_rivals(s: Settings, device: torch.device, amp: Optional[torch.dtype] =
     maps_median = stats(t["our maps"])["median"]
     rows = [row(f"2{'abcd'[i]}", f"{name} / our CAM export, {spec.label}, batch {spec.batch}", name,
                 stats(t[name], cpu=cpu), "our CAM + points + boxes + pseudo-masks", stats(t["ours"], cpu=cpu),
-                ">=", 2.0,
+                ">=", 0.95,
                 note=f"maps of {int(positive.sum())} positive (image, class) pairs in {len(rounds)} batched "
                      f"rounds; target layer {name.split(' at ')[1] if ' at ' in name else 'fc7'}; "
                      f"/ our maps alone (CAMExtractor, {maps_median:.3g} s): "

@@ -19,7 +19,7 @@ import torch
 
 from wsl.cam.export import imagenet_normalizer
 from wsl.cam.methods import DEFAULT_METHOD, build_cam_method
-from wsl.cam.files import file_stem, load_cam_npz
+from wsl.cam.files import cam_npz_classes, file_stem, load_cam_npz
 from wsl.errors import DataError
 from wsl.utils.shards import ShardIndex, has_shards, iter_shard, shard_key, shard_paths
 
@@ -187,8 +187,8 @@ def read_npz_classes(directory) -> List[str]:
     if not files:
         raise FileNotFoundError(f"no .npz CAM files in {directory}")
     first, last = files[0], files[-1]
-    classes = load_cam_npz(first)[1]
-    others = load_cam_npz(last)[1] if last != first else classes
+    classes = cam_npz_classes(first)
+    others = cam_npz_classes(last) if last != first else classes
     if set(others) != set(classes):
         in_first = _names([c for c in classes if c not in others]) or "none"
         in_last = _names([c for c in others if c not in classes]) or "none"
@@ -331,7 +331,7 @@ class ShardCamSource:
         for path in shard_paths(directory):
             for key, files in iter_shard(path):
                 if "cams.npz" in files:
-                    classes = load_cam_npz(f"{path}:{key}.cams.npz", files["cams.npz"])[1]
+                    classes = cam_npz_classes(f"{path}:{key}.cams.npz", files["cams.npz"])
                     logger.debug("class list (order) of %s: %s, from %s:%s.cams.npz", directory,
                                  ", ".join(classes), path, key)
                     return classes

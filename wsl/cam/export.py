@@ -22,14 +22,21 @@ Under ``torchrun`` the batches (or shards) are dealt to the ranks in turn; each 
 images' files, rank 0 prepares the folder first and writes the JSON files after every rank is done
 (:mod:`wsl.utils.job`). The files are the same as one process writes, whatever the number of ranks.
 
-``ID.npz`` format (read with ``np.load(path)``; :mod:`wsl.cam.files`):
+``ID.npz`` format (:mod:`wsl.cam.files`; read with :func:`wsl.cam.files.load_cam_npz`, which gives
+every class's map ``(C, H, W)`` for either layout):
 
-- ``cams``: float16 ``(C, H, W)``, one map per class of ``classes`` at the image's resolution, higher =
-  more of the class. ``wsl cam`` stores maps normalised per map to [0, 1] (ReLU, then divided by the
-  max; an all-zero map means no evidence), aggregated over the requested scales and flips. Readers
-  should not rely on the scale: ``wsl bench`` normalises each map itself.
-- ``classes``: str array ``(C,)``, the class names, in the order of ``cams``.
-- ``scores``: float32 ``(C,)``, image-level class scores (logits; ``sigmoid`` gives probabilities).
+- ``wsl-cams/2`` (the default): ``used_cams`` float16 ``(K, H, W)``, the maps of the classes that were
+  used (tagged or predicted; ``used_classes``, indices into ``classes``) at the image's resolution,
+  normalised per map to [0, 1] (ReLU, then divided by the max; an all-zero map means no evidence) and
+  aggregated over the requested scales and flips; ``pass_maps_P`` float16 ``(F, C, h, w)``, every
+  class's map as the network computed it in pass ``P``, and ``geometry`` (JSON), from which the reader
+  upsamples the other classes with the code that computed the used ones. The file costs a few cells per
+  class instead of a full-size map (1000 classes at 448 px: some 0.4 MB instead of 106 MB).
+- ``wsl-cams/1`` (``full_maps=True``, ``wsl cam --full-maps``, what other tools write): ``cams`` float16
+  ``(C, H, W)``, one map per class at the image's resolution, normalised as above. Readers should not
+  rely on the scale: ``wsl bench`` normalises each map itself.
+- both: ``classes``: str array ``(C,)``, the class names; ``scores``: float32 ``(C,)``, image-level class
+  scores (logits; ``sigmoid`` gives probabilities).
 
 ``ID`` is the dataset's image id with ``/`` and ``\\`` replaced by ``__`` (:func:`wsl.cam.files.file_stem`).
 
@@ -68,8 +75,10 @@ from wsl.cam.extract import CAMExtractor, ClassMaps, SelectedCAMs, _model_device
 from wsl.cam.methods import build_cam_method
 from wsl.cam.postprocess import (BOX_MODES, Boxes, Points, argmax_points, mask_settings, peaks_and_boxes,
                                   pseudo_masks, slot_labels_to_classes)
-from wsl.cam.files import (IMAGE_DIRS, OPTIONS_FILE, cam_npz_bytes, file_stem, json_bytes, open_output_dir,
-                           palette_png_bytes, rgb_png_bytes, save_cam_npz, save_palette_png, save_rgb_png)
+from wsl.cam.files import (FULL_FORMAT, IMAGE_DIRS, OPTIONS_FILE, PACKED_FORMAT, cam_npz_bytes, file_stem, json_bytes,
+                           open_output_dir, packed_cam_npz_bytes, palette_png_bytes, rgb_png_bytes, save_palette_png,
+                           save_rgb_png)
+from wsl.utils.io import atomic_write_bytes
 from wsl.data.classes import IGNORE_INDEX
 from wsl.errors import DataError
 from wsl.utils import dist, job
@@ -78,7 +87,7 @@ from wsl.utils.shards import SHARD_DIR, ShardIndex, ShardWriter, plan_shards, sh
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "wsl-cams/1"
+FORMAT = PACKED_FORMAT  # the default CAM file layout; FULL_FORMAT with full_maps (wsl.cam.files)
 COLORMAP = "jet"
 CAPTION_HEIGHT = 18
 
@@ -220,6 +229,7 @@ class ExportOptions:
     peak_min_distance: int = 8
     peak_top_k: int = 5
     peak_threshold: float = 0.5
+    full_maps: bool = False  # CAM files with every class at image resolution (wsl-cams/1), not wsl-cams/2
 
     def __post_init__(self) -> None:
         if self.box_mode not in BOX_MODES:
@@ -237,39 +247,64 @@ class Localized:
     """What :func:`localize` derives from one batch: ``used`` the normalised maps of the used classes
     (packed, :class:`wsl.cam.extract.SelectedCAMs`), ``points`` int64 ``(N, K, 2)`` and ``values`` their
     argmax points per slot, ``peaks`` and ``boxes`` per image (labels = class indices), ``masks`` uint8
-    ``(N, H, W)`` (``c + 1`` for class ``c``), all on the CPU but ``masks`` (the maps' device)."""
+    ``(N, H, W)`` (``c + 1`` for class ``c``; None when not asked for), all on the CPU but ``masks`` (the
+    maps' device)."""
 
     used: SelectedCAMs
     points: Tensor
     values: Tensor
     peaks: List[Points]
     boxes: List[Boxes]
-    masks: Tensor
+    masks: Optional[Tensor]
+
+
+NPZ_LAYOUTS = {
+    FULL_FORMAT: {"cams": "float16 (C, H, W), per-map max-normalised", "classes": "str (C,)",
+                  "scores": "float32 (C,) logits"},
+    PACKED_FORMAT: {"format": "str, wsl-cams/2", "classes": "str (C,)", "scores": "float32 (C,) logits",
+                    "used_cams": "float16 (K, H, W), the used classes' maps, per-map max-normalised",
+                    "used_classes": "int32 (K,), their indices in classes",
+                    "pass_maps_P": "float16 (F, C, h, w), every class's raw map per forward pass P (F = 2 with flip)",
+                    "geometry": "str, JSON: image_size, input_sizes, stride, offset, flip, normalize",
+                    "read with": "wsl.cam.files.load_cam_npz (upsamples the other classes as wsl cam does)"},
+}
+
+
+def writes_masks(classes: Sequence[str]) -> bool:
+    """Whether ``wsl cam`` writes pseudo-masks for a model of ``classes``: uint8 masks label at most 254
+    classes (``c + 1``; 255 is 'ignore'). With more (ImageNet's 1000) it writes every other output."""
+    return len(classes) <= IGNORE_INDEX - 1
+
+
+def image_dirs(classes: Sequence[str]) -> Tuple[str, ...]:
+    """The per-image folders of an export (``IMAGE_DIRS`` without ``masks`` when none are written)."""
+    return tuple(d for d in IMAGE_DIRS if d != "masks" or writes_masks(classes))
 
 
 def localize(maps: Any, selection: Tensor, options: Optional[ExportOptions] = None, *,
-             crf: Optional[DenseCRF] = None, images: Optional[Tensor] = None) -> Localized:
+             crf: Optional[DenseCRF] = None, images: Optional[Tensor] = None, masks: bool = True) -> Localized:
     """Points, local maxima, boxes and pseudo-masks of the classes of ``selection`` (bool ``(N, C)``),
     the per-batch work of ``wsl cam`` before its files. ``maps``: a batch's
     :class:`wsl.cam.extract.ClassMaps` (only the selected maps are upsampled: the cost no longer grows
     with the number of classes) or full normalised ``(N, C, H, W)`` maps (other CAM methods). ``images``:
-    the uint8 batch, needed with ``crf``. The results of the selected classes are those of the full maps
-    (tests/test_cam_export.py)."""
+    the uint8 batch, needed with ``crf``. ``masks=False`` skips the pseudo-masks (``masks`` is then None).
+    The results of the selected classes are those of the full maps (tests/test_cam_export.py)."""
     opt = options or ExportOptions()
     used = select_maps(maps, selection)
     points, values = argmax_points(used.cams)
     peaks, boxes = peaks_and_boxes(used.cams, select=used.valid, min_distance=opt.peak_min_distance,
                                    rel_threshold=opt.peak_threshold, top_k=opt.peak_top_k, tau=opt.tau,
                                    mode=opt.box_mode)
-    if crf is None:
-        masks = pseudo_masks(used.cams, used.valid, method=opt.mask_method, fg=opt.mask_fg, bg=opt.mask_bg,
-                             classes=used.classes)
-    else:
-        masks = crf_pseudo_masks(crf, images.to(used.cams.device), used.cams, used.valid,
-                                 method=opt.mask_method, fg=opt.mask_fg, bg=opt.mask_bg, classes=used.classes)
+    labels: Optional[Tensor] = None  # the pseudo-masks
+    if masks and crf is None:
+        labels = pseudo_masks(used.cams, used.valid, method=opt.mask_method, fg=opt.mask_fg, bg=opt.mask_bg,
+                              classes=used.classes)
+    elif masks:
+        labels = crf_pseudo_masks(crf, images.to(used.cams.device), used.cams, used.valid,
+                                  method=opt.mask_method, fg=opt.mask_fg, bg=opt.mask_bg, classes=used.classes)
     slot_labels_to_classes(used.classes, peaks)
     slot_labels_to_classes(used.classes, boxes)
-    return Localized(used=used, points=points.cpu(), values=values.cpu(), peaks=peaks, boxes=boxes, masks=masks)
+    return Localized(used=used, points=points.cpu(), values=values.cpu(), peaks=peaks, boxes=boxes, masks=labels)
 
 
 def all_class_maps(maps: Any, used: SelectedCAMs, i: int) -> np.ndarray:
@@ -320,12 +355,16 @@ class _Writer:
         self.out, self.stems, self.classes, self.opt, self.crf = out, stems, classes, options, crf
         self.extractor, self.normalizer = extractor, normalizer
         self.labelled, self.label_map, self.ids = labelled, label_map, ids
+        self.masks = writes_masks(classes)
+        self.dirs = image_dirs(classes)
 
-    def paths(self, stem: str) -> List[Path]:
-        return [self.out / d / f"{stem}{ext}" for d, ext in zip(IMAGE_DIRS, (".npz", ".png", ".png", ".json"))]
+    def paths(self, stem: str) -> Dict[str, Path]:
+        """The image's files by folder (``cams``, ``overlays``, ``masks`` when written, ``records``)."""
+        ext = {"cams": ".npz", "overlays": ".png", "masks": ".png", "records": ".json"}
+        return {d: self.out / d / f"{stem}{ext[d]}" for d in self.dirs}
 
     def complete(self, stem: str) -> bool:
-        return all(p.is_file() for p in self.paths(stem))
+        return all(p.is_file() for p in self.paths(stem).values())
 
     def _selection(self, samples: List[Dict[str, Any]], scores: Tensor) -> Tensor:
         if not self.labelled:
@@ -362,9 +401,9 @@ class _Writer:
             raise ValueError(f"the model produces {scores.shape[1]} class maps but {len(classes)} class names "
                              "were given")
         selection = self._selection(samples, scores)
-        loc = localize(maps, selection, opt, crf=self.crf, images=images)
+        loc = localize(maps, selection, opt, crf=self.crf, images=images, masks=self.masks)
         probs, scores = torch.sigmoid(scores).cpu(), scores.cpu()
-        masks_np, used = loc.masks.cpu().numpy(), loc.used
+        masks_np, used = None if loc.masks is None else loc.masks.cpu().numpy(), loc.used
         used_np = used.cams.cpu().numpy()
         h, w = used_np.shape[-2:]
         points, values = loc.points, loc.values
@@ -395,8 +434,18 @@ class _Writer:
             titles = [f"{classes[k]} {float(probs[i, k]):.2f}" for k in chosen]
             panels = overlay_panels(images[i].permute(1, 2, 0).numpy(), used_np[i, slots], titles,
                                     boxes=[panel_boxes[k] for k in chosen], points=[xy[k] for k in chosen])
-            sink.write(stem, all_class_maps(maps, used, i), scores[i].numpy(), panels, masks_np[i],
-                       {"localization": record, "coco": coco})
+            sink.write(stem, self._cam_file(maps, used, i, slots, chosen, scores[i].numpy()), panels,
+                       None if masks_np is None else masks_np[i], {"localization": record, "coco": coco})
+
+    def _cam_file(self, maps: Any, used: SelectedCAMs, i: int, slots: List[int], chosen: List[int],
+                  scores: np.ndarray) -> bytes:
+        """Image ``i``'s CAM file: the used maps and every class's pass maps (``wsl-cams/2``), or with
+        ``full_maps`` every class at image resolution (``wsl-cams/1``); :mod:`wsl.cam.files`."""
+        if self.opt.full_maps:
+            return cam_npz_bytes(all_class_maps(maps, used, i), self.classes, scores)
+        lazy = isinstance(maps, ClassMaps)
+        return packed_cam_npz_bytes(used.cams[i, slots].cpu().numpy(), chosen, self.classes, scores,
+                                    maps.image_passes(i) if lazy else None, maps.geometry() if lazy else None)
 
     def _records(self, n: int, sharded: bool) -> Iterator[Dict[str, Any]]:
         """Every image's record in dataset order, one at a time (memory: one record)."""
@@ -410,7 +459,7 @@ class _Writer:
                                     "`wsl cam` with --resume to write the missing shards")
                 where, data = index.where(key, "json"), index.read(key, "json")
             else:
-                where = self.paths(stem)[-1]
+                where = self.paths(stem)["records"]
                 try:
                     data = where.read_bytes()
                 except OSError as e:
@@ -426,7 +475,7 @@ class _Writer:
         """``localization.json`` and ``boxes_coco.json`` streamed from the image records (any number of
         images in constant memory), then ``manifest.json``; ``distributed``: world size and per-rank
         counts; ``shards``: the shard layout, None for one file per output."""
-        counts = {"images": n, "points": 0, "peaks": 0, "boxes": 0, "masks": n, "overlays": n}
+        counts = {"images": n, "points": 0, "peaks": 0, "boxes": 0, "masks": n if self.masks else 0, "overlays": n}
         with contextlib.ExitStack() as stack:
             loc_tmp = stack.enter_context(atomic_path(self.out / "localization.json"))
             coco_tmp = stack.enter_context(atomic_path(self.out / "boxes_coco.json"))
@@ -453,6 +502,8 @@ class _Writer:
                      "members": {"cams": "{key}.cams.npz", "overlays": "{key}.overlay.png", "masks": "{key}.mask.png",
                                  "records": "{key}.json"},
                      "key": "file stem with % and . escaped as %25 and %2E (webdataset keys hold no dot)"}
+        if not self.masks:  # more classes than uint8 masks label (writes_masks)
+            (files if shards is None else files["members"]).pop("masks")
         files.update({"options": OPTIONS_FILE, "localization": "localization.json", "boxes_coco": "boxes_coco.json"})
         manifest = {
             "format": run_info["format"],
@@ -460,8 +511,7 @@ class _Writer:
             "counts": counts,
             "options": run_info["options"],
             "files": files,
-            "npz": {"cams": "float16 (C, H, W), per-map max-normalised", "classes": "str (C,)",
-                    "scores": "float32 (C,) logits"},
+            "npz": NPZ_LAYOUTS[run_info["format"]],
             "dataset": run_info["dataset"],
             "versions": run_info["versions"],
             "distributed": distributed,
@@ -491,13 +541,14 @@ class _FileSink:
     def complete(self, stem: str) -> bool:
         return self.writer.complete(stem)
 
-    def write(self, stem: str, cams: np.ndarray, scores: np.ndarray, overlay: np.ndarray, mask: np.ndarray,
+    def write(self, stem: str, cam_file: bytes, overlay: np.ndarray, mask: Optional[np.ndarray],
               record: Dict[str, Any]) -> None:
-        npz, overlay_path, mask_path, record_path = self.writer.paths(stem)
-        save_cam_npz(npz, cams, self.writer.classes, scores)
-        save_rgb_png(overlay_path, overlay)
-        save_palette_png(mask_path, mask)
-        atomic_write_json(record_path, record)  # last: marks the image done
+        paths = self.writer.paths(stem)
+        atomic_write_bytes(paths["cams"], cam_file)
+        save_rgb_png(paths["overlays"], overlay)
+        if mask is not None:
+            save_palette_png(paths["masks"], mask)
+        atomic_write_json(paths["records"], record)  # last: marks the image done
 
 
 class _ShardSink:
@@ -510,11 +561,12 @@ class _ShardSink:
     def complete(self, stem: str) -> bool:
         return False  # a shard is written whole or not at all
 
-    def write(self, stem: str, cams: np.ndarray, scores: np.ndarray, overlay: np.ndarray, mask: np.ndarray,
+    def write(self, stem: str, cam_file: bytes, overlay: np.ndarray, mask: Optional[np.ndarray],
               record: Dict[str, Any]) -> None:
-        self.shard.add(shard_key(stem), {"cams.npz": cam_npz_bytes(cams, self.writer.classes, scores),
-                                         "overlay.png": rgb_png_bytes(overlay), "mask.png": palette_png_bytes(mask),
-                                         "json": json_bytes(record)})
+        members = {"cams.npz": cam_file, "overlay.png": rgb_png_bytes(overlay)}
+        if mask is not None:
+            members["mask.png"] = palette_png_bytes(mask)
+        self.shard.add(shard_key(stem), {**members, "json": json_bytes(record)})
 
 
 def _run_info(options: ExportOptions, classes: List[str], crf: Optional[DenseCRF], labelled: bool,
@@ -522,7 +574,8 @@ def _run_info(options: ExportOptions, classes: List[str], crf: Optional[DenseCRF
     """Everything the output files depend on (``options.json``; the manifest repeats most). Batch size
     and device are in it because they change the floating-point results."""
     info = {
-        "format": FORMAT,
+        "format": FULL_FORMAT if options.full_maps else FORMAT,
+        "pseudo_masks": writes_masks(classes),
         "classes": classes,
         "options": {
             **asdict(options), "scales": list(options.scales), "normalize": "max",
@@ -547,7 +600,7 @@ def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir:
                 box_mode: str = "largest", mask_method: str = "threshold", mask_fg: Optional[float] = None,
                 mask_bg: Optional[float] = None, crf: Optional[DenseCRF] = None, use_labels: bool = True,
                 peak_min_distance: int = 8, peak_top_k: int = 5, peak_threshold: float = 0.5,
-                normalizer: Callable[[Tensor], Tensor] = imagenet_normalizer, num_workers: int = 0,
+                full_maps: bool = False, normalizer: Callable[[Tensor], Tensor] = imagenet_normalizer, num_workers: int = 0,
                 overwrite: bool = False, resume: bool = False, progress: bool = True,
                 inputs: Sequence[PathLike] = (), shards: Optional[int] = None, method: str = "cam",
                 target_layer: Optional[str] = None) -> Dict[str, Any]:
@@ -571,7 +624,9 @@ def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir:
     ``method``: the CAM method (:data:`wsl.cam.methods.CAM_METHODS`; default ``cam``, the model's own
     maps from one forward pass; others compute the maps of the used classes only, the rest stay zero),
     ``target_layer`` the module the library methods read (default: the backbone's output); the files
-    have the same format whichever method wrote them, and ``options.json`` records it.
+    have the same format whichever method wrote them, and ``options.json`` records it. CAM files are
+    ``wsl-cams/2`` (the used classes at image resolution, every class's raw maps for the rest), or with
+    ``full_maps`` ``wsl-cams/1`` (every class at image resolution; :mod:`wsl.cam.files`).
     Under ``torchrun`` (a process group is initialised) every rank calls this with the same arguments
     and the images are split between them (:mod:`wsl.utils.job`). Returns the manifest (also written to
     ``out_dir/manifest.json``), on every rank. File formats: module docstring.
@@ -581,9 +636,12 @@ def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir:
         raise ValueError("export_cams: empty class list")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if len(classes) > IGNORE_INDEX - 1:
-        raise ValueError(f"{len(classes)} classes: the uint8 pseudo-masks of `wsl cam` hold at most {IGNORE_INDEX - 1} "
-                         f"(label {IGNORE_INDEX} is 'ignore'); export a model with fewer classes")
+    if not writes_masks(classes):
+        if crf is not None:
+            raise ValueError(f"{len(classes)} classes: the CRF refines pseudo-masks, and uint8 masks hold at most "
+                             f"{IGNORE_INDEX - 1} classes (label {IGNORE_INDEX} is 'ignore'); export without --crf")
+        logger.info("%d classes: no pseudo-masks (uint8 masks hold at most %d classes); CAMs, points, boxes and "
+                    "overlays are written", len(classes), IGNORE_INDEX - 1)
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: --resume finishes an export, "
                          "--overwrite starts it again")
@@ -594,7 +652,7 @@ def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir:
     options = ExportOptions(scales=tuple(scales), flip=bool(flip), tau=tau, box_mode=box_mode,
                             mask_method=mask_method, mask_fg=mask_fg, mask_bg=mask_bg,
                             peak_min_distance=peak_min_distance, peak_top_k=peak_top_k,
-                            peak_threshold=peak_threshold)
+                            peak_threshold=peak_threshold, full_maps=bool(full_maps))
     extractor = build_cam_method(method, model, scales=options.scales, flip=options.flip, normalize="max",
                                  target_layer=target_layer)
     labelled = bool(use_labels) and getattr(dataset, "has_labels", True)
@@ -617,7 +675,7 @@ def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir:
     for i, ann in enumerate(anns or ()):  # else learnt from the samples
         stems.add(i, str(ann.id))
     reads = [*inputs, *(dataset.input_paths() if hasattr(dataset, "input_paths") else ())]
-    dirs = IMAGE_DIRS if shards is None else (SHARD_DIR,)
+    dirs = image_dirs(classes) if shards is None else (SHARD_DIR,)
     with job.prepared_output(out_dir, "cam", lambda: open_output_dir(out_dir, run_info, overwrite=overwrite,
                                                                      resume=resume, inputs=reads, dirs=dirs)) as out:
         writer = _Writer(out, stems, *writer_args)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -115,6 +115,21 @@ class ClassMaps:
             if rows is not None and len(total) != len(rows):  # the aggregate of several passes, into its slots
                 total = total.new_zeros(len(rows), *self.image_size).index_copy_(0, slots.to(total.device), total)
             return normalize_cams(total, self.normalize, inplace=True) if normalize else total
+
+    def geometry(self) -> Dict[str, Any]:
+        """What :meth:`upsample` needs besides the maps, as JSON values (``wsl-cams/2`` files store it)."""
+        def plain(v: Any) -> Any:
+            return [float(x) for x in v] if isinstance(v, (tuple, list)) else float(v)
+
+        return {"image_size": [int(v) for v in self.image_size], "input_sizes": [[int(v) for v in s] for _, s in self.passes],
+                "stride": plain(self.stride), "offset": plain(self.offset), "flip": bool(self.flip),
+                "normalize": self.normalize}
+
+    def image_passes(self, i: int) -> List[np.ndarray]:
+        """Image ``i``'s maps of every pass, float32 ``(F, C, h, w)`` (``F = 2`` with flip, the mirrored
+        image second): with :meth:`geometry`, enough to rebuild its maps of any class exactly."""
+        n = self.scores.shape[0]
+        return [(maps[[i, i + n]] if self.flip else maps[i:i + 1]).float().cpu().numpy() for maps, _ in self.passes]
 
     def _add(self, total: Optional[Tensor], up: Tensor) -> Tensor:
         """``total + up`` with the mirrored half of ``up`` flipped back and added to the first (``flip``);

@@ -1,9 +1,23 @@
 """The files of a ``wsl cam`` export, named and written in one place (read back by ``wsl bench``).
 
-``ID.npz`` (docs/design.md, "CAM files"): ``cams`` float16 ``(C, H, W)`` at image resolution, higher =
-more of the class; ``classes`` str ``(C,)``; ``scores`` float32 ``(C,)`` image-level class scores
-(optional for other tools). ``ID`` is the image id with ``/`` and ``\\`` replaced by ``__``
-(:func:`file_stem`), so ids with folders name flat files.
+``ID.npz`` (docs/design.md, "CAM files") comes in two layouts, both read by :func:`load_cam_npz`:
+
+- ``wsl-cams/1``, every map at image resolution (what any tool writes, and ``wsl cam --full-maps``):
+  ``cams`` float16 ``(C, H, W)``, higher = more of the class; ``classes`` str ``(C,)``; ``scores``
+  float32 ``(C,)`` image-level class scores (optional for other tools).
+- ``wsl-cams/2``, what ``wsl cam`` writes by default: the used classes' maps at image resolution and
+  every class's map as the network computed it (a few cells each), from which the others are
+  upsampled when read: ``format`` = ``"wsl-cams/2"``; ``classes``; ``scores``; ``used_cams`` float16
+  ``(K, H, W)``, the normalised maps of the classes ``used_classes`` int32 ``(K,)`` (indices into
+  ``classes``, ascending); ``pass_maps_P`` float16 ``(F, C, h, w)`` per forward pass ``P`` (scale), the
+  raw class maps (``F = 2`` with flip: the mirrored image second); ``geometry`` str, JSON of what
+  :class:`wsl.cam.extract.ClassMaps` needs to upsample them (``image_size``, ``input_sizes``,
+  ``stride``, ``offset``, ``flip``, ``normalize``). Without pass maps (the library CAM methods, which
+  compute only the used classes) the other classes' maps are zero. A 1000-class file at 448 px holds
+  some 0.4 MB instead of 106 MB (experiments/results/speed.md, row 1f).
+
+``ID`` is the image id with ``/`` and ``\\`` replaced by ``__`` (:func:`file_stem`), so ids with folders
+name flat files.
 
 Every writer here is atomic (``wsl.utils.io.atomic_path``): an interrupted export never leaves a
 truncated file under its final name. Files are also byte-for-byte reproducible: the same arrays give
@@ -22,6 +36,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from PIL import Image
 
 from wsl.data.classes import VOC_PALETTE
@@ -64,35 +79,112 @@ def write_npz(path: PathLike, arrays: dict) -> None:
 
 
 def cam_npz_bytes(cams: np.ndarray, classes: Sequence[str], scores: np.ndarray) -> bytes:
-    """The bytes of one ``ID.npz`` (module docstring); values beyond float16's range are clipped."""
-    finfo = np.finfo(np.float16)
-    return npz_bytes({"cams": np.clip(cams, finfo.min, finfo.max).astype(np.float16),
+    """The bytes of one ``wsl-cams/1`` ``ID.npz`` (module docstring); values beyond float16's range are
+    clipped."""
+    return npz_bytes({"cams": _f16(cams),
                       "classes": np.asarray(list(classes), dtype=str),
                       "scores": np.asarray(scores, dtype=np.float32)})
 
 
 def save_cam_npz(path: PathLike, cams: np.ndarray, classes: Sequence[str], scores: np.ndarray) -> None:
-    """Write one ``ID.npz`` (module docstring), atomically."""
+    """Write one ``wsl-cams/1`` ``ID.npz`` (module docstring), atomically."""
     atomic_write_bytes(path, cam_npz_bytes(cams, classes, scores))
 
 
+FULL_FORMAT = "wsl-cams/1"
+PACKED_FORMAT = "wsl-cams/2"
+
+
+def _f16(a: np.ndarray) -> np.ndarray:
+    finfo = np.finfo(np.float16)  # values beyond float16's range are clipped, not made infinite
+    return np.clip(a, finfo.min, finfo.max).astype(np.float16)
+
+
+def packed_cam_npz_bytes(used_cams: np.ndarray, used_classes: Sequence[int], classes: Sequence[str],
+                         scores: np.ndarray, passes: Optional[Sequence[np.ndarray]] = None,
+                         geometry: Optional[Dict[str, Any]] = None) -> bytes:
+    """The bytes of one ``wsl-cams/2`` ``ID.npz`` (module docstring): ``used_cams`` ``(K, H, W)`` of
+    the classes ``used_classes``; ``passes`` (each ``(F, C, h, w)``) and ``geometry`` from
+    :meth:`wsl.cam.extract.ClassMaps.image_passes` / :meth:`~wsl.cam.extract.ClassMaps.geometry`."""
+    if (passes is None) != (geometry is None):
+        raise ValueError("packed_cam_npz_bytes: passes and geometry go together")
+    arrays: Dict[str, Any] = {"format": np.asarray(PACKED_FORMAT), "classes": np.asarray(list(classes), dtype=str),
+                              "scores": np.asarray(scores, dtype=np.float32), "used_cams": _f16(used_cams),
+                              "used_classes": np.asarray(used_classes, dtype=np.int32).reshape(-1)}
+    if passes is not None:
+        arrays.update({f"pass_maps_{p}": _f16(m) for p, m in enumerate(passes)})
+        arrays["geometry"] = np.asarray(json.dumps(geometry, sort_keys=True))
+    return npz_bytes(arrays)
+
+
+def _unpack(z: Any, path: Any, classes: List[str], scores: Optional[np.ndarray]) -> np.ndarray:
+    """Every class's map ``(C, H, W)`` float32 of a ``wsl-cams/2`` file: the stored used ones, the others
+    upsampled from the pass maps with the exporter's code (zero without pass maps)."""
+    from wsl.cam.extract import ClassMaps  # torch; only this layout needs it
+
+    used = z["used_cams"]
+    idx = np.asarray(z["used_classes"], dtype=np.int64).reshape(-1)
+    c = len(classes)
+    if used.ndim != 3 or len(used) != len(idx) or (idx.size and (idx.min() < 0 or idx.max() >= c)) \
+            or len(np.unique(idx)) != len(idx):
+        raise DataError(f"{path}: used_cams {tuple(used.shape)} and used_classes {idx.tolist()[:8]} do not match: "
+                        f"one (H, W) map per used class, each an index into its {c} classes once")
+    geometry = json.loads(str(z["geometry"])) if "geometry" in z.files else None
+    size = used.shape[1:] if len(idx) or geometry is None else tuple(geometry["image_size"])
+    out = np.zeros((c, *size), np.float32)
+    rest = np.ones(c, dtype=bool)
+    rest[idx] = False
+    if geometry is not None and rest.any():
+        try:
+            passes = [(torch.from_numpy(z[f"pass_maps_{p}"].astype(np.float32)), tuple(s))
+                      for p, s in enumerate(geometry["input_sizes"])]
+            maps = ClassMaps(passes=passes, scores=torch.zeros(1, c), image_size=tuple(size),
+                             stride=geometry["stride"], offset=geometry["offset"], flip=bool(geometry["flip"]),
+                             normalize=geometry["normalize"])
+            out[rest] = maps.upsample(torch.from_numpy(np.flatnonzero(rest))).numpy()
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise DataError(f"{path}: its pass maps and geometry do not give {c} class maps of {size[0]}x{size[1]} "
+                            f"({e}); write the file with wsl.cam.files.packed_cam_npz_bytes") from e
+    out[idx] = used
+    return out
+
+
 def load_cam_npz(path: PathLike, data: Optional[bytes] = None) -> Tuple[np.ndarray, List[str], Optional[np.ndarray]]:
-    """``(cams, classes, scores or None)`` of a CAM file (or of its bytes ``data``, e.g. a shard member
-    that ``path`` names); errors name the file and what it must hold."""
+    """``(cams (C, H, W), classes, scores or None)`` of a CAM file of either layout (module docstring),
+    or of its bytes ``data`` (e.g. a shard member that ``path`` names); errors name the file and what
+    it must hold."""
     try:
         with np.load(path if data is None else io.BytesIO(data), allow_pickle=False) as z:
-            missing = sorted({"cams", "classes"} - set(z.files))
+            packed = "used_cams" in z.files
+            missing = sorted({"used_cams", "used_classes", "classes"} - set(z.files)) if packed \
+                else sorted({"cams", "classes"} - set(z.files))
             if missing:
                 raise DataError(f"{path}: no {', '.join(missing)} array; a CAM file holds cams (C, H, W), "
                                 "classes (C,) and scores (C,)")
-            cams, classes = z["cams"], [str(c) for c in z["classes"].tolist()]
+            classes = [str(c) for c in z["classes"].tolist()]
             scores = z["scores"] if "scores" in z.files else None
+            cams = _unpack(z, path, classes, scores) if packed else z["cams"]
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: unreadable .npz ({e}); save with np.savez_compressed and a str "
                         "array of class names") from e
     return cams, classes, scores
+
+
+def cam_npz_classes(path: PathLike, data: Optional[bytes] = None) -> List[str]:
+    """The class names of a CAM file of either layout, without decoding its maps."""
+    try:
+        with np.load(path if data is None else io.BytesIO(data), allow_pickle=False) as z:
+            if "classes" not in z.files:
+                raise DataError(f"{path}: no classes array; a CAM file holds cams (C, H, W), classes (C,) and "
+                                "scores (C,)")
+            return [str(c) for c in z["classes"].tolist()]
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: unreadable .npz ({e}); save with np.savez_compressed and a str "
+                        "array of class names") from e
 
 
 def palette_png_bytes(mask: np.ndarray) -> bytes:

@@ -38,6 +38,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--crf-max-pixels", type=int, help="CRF working-resolution cap in pixels (default: full size)")
     p.add_argument("--predicted", action="store_true",
                    help="use the predicted classes even when the dataset has labels")
+    p.add_argument("--full-maps", action="store_true",
+                   help="CAM files with every class's map at image resolution (wsl-cams/1: np.load(f)['cams'] is "
+                        "(C, H, W)) instead of the used classes' maps and every class's few-cell raw maps "
+                        "(wsl-cams/2, read with wsl.cam.files.load_cam_npz); far larger with many classes")
     add_shards_flag(p, "KEY.cams.npz, KEY.overlay.png, KEY.mask.png, KEY.json")
     add_loader_flags(p)
     add_device_flag(p)
@@ -74,5 +78,6 @@ def _export(args: argparse.Namespace, device: object) -> int:
         tau=args.tau, box_mode=args.box_mode, mask_method=args.mask_method, mask_fg=args.mask_fg,
         mask_bg=args.mask_bg, crf=crf, use_labels=not args.predicted, num_workers=args.workers,
         overwrite=args.overwrite, resume=args.resume, progress=not getattr(args, "quiet", False),
-        inputs=[args.checkpoint], method=args.method or "cam", target_layer=args.target_layer, shards=args.shards)
+        inputs=[args.checkpoint], method=args.method or "cam", target_layer=args.target_layer, shards=args.shards,
+        full_maps=args.full_maps)
     return 0
