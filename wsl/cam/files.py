@@ -14,7 +14,7 @@
   :class:`wsl.cam.extract.ClassMaps` needs to upsample them (``image_size``, ``input_sizes``,
   ``stride``, ``offset``, ``flip``, ``normalize``). Without pass maps (the library CAM methods, which
   compute only the used classes) the other classes' maps are zero. A 1000-class file at 448 px holds
-  some 0.4 MB instead of 106 MB (experiments/results/speed.md, row 1f).
+  0.35 MiB instead of 106 MiB (experiments/results/speed.md, row 1f).
 
 ``ID`` is the image id with ``/`` and ``\\`` replaced by ``__`` (:func:`file_stem`), so ids with folders
 name flat files.
