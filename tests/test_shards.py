@@ -137,6 +137,20 @@ def test_a_missing_shard_member_is_named(exports, scenes_root, tmp_path):
         evaluate(ShardCamSource(broken, base.classes), base, thresholds=np.arange(0, 1, 0.1))
 
 
+def test_a_shard_member_of_the_wrong_size_is_named_in_dataset_order_too(exports, scenes_root):
+    from dataclasses import replace
+
+    out, _ = exports
+    base = build_dataset(f"voc:{scenes_root}", "train")
+    first = base.annotations[0]
+    h, w = first.size
+    base.annotations[0] = replace(first, size=(h + 1, w))  # the image "grew": its CAMs no longer fit
+    source = ShardCamSource(out / "sharded", base.classes)
+    for items in (source.iter_cams(base), (item for _, item in source.iter_part(base))):
+        with pytest.raises(DataError, match=rf"shard-000000.tar:{first.id}.cams.npz: cams are {h}x{w} but image"):
+            next(iter(items))
+
+
 def test_webdataset_reads_the_shards(exports):
     wds = pytest.importorskip("webdataset")
     out, _ = exports

@@ -354,15 +354,19 @@ class ShardCamSource:
 
     def load(self, image_id: str) -> CamItem:
         """One image's CAMs by id (random access through the shards' headers, indexed at the first call)."""
+        return self._load(image_id)[1]
+
+    def _load(self, image_id: str) -> Tuple[str, CamItem]:
+        """``(member name, (cams, scores))`` of one image (the name for errors)."""
         if self._index is None:
             self._index = ShardIndex(self.paths)
         key = shard_key(cam_file_stem(image_id))
         if (key, "cams.npz") not in self._index:
             raise FileNotFoundError(f"no CAMs for image {image_id!r} in the shards of {self.directory}")
         where = f"{self._index.where(key, 'cams.npz')}:{key}.cams.npz"
-        return self._item(where, self._index.read(key, "cams.npz"))
+        return where, self._item(where, self._index.read(key, "cams.npz"))
 
     def iter_cams(self, dataset) -> Iterator[CamItem]:
-        for ann in dataset.annotations:
-            yield self.load(ann.id)
+        for ann in dataset.annotations:  # dataset order: a size mismatch names its member, as iter_part does
+            yield ClassMatcher.check_size(*self._load(ann.id), ann)
         self._match.log_summary()
