@@ -275,7 +275,8 @@ def test_real_classifier_scores_come_from_its_pooling_in_the_same_pass():
         torch.testing.assert_close(out.cams, upsample_cams(maps, (40, 48), stride=model.stride, offset=model.offset))
 
 
-@pytest.mark.parametrize("scales, flip, normalize", [((1.0,), False, "max"),  # cv2.resize route
+@pytest.mark.parametrize("scales, flip, normalize", [((1.0,), False, "max"),  # cv2.resize route, into the slots
+                                                     ((0.75,), False, "max"),  # matrix products, into the slots
                                                      ((1.0, 0.75), True, "minmax"),  # matrix-product route
                                                      ((0.5,), True, "none")])
 def test_upsampling_only_the_used_maps_gives_their_full_path_values_exactly(scales, flip, normalize):
@@ -291,6 +292,8 @@ def test_upsampling_only_the_used_maps_gives_their_full_path_values_exactly(scal
     assert maps.upsample(torch.zeros(0, dtype=torch.long)).shape == (0, 32, 40)
     rows = torch.tensor([20, 0, 9, 13])  # (image, class) = (2, 6), (0, 0), (1, 2), (1, 6)
     assert torch.equal(maps.upsample(rows), full.cams.flatten(0, 1)[rows])
+    padded = maps.upsample(torch.tensor([-1, 20, -1, 0]))  # -1: an all-zero map (select_maps' padding)
+    assert torch.equal(padded[[1, 3]], full.cams.flatten(0, 1)[[20, 0]]) and not padded[[0, 2]].any()
     select = torch.zeros(3, 7, dtype=torch.bool)
     select[0, [1, 4]] = select[2, 6] = True  # image 1 uses no class
     for source in (maps, full.cams):
