@@ -75,17 +75,19 @@ class ClassMaps:
     flip: bool = False
     normalize: str = "max"
 
-    def upsample(self, rows: Optional[Tensor] = None, *, normalize: bool = True) -> Tensor:
+    def upsample(self, rows: Optional[Union[Tensor, np.ndarray]] = None, *, normalize: bool = True) -> Tensor:
         """The aggregated maps at image resolution: all ``(N, C, H, W)`` when ``rows`` is None, else
         ``(K, H, W)`` of the pairs ``rows`` (int64 indices ``image * C + class``; a negative index gives
         an all-zero map, the padding of :func:`select_maps`); normalised per map (``self.normalize``)
         unless ``normalize=False``."""
         n, c = self.scores.shape
         if rows is not None:
-            rows = torch.as_tensor(rows, dtype=torch.int64).cpu()
-            slots = torch.nonzero(rows >= 0).flatten()
+            # Index arithmetic in numpy: on a small batch torch's per-op overhead costs more than the upsampling.
+            rows = rows.cpu().numpy() if isinstance(rows, Tensor) else np.asarray(rows)
+            rows = rows.astype(np.int64, copy=False).reshape(-1)
+            slots = np.flatnonzero(rows >= 0)
             pairs = rows[slots]
-            if pairs.numel() == 0:  # no pair: nothing to resample (the GEMM route needs one)
+            if pairs.size == 0:  # no pair: nothing to resample (the GEMM route needs one)
                 return self.scores.new_zeros(len(rows), *self.image_size)
         total: Optional[Tensor] = None
         count = 0
@@ -97,15 +99,16 @@ class ClassMaps:
                     continue
                 # The pairs' maps by (image, class) indexing: flattening the batch first would copy every
                 # map of a channels-last batch (all 1000 classes' for ImageNet).
-                image, cls = pairs // c, pairs % c
+                image, cls = np.divmod(pairs, c)
                 if self.flip:
-                    image, cls = torch.cat([image, image + n]), torch.cat([cls, cls])
-                maps = maps[image.to(maps.device), cls.to(maps.device)][None]
+                    image, cls = np.concatenate([image, image + n]), np.concatenate([cls, cls])
+                maps = maps[torch.from_numpy(image).to(maps.device), torch.from_numpy(cls).to(maps.device)][None]
                 if len(self.passes) == 1 and not self.flip:
                     # The one pass is the result: written straight into its slots (the padding stays zero).
                     total = upsample_cams(maps, self.image_size, stride=self.stride, offset=self.offset,
                                           input_size=size, out=maps.new_zeros(len(rows), *self.image_size,
-                                                                              dtype=torch.float32), index=slots)
+                                                                              dtype=torch.float32),
+                                          index=torch.from_numpy(slots))
                 else:
                     total = self._add(total, upsample_cams(maps, self.image_size, stride=self.stride,
                                                            offset=self.offset, input_size=size)[0])
@@ -113,7 +116,8 @@ class ClassMaps:
             if count > 1:
                 total.div_(count)
             if rows is not None and len(total) != len(rows):  # the aggregate of several passes, into its slots
-                total = total.new_zeros(len(rows), *self.image_size).index_copy_(0, slots.to(total.device), total)
+                total = total.new_zeros(len(rows), *self.image_size).index_copy_(
+                    0, torch.from_numpy(slots).to(total.device), total)
             return normalize_cams(total, self.normalize, inplace=True) if normalize else total
 
     def geometry(self) -> Dict[str, Any]:
@@ -167,14 +171,14 @@ def select_maps(maps: Union[ClassMaps, Tensor], select: Tensor) -> SelectedCAMs:
     valid = np.arange(k)[None] < count[:, None]
     # Index arithmetic in numpy: on a small batch torch's per-op overhead costs more than the upsampling.
     # Padding slots get row -1, an all-zero map.
-    rows = torch.from_numpy(np.where(valid, np.arange(n)[:, None] * c + idx, -1).ravel())
+    rows = np.where(valid, np.arange(n)[:, None] * c + idx, -1).ravel()
     if isinstance(maps, ClassMaps):
         out = maps.upsample(rows)
         H, W = maps.image_size
     else:
         H, W = maps.shape[-2:]
         with torch.inference_mode():  # an inference tensor, like CAMExtractor's maps
-            out = maps.flatten(0, 1).index_select(0, rows.clamp_min(0).to(maps.device)).float()
+            out = maps.flatten(0, 1).index_select(0, torch.from_numpy(rows.clip(min=0)).to(maps.device)).float()
             out.index_fill_(0, torch.from_numpy(np.flatnonzero(~valid)).to(out.device), 0.0)
     return SelectedCAMs(cams=out.view(n, k, H, W), classes=torch.from_numpy(idx), valid=torch.from_numpy(valid))
 

@@ -124,10 +124,11 @@ def argmax_points(cams: Tensor) -> Tuple[Tensor, Tensor]:
     w = cams.shape[-1]
     flat = cams.flatten(2)
     if flat.device.type == "cpu":  # numpy's argmax is vectorised (~10x torch's); same first-max rule, NaN first
-        idx = torch.from_numpy(flat.detach().numpy().argmax(-1))
-        values = flat.gather(-1, idx[..., None])[..., 0]
-    else:
-        values, idx = flat.max(dim=-1)
+        a = flat.detach().numpy()
+        idx = a.argmax(-1)
+        values = np.take_along_axis(a, idx[..., None], -1)[..., 0]
+        return torch.from_numpy(np.stack([idx % w, idx // w], -1)), torch.from_numpy(values)
+    values, idx = flat.max(dim=-1)
     return torch.stack([idx % w, idx // w], dim=-1), values
 
 
@@ -485,6 +486,12 @@ def slot_labels_to_classes(classes: Tensor, items: List) -> None:
     maps (:class:`wsl.cam.extract.SelectedCAMs`, slot ``k`` of image ``i`` = class ``classes[i, k]``),
     back to class indices, in place; slots ascend with the classes, so their order is the one full
     maps give. (Pseudo-masks take ``classes`` themselves: :func:`pseudo_masks`.)"""
-    classes = torch.as_tensor(classes).cpu()
-    for i, item in enumerate(items):
-        item.labels = classes[i].index_select(0, item.labels) if len(item.labels) else item.labels
+    # One gather for every item (per-item tensor indexing costs more than the work on a batch's few labels).
+    classes = torch.as_tensor(classes).cpu().numpy()
+    sizes = [len(item.labels) for item in items]
+    if not sum(sizes):
+        return
+    labels = np.concatenate([item.labels.numpy() for item in items])
+    mapped = classes[np.repeat(np.arange(len(items)), sizes), labels]
+    for item, part in zip(items, np.split(mapped, np.cumsum(sizes)[:-1])):
+        item.labels = torch.from_numpy(part)
