@@ -68,7 +68,7 @@ def phase_cam(s: Settings, device: torch.device, amp: Optional[torch.dtype] = No
                                                      select=valid),
                 "cam_boxes": lambda: cam_boxes(cams, tau=opt.tau, mode=opt.box_mode, select=valid),
                 "pseudo_masks": lambda: pseudo_masks(cams, valid, method=opt.mask_method, fg=opt.mask_fg,
-                                                     bg=opt.mask_bg)},
+                                                     bg=opt.mask_bg, classes=used.classes)},
                 repeats=repeats, warmup=1, device=device)
         rid = "1a" if key == "vgg16" else "1b"
         rows.append(row(rid, f"CAM export / forward, {spec.label}, batch {spec.batch}", "CAM + points + boxes + "
