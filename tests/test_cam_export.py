@@ -454,3 +454,21 @@ def test_more_classes_than_uint8_masks_hold_export_everything_but_masks(image_di
     assert all(r["classes"] and len(r["points"]) == len(r["classes"]) for r in records)  # predicted classes
     again = export_cams(model, classes, ds, out, progress=False, shards=shards, resume=True)  # nothing left to do
     assert again["counts"] == manifest["counts"]
+
+
+def test_packed_cam_files_store_the_raw_maps_uncompressed(tmp_path):
+    import zipfile
+
+    from wsl.cam.files import packed_cam_npz_bytes
+
+    geometry = {"image_size": [8, 8], "input_sizes": [[8, 8]], "stride": 4.0, "offset": 1.5, "flip": False,
+                "normalize": "max"}
+    data = packed_cam_npz_bytes(np.ones((1, 8, 8)), [0], ["a", "b"], np.zeros(2), [np.ones((1, 2, 2, 2))], geometry)
+    (tmp_path / "f.npz").write_bytes(data)
+    with zipfile.ZipFile(tmp_path / "f.npz") as zf:
+        kinds = {i.filename: i.compress_type for i in zf.infolist()}
+    assert kinds.pop("pass_maps_0.npy") == zipfile.ZIP_STORED and set(kinds.values()) == {zipfile.ZIP_DEFLATED}
+    cams, names, _ = load_cam_npz(tmp_path / "f.npz")
+    assert cams.shape == (2, 8, 8) and names == ["a", "b"] and np.allclose(cams, 1.0)
+    assert data == packed_cam_npz_bytes(np.ones((1, 8, 8)), [0], ["a", "b"], np.zeros(2), [np.ones((1, 2, 2, 2))],
+                                        geometry)  # reproducible bytes

@@ -123,7 +123,8 @@ def phase_classes(s: Settings, device: torch.device) -> Dict[str, Any]:
             per_image = stats(t["forward"], scale=1.0 / spec.batch, cpu=cpu)
             rows.append(row("1f", f"one image's CAM file, wsl-cams/2 (wsl cam's default: {len(slots)} used maps at "
                             f"{spec.size} px + {classes} raw {h}x{w} maps) / its forward pass, {what}",
-                            "float16 + deflate", stats(f["wsl-cams/2"], cpu=cpu), "plain forward / batch", per_image,
+                            "float16, used maps deflated, raw maps stored", stats(f["wsl-cams/2"], cpu=cpu),
+                            "plain forward / batch", per_image,
                             note=f"file of {size['wsl-cams/2'] / 2**20:.2f} MiB; not part of 1d/1e"))
             rows.append(row("1f", f"one image's CAM file, wsl-cams/1 (--full-maps: all {classes} maps at {spec.size} "
                             f"px) / its forward pass, {what}", "upsample the unused maps + float16 + deflate",

@@ -31,7 +31,7 @@ every class's map ``(C, H, W)`` for either layout):
   aggregated over the requested scales and flips; ``pass_maps_P`` float16 ``(F, C, h, w)``, every
   class's map as the network computed it in pass ``P``, and ``geometry`` (JSON), from which the reader
   upsamples the other classes with the code that computed the used ones. The file costs a few cells per
-  class instead of a full-size map (1000 classes at 448 px: 0.35 MiB instead of 106 MiB).
+  class instead of a full-size map (1000 classes at 448 px: 0.38 MiB instead of 106 MiB).
 - ``wsl-cams/1`` (``full_maps=True``, ``wsl cam --full-maps``, what other tools write): ``cams`` float16
   ``(C, H, W)``, one map per class at the image's resolution, normalised as above. Readers should not
   rely on the scale: ``wsl bench`` normalises each map itself.

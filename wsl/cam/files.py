@@ -14,7 +14,7 @@
   :class:`wsl.cam.extract.ClassMaps` needs to upsample them (``image_size``, ``input_sizes``,
   ``stride``, ``offset``, ``flip``, ``normalize``). Without pass maps (the library CAM methods, which
   compute only the used classes) the other classes' maps are zero. A 1000-class file at 448 px holds
-  0.35 MiB instead of 106 MiB (experiments/results/speed.md, row 1f).
+  0.38 MiB instead of 106 MiB (experiments/results/speed.md, row 1f).
 
 ``ID`` is the image id with ``/`` and ``\\`` replaced by ``__`` (:func:`file_stem`), so ids with folders
 name flat files.
@@ -59,14 +59,15 @@ def file_stem(image_id: str) -> str:
     return stem
 
 
-def npz_bytes(arrays: dict) -> bytes:
+def npz_bytes(arrays: dict, stored: Sequence[str] = ()) -> bytes:
     """The bytes of ``np.savez_compressed(arrays)`` with fixed member timestamps: an ``.npz`` that
-    ``np.load`` reads like any other and whose bytes depend only on ``arrays``."""
+    ``np.load`` reads like any other and whose bytes depend only on ``arrays``. Members named in
+    ``stored`` are not compressed (as ``np.savez`` writes them)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for name, value in arrays.items():
             info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
-            info.compress_type = zipfile.ZIP_DEFLATED
+            info.compress_type = zipfile.ZIP_STORED if name in stored else zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
             with zf.open(info, "w", force_zip64=True) as f:  # force_zip64 as numpy does (gh-10776)
                 np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
@@ -114,7 +115,8 @@ def packed_cam_npz_bytes(used_cams: np.ndarray, used_classes: Sequence[int], cla
     if passes is not None:
         arrays.update({f"pass_maps_{p}": _f16(m) for p, m in enumerate(passes)})
         arrays["geometry"] = np.asarray(json.dumps(geometry, sort_keys=True))
-    return npz_bytes(arrays)
+    # Raw class maps barely deflate (~10% at 1000 classes) for most of the file's writing time: stored.
+    return npz_bytes(arrays, stored=[k for k in arrays if k.startswith("pass_maps_")])
 
 
 def _unpack(z: Any, path: Any, classes: List[str], scores: Optional[np.ndarray]) -> np.ndarray:
