@@ -119,7 +119,7 @@ def packed_cam_npz_bytes(used_cams: np.ndarray, used_classes: Sequence[int], cla
     return npz_bytes(arrays, stored=[k for k in arrays if k.startswith("pass_maps_")])
 
 
-def _unpack(z: Any, path: Any, classes: List[str], scores: Optional[np.ndarray]) -> np.ndarray:
+def _unpack(z: Any, path: Any, classes: List[str]) -> np.ndarray:
     """Every class's map ``(C, H, W)`` float32 of a ``wsl-cams/2`` file: the stored used ones, the others
     upsampled from the pass maps with the exporter's code (zero without pass maps)."""
     from wsl.cam.extract import ClassMaps  # torch; only this layout needs it
@@ -165,7 +165,7 @@ def load_cam_npz(path: PathLike, data: Optional[bytes] = None) -> Tuple[np.ndarr
                                 "classes (C,) and scores (C,)")
             classes = [str(c) for c in z["classes"].tolist()]
             scores = z["scores"] if "scores" in z.files else None
-            cams = _unpack(z, path, classes, scores) if packed else z["cams"]
+            cams = _unpack(z, path, classes) if packed else z["cams"]
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
