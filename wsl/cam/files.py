@@ -28,12 +28,13 @@ which is what lets ``wsl cam --resume`` finish an export exactly as an uninterru
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -151,42 +152,42 @@ def _unpack(z: Any, path: Any, classes: List[str]) -> np.ndarray:
     return out
 
 
-def load_cam_npz(path: PathLike, data: Optional[bytes] = None) -> Tuple[np.ndarray, List[str], Optional[np.ndarray]]:
-    """``(cams (C, H, W), classes, scores or None)`` of a CAM file of either layout (module docstring),
-    or of its bytes ``data`` (e.g. a shard member that ``path`` names); errors name the file and what
-    it must hold."""
+@contextlib.contextmanager
+def _cam_npz(path: PathLike, data: Optional[bytes], needed: Callable[[List[str]], Sequence[str]]) -> Iterator[Any]:
+    """The open CAM file (or its bytes ``data``) holding the members ``needed(members)``; every read error,
+    also one in the caller's block, becomes one ``DataError`` naming ``path``."""
     try:
         with np.load(path if data is None else io.BytesIO(data), allow_pickle=False) as z:
-            packed = "used_cams" in z.files
-            missing = sorted({"used_cams", "used_classes", "classes"} - set(z.files)) if packed \
-                else sorted({"cams", "classes"} - set(z.files))
+            missing = sorted(set(needed(z.files)) - set(z.files))
             if missing:
                 raise DataError(f"{path}: no {', '.join(missing)} array; a CAM file holds cams (C, H, W), "
                                 "classes (C,) and scores (C,)")
-            classes = [str(c) for c in z["classes"].tolist()]
-            scores = z["scores"] if "scores" in z.files else None
-            cams = _unpack(z, path, classes) if packed else z["cams"]
+            yield z
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: unreadable .npz ({e}); save with np.savez_compressed and a str "
                         "array of class names") from e
+
+
+def load_cam_npz(path: PathLike, data: Optional[bytes] = None) -> Tuple[np.ndarray, List[str], Optional[np.ndarray]]:
+    """``(cams (C, H, W), classes, scores or None)`` of a CAM file of either layout (module docstring),
+    or of its bytes ``data`` (e.g. a shard member that ``path`` names); errors name the file and what
+    it must hold."""
+    def needed(members: List[str]) -> Sequence[str]:
+        return ("used_cams", "used_classes", "classes") if "used_cams" in members else ("cams", "classes")
+
+    with _cam_npz(path, data, needed) as z:
+        classes = [str(c) for c in z["classes"].tolist()]
+        scores = z["scores"] if "scores" in z.files else None
+        cams = _unpack(z, path, classes) if "used_cams" in z.files else z["cams"]
     return cams, classes, scores
 
 
 def cam_npz_classes(path: PathLike, data: Optional[bytes] = None) -> List[str]:
     """The class names of a CAM file of either layout, without decoding its maps."""
-    try:
-        with np.load(path if data is None else io.BytesIO(data), allow_pickle=False) as z:
-            if "classes" not in z.files:
-                raise DataError(f"{path}: no classes array; a CAM file holds cams (C, H, W), classes (C,) and "
-                                "scores (C,)")
-            return [str(c) for c in z["classes"].tolist()]
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"{path}: unreadable .npz ({e}); save with np.savez_compressed and a str "
-                        "array of class names") from e
+    with _cam_npz(path, data, lambda members: ("classes",)) as z:
+        return [str(c) for c in z["classes"].tolist()]
 
 
 def palette_png_bytes(mask: np.ndarray) -> bytes:
