@@ -51,8 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsl.cam.postprocess import background_scores, combine_confident, mask_settings
-from wsl.data.classes import IGNORE_INDEX
+from wsl.cam.postprocess import background_scores, combine_confident, mask_settings, require_uint8_labels
 
 logger = logging.getLogger(__name__)
 
@@ -561,9 +560,8 @@ def crf_pseudo_masks(crf: DenseCRF, images: Tensor, cams: Tensor, positive: Tens
         classes = torch.as_tensor(classes)
         if tuple(classes.shape) != (n, c):
             raise ValueError(f"classes must be (N, K) = ({n}, {c}) like the packed maps, got {tuple(classes.shape)}")
-        if classes.numel() and int(classes.max()) >= IGNORE_INDEX - 1:
-            raise ValueError(f"uint8 pseudo-masks hold at most {IGNORE_INDEX - 1} classes (label {IGNORE_INDEX} is "
-                             f"'ignore'), got class index {int(classes.max())}")
+        if classes.numel():
+            require_uint8_labels(int(classes.max()), f"class index {int(classes.max())}")
     for i in range(n):
         cls = torch.nonzero(pos[i]).flatten()
         lut[i, 1:1 + cls.numel()] = cls + 1

@@ -90,7 +90,6 @@ class ClassMaps:
             if pairs.size == 0:  # no pair: nothing to resample (the GEMM route needs one)
                 return self.scores.new_zeros(len(rows), *self.image_size)
         total: Optional[Tensor] = None
-        count = 0
         with torch.inference_mode():
             for maps, size in self.passes:
                 if rows is None:

@@ -365,6 +365,14 @@ def class_slots(pos: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return np.where(np.arange(k) < count[:, None], idx, last), count
 
 
+def require_uint8_labels(highest: int, what: str) -> None:
+    """Refuse a class index ``highest`` that has no uint8 mask label: class ``c`` is ``c + 1``, and 255
+    is 'ignore', so at most 254 classes (``what`` says what was found, for the message)."""
+    if highest >= IGNORE_INDEX - 1:
+        raise ValueError(f"uint8 pseudo-masks hold at most {IGNORE_INDEX - 1} classes (label {IGNORE_INDEX} is "
+                         f"'ignore'), got {what}")
+
+
 def _best_positive(cams: Tensor, positive: Tensor, classes: Optional[Tensor] = None
                    ) -> Tuple[np.ndarray, np.ndarray]:
     """Per pixel, the best positive class's CAM clamped to [0, 1] and its mask label ``c + 1`` (the
@@ -381,10 +389,8 @@ def _best_positive(cams: Tensor, positive: Tensor, classes: Optional[Tensor] = N
         raise ValueError(f"positive must be a bool (N, C) mask matching cams {tuple(cams.shape[:2])}, "
                          f"got {tuple(pos.shape)}")
     n, c, h, w = cams.shape
-    limit = IGNORE_INDEX - 1
-    if classes is None and c > limit:
-        raise ValueError(f"uint8 pseudo-masks hold at most {limit} classes (label {IGNORE_INDEX} is "
-                         f"'ignore'), got {c} class maps")
+    if classes is None:
+        require_uint8_labels(c - 1, f"{c} class maps")
     if c == 0:
         return np.full((n, h, w), -np.inf, np.float32), np.zeros((n, h, w), np.uint8)
     pos = pos.numpy()
@@ -401,9 +407,9 @@ def _best_positive(cams: Tensor, positive: Tensor, classes: Optional[Tensor] = N
         if classes.shape != (n, c) or not np.array_equal(pos, np.arange(c) < count[:, None]):
             raise ValueError(f"packed maps need classes of shape (N, K) = {(n, c)} and their used slots first "
                              f"(wsl.cam.extract.SelectedCAMs), got classes {classes.shape}")
-        if count.any() and int(classes[pos].max()) >= limit:
-            raise ValueError(f"uint8 pseudo-masks hold at most {limit} classes (label {IGNORE_INDEX} is "
-                             f"'ignore'), got class index {int(classes[pos].max())}")
+        if count.any():
+            top = int(classes[pos].max())
+            require_uint8_labels(top, f"class index {top}")
         maps = np.clip(cams.detach().cpu().numpy(), 0.0, 1.0)  # a copy, as the gather above
         if not pos.all():
             maps[~pos] = 0.0  # padding slots never win: a used slot comes first and is >= 0
