@@ -130,6 +130,83 @@ def test_packed_cam_files_are_refused_when_inconsistent(tmp_path):
     np.savez(tmp_path / "geo.npz", **good, pass_maps_0=np.zeros((1, 2, 2, 2), np.float16), geometry=np.array("{}"))
     with pytest.raises(DataError, match="geo.npz: its pass maps and geometry do not give 2 class maps"):
         load_cam_npz(tmp_path / "geo.npz")
+    geometry = json.dumps({"image_size": [4, 5], "input_sizes": [[4, 5]], "stride": 2.0, "offset": 0.0, "flip": False,
+                           "normalize": "max"})
+    np.savez(tmp_path / "three.npz", **good, pass_maps_0=np.zeros((1, 3, 2, 2), np.float16), geometry=np.array(geometry))
+    with pytest.raises(DataError, match=r"three.npz: .* \(pass maps must be \(1, 2, h, w\), got \[\(1, 3, 2, 2\)\]\)"):
+        load_cam_npz(tmp_path / "three.npz", lazy=True)  # refused when read, not when a map is first decoded
+
+
+def test_packed_cam_maps_read_lazily_give_the_full_array(val_set, tmp_path):
+    # load_cam_npz(lazy=True) decodes a class's map when it is read: every way the benchmark reads one
+    # gives what the eager read (every class upsampled at once) gives.
+    from wsl.cam.files import CamMaps
+
+    export_cams(_model(len(val_set.classes)).eval(), val_set.classes, val_set, tmp_path / "o", scales=(1.0, 0.5),
+                flip=True, progress=False)
+    path = tmp_path / "o" / "cams" / f"{val_set.annotations[0].id}.npz"
+    full, _, _ = load_cam_npz(path)
+    lazy, names, _ = load_cam_npz(path, lazy=True)
+    c = len(names)
+    assert isinstance(lazy, CamMaps) and isinstance(full, np.ndarray) and full.dtype == np.float32
+    assert lazy.shape == full.shape and len(lazy) == c and np.array_equal(np.asarray(lazy), full)
+    for key in (0, c - 1, -1, slice(1, 4), np.array([3, 0, 3]), np.arange(c) % 2 == 0):
+        assert np.array_equal(lazy[key], full[key]), key
+    perm = np.random.default_rng(0).permutation(c)
+    assert np.array_equal(np.asarray(lazy.reorder(perm)), full[perm])
+    assert np.array_equal(lazy.reorder(perm)[2], full[perm[2]]) and lazy.all_finite()
+    with pytest.raises(IndexError):
+        lazy[c]
+
+
+def _bench_source_counting_upsampled_maps(monkeypatch):
+    """A list that ClassMaps.upsample appends the number of maps it upsamples to."""
+    from wsl.cam.extract import ClassMaps
+
+    decoded, upsample = [], ClassMaps.upsample
+
+    def counted(self, rows=None, **kw):
+        out = upsample(self, rows, **kw)
+        decoded.append(len(out) if rows is not None else out.shape[0] * out.shape[1])
+        return out
+    monkeypatch.setattr(ClassMaps, "upsample", counted)
+    return decoded
+
+
+@pytest.mark.parametrize("rank_by", ["score", "map"])
+def test_bench_scores_packed_files_as_full_ones_decoding_only_what_it_reads(val_set, tmp_path, monkeypatch,
+                                                                            rank_by):
+    # wsl bench on a wsl-cams/2 export gives the numbers of the --full-maps export; the metrics read only
+    # the tagged classes, whose maps the files store, so no other class is upsampled, except that
+    # ranking point_map by the maps' maxima reads every class.
+    from wsl.bench import BenchSettings, NpzCamSource, evaluate
+
+    model = _model(len(val_set.classes)).eval()
+    for name, full_maps in (("packed", False), ("full", True)):
+        export_cams(model, val_set.classes, val_set, tmp_path / name, progress=False, full_maps=full_maps)
+    decoded = _bench_source_counting_upsampled_maps(monkeypatch)
+    settings = BenchSettings(rank_by=rank_by)
+    got = {name: evaluate(NpzCamSource(tmp_path / name, val_set.classes), val_set, settings=settings)
+           for name in ("packed", "full")}
+    assert set(got["packed"]) == set(got["full"]) and "point_map" in got["packed"]
+    for k, v in got["full"].items():
+        assert got["packed"][k] == (v if isinstance(v, str) else pytest.approx(v, abs=1e-9)), k
+    untagged = sum(int((ann.labels < 0.5).sum()) for ann in val_set.annotations)
+    assert sum(decoded) == (0 if rank_by == "score" else untagged)
+
+
+def test_point_map_refuses_to_rank_files_with_and_without_scores_alike(val_set, tmp_path):
+    # A wsl-cams/2 file (scores, its maxima not read) among files without scores: ranking them alike
+    # would need every class's maximum of every file; the error says to rank by the maps.
+    from wsl.bench import NpzCamSource, evaluate
+
+    export_cams(_model(len(val_set.classes)).eval(), val_set.classes, val_set, tmp_path / "o", progress=False)
+    first = tmp_path / "o" / "cams" / f"{val_set.annotations[0].id}.npz"
+    cams, names, _ = load_cam_npz(first)
+    first.unlink()
+    np.savez(first, cams=cams.astype(np.float16), classes=np.array(names))  # another tool's file, no scores
+    with pytest.raises(DataError, match="point_map: some CAM files hold image scores and others do not"):
+        evaluate(NpzCamSource(tmp_path / "o", val_set.classes), val_set, metrics=["point_map"])
 
 
 def test_exported_npz_is_read_by_the_benchmark(val_set, tmp_path):

@@ -332,7 +332,7 @@ def threshold_curves(out: Path, dataset: Any, max_images: int) -> Optional[Dict[
             missing += 1
             continue
         mask = dataset.load_mask(i) if has_masks else None
-        rec = ImageRecord(int(i), ann, cams.astype(np.float32), scores, mask, settings)
+        rec = ImageRecord(int(i), ann, cams, scores, mask, settings)  # float32, or a CamMaps read class by class
         if box_meter is not None:
             box_meter.update(rec)
         for m in mask_meters:

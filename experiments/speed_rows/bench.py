@@ -1,4 +1,5 @@
-"""Rows B: ``wsl bench``'s per-image pseudo-mask mIoU update / decoding the image's .npz.
+"""Rows B: ``wsl bench``'s per-image pseudo-mask mIoU update / decoding the image's .npz; reading an
+ImageNet-size ``wsl-cams/2`` file class by class (what ``wsl bench`` does) / decoding every class.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 
 from wsl.cam import normalize_cams, pseudo_masks
-from wsl.cam.files import cam_npz_bytes
+from wsl.cam.files import cam_npz_bytes, load_cam_npz, packed_cam_npz_bytes
 from wsl.data.synth import SynthConfig, render_scene
 
 from speed_rows.settings import Settings
@@ -24,7 +25,6 @@ def phase_bench(s: Settings) -> Dict[str, Any]:
 
     from wsl.bench.metrics import PseudoMaskMIoU
     from wsl.bench.record import BenchSettings
-    from wsl.cam.files import cam_npz_bytes, load_cam_npz
     from wsl.metrics.segmentation import confusion_matrix
 
     cfg, settings = SynthConfig(), BenchSettings()
@@ -67,5 +67,32 @@ def phase_bench(s: Settings) -> Dict[str, Any]:
             note=f"{threads}; load {[round(x, 2) for x in os.getloadavg()]}"),
         row("B", f"`wsl bench` per image: pseudo_mask_miou update before issue 17 (torch) / now (numpy), {what}",
             "torch route", stats(t["torch"], 1 / n), "numpy route", stats(t["update"], 1 / n),
-            note=f"identical confusion matrices asserted; {threads}")],
+            note=f"identical confusion matrices asserted; {threads}"),
+        _imagenet_read_row(s)],
         "info": {"images": n}}
+
+
+def _imagenet_read_row(s: Settings) -> Dict[str, Any]:
+    """One ImageNet-size ``wsl-cams/2`` file (1000 classes, a 375x500 photograph, VGG16's 12x16 maps of
+    stride 32, one tagged class): the maps a box or mask metric reads (the tagged class's, stored in the
+    file) read as ``wsl bench`` reads them (``load_cam_npz(lazy=True)``) / every class decoded
+    (``load_cam_npz``, as ``wsl bench`` read files before)."""
+    classes, h, w = s.bench_file
+    rng = np.random.default_rng(0)
+    cells = (-(-h // 32), -(-w // 32))
+    geometry = {"image_size": [h, w], "input_sizes": [[h, w]], "stride": 32.0, "offset": 15.5, "flip": False,
+                "normalize": "max"}
+    tagged = 7
+    blob = packed_cam_npz_bytes(rng.random((1, h, w), dtype=np.float32), [tagged], [f"c{k}" for k in range(classes)],
+                                rng.standard_normal(classes).astype(np.float32),
+                                [rng.standard_normal((1, classes, *cells)).astype(np.float32)], geometry)
+    lazy_map = load_cam_npz("x.npz", blob, lazy=True)[0][tagged]
+    if not np.array_equal(lazy_map, load_cam_npz("x.npz", blob)[0][tagged]):
+        raise RuntimeError("the lazy read disagrees with the full decode")
+    t = interleaved({"lazy": lambda: load_cam_npz("x.npz", blob, lazy=True)[0][tagged],
+                     "all": lambda: load_cam_npz("x.npz", blob)[0]}, repeats=s.repeats, warmup=s.warmup)
+    return row("B", f"`wsl bench` reading one wsl-cams/2 file, {classes} classes, {h}x{w} px, 1 tagged class: the "
+               "tagged class's map / every class's (as before)", "load_cam_npz(lazy=True) + the tagged map",
+               stats(t["lazy"]), "load_cam_npz (all classes)", stats(t["all"]),
+               note=f"file {len(blob) / 2**20:.2f} MiB; all classes as float32: {classes * h * w * 4 / 2**20:.0f} MiB; "
+                    f"same map asserted; torch threads {torch.get_num_threads()}")

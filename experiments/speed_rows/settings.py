@@ -57,6 +57,7 @@ class Settings:
     crf_labels: Sequence[int] = (21, 3, 2)  # VOC's 21; pseudo-masks' 1 + #tags
     crf_demo_images: int = 600  # the demo's train split (SynthConfig().train)
     bench_images: int = 48
+    bench_file: Tuple[int, int, int] = (1000, 375, 500)  # one ImageNet-size CAM file: classes, h, w
     class_counts: Sequence[int] = (20, 80, 1000)  # VOC, COCO, ImageNet
 
 
@@ -76,7 +77,7 @@ SMOKE = Settings(
     vgg448=ModelSpec("smoke: vgg_tiny in the VGG16 448 slot, 48 px", "vgg_tiny", 48, 2, 20),
     train_batch=2, repeats=1, step_repeats=1, heavy_repeats=1, warmup=1, epoch_batches=2, data_images=4,
     data_workers=(1,), metric_maps=2, metric_size=24, metric_interval=0.05, crf_size=(24, 32), crf_labels=(3,),
-    crf_demo_images=4, bench_images=4)
+    crf_demo_images=4, bench_images=4, bench_file=(30, 60, 80))
 
 
 def build_model(spec: ModelSpec, device: torch.device) -> torch.nn.Module:

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from wsl.bench.record import BenchSettings, ImageRecord
+from wsl.errors import DataError
 from wsl.metrics.classification import mean_average_precision, precision_recall, ranked_counts
 from wsl.metrics.localization import (CORLOC_IOU, BoxAccuracy, PixelAP, boxes_to_region, in_pointing_difficult_subset,
                                       per_class_accuracy, point_hits_region, point_in_boxes, point_localization_ap)
@@ -150,11 +151,14 @@ class PointLocalizationMAP(Metric):
         self.rows: Dict[str, List[np.ndarray]] = {"peak": [], "score": [], "hit": [], "present": [], "ignore": []}
 
     def update(self, rec: ImageRecord) -> None:
-        peak, points = rec.peaks
         hit = np.zeros(self.num_classes, bool)
         for c in np.flatnonzero(rec.localizable):
-            hit[c] = point_in_boxes(points[c], rec.boxes(c), self.settings.point_tolerance)
+            hit[c] = point_in_boxes(rec.point(c), rec.boxes(c), self.settings.point_tolerance)
         score = rec.scores if rec.scores is not None else np.full(self.num_classes, np.nan)
+        # Every class's maximum, only where it may rank: a wsl-cams/2 file would decode all its classes
+        # for it (1000 upsampled maps per ImageNet image). Such files always hold scores.
+        ranks_by_map = self.settings.rank_by == "map" or rec.scores is None or not rec.lazy
+        peak = rec.peak_values if ranks_by_map else np.full(self.num_classes, np.nan)
         for key, row in (("peak", peak), ("score", score), ("hit", hit), ("present", rec.localizable),
                          ("ignore", rec.present & ~rec.localizable)):
             self.rows[key].append(np.asarray(row))
@@ -167,6 +171,9 @@ class PointLocalizationMAP(Metric):
                                           for k in ("peak", "score", "hit", "present", "ignore"))
         rank = score
         if self.settings.rank_by == "score" and np.isnan(score).any():
+            if np.isnan(peak).any():  # a wsl-cams/2 file (scores, maxima not read) among files without scores
+                raise DataError("point_map: some CAM files hold image scores and others do not, so the images "
+                                "cannot be ranked alike; score them with --rank-by map")
             logger.warning("point_map: some images have no scores; ranking by the map maximum instead")
             rank = peak
         elif self.settings.rank_by == "map":
@@ -212,13 +219,12 @@ class PointingGame(Metric):
         self.hard: List[bool] = []
 
     def update(self, rec: ImageRecord) -> None:
-        _, points = rec.peaks
         n_present = int(rec.present.sum())
         for c in np.flatnonzero(rec.localizable):
             region = None if self.published or rec.mask is None else rec.mask == c + 1
             if region is None or not region.any():
                 region = boxes_to_region(rec.boxes(c), rec.shape)
-            self.hits.append(point_hits_region(points[c], region, self.settings.pointing_tolerance))
+            self.hits.append(point_hits_region(rec.point(c), region, self.settings.pointing_tolerance))
             self.cls.append(int(c))
             self.hard.append(in_pointing_difficult_subset(float(region.sum()), float(region.size), n_present))
             self.index.append(rec.index)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from wsl.cam.files import CamMaps
 from wsl.metrics.localization import (DEFAULT_PROTOCOL, IOU_THRESHOLDS, POINT_TOLERANCE, POINTING_TOLERANCE, box_sweep,
                                       check_protocol, check_thresholds, contour_box_sweep, default_thresholds,
                                       normalize_map, peaks)
@@ -57,10 +58,11 @@ class ImageRecord:
 
     ``present``: tagged classes; ``difficult_only``: present classes all of whose boxes are difficult
     (ignored by every metric); ``localizable``: present classes with a non-difficult box, the
-    (image, class) pairs that box and point metrics score.
+    (image, class) pairs that box and point metrics score. ``cams``: float32 ``(C, H, W)``, or a
+    ``wsl-cams/2`` file's :class:`~wsl.cam.files.CamMaps`, of which only the classes read are decoded.
     """
 
-    def __init__(self, index: int, ann, cams: np.ndarray, scores: Optional[np.ndarray],
+    def __init__(self, index: int, ann, cams: Any, scores: Optional[np.ndarray],
                  mask: Optional[np.ndarray], settings: BenchSettings) -> None:
         self.index, self.ann, self.cams, self.scores, self.mask = index, ann, cams, scores, mask
         self.settings = settings
@@ -78,7 +80,7 @@ class ImageRecord:
         self._norm: Dict[int, np.ndarray] = {}
         self._sweep: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
         self._corloc: Dict[int, float] = {}
-        self._peaks: Optional[Tuple[np.ndarray, np.ndarray]] = None
+        self._points: Dict[int, np.ndarray] = {}
 
     @property
     def shape(self) -> Tuple[int, int]:
@@ -116,8 +118,23 @@ class ImageRecord:
                 self._corloc[c] = float(largest[0])
         return self._corloc[c]
 
+    def point(self, c: int) -> np.ndarray:
+        """The first maximum of class ``c``'s map, ``(x, y)`` (non-finite values count as ``-inf``)."""
+        if c not in self._points:
+            self._points[c] = peaks(self.cams[c][None])[1][0]
+        return self._points[c]
+
+    @cached_property
+    def peak_values(self) -> np.ndarray:
+        """The maximum of every class's map ``(C,)`` (non-finite values count as ``-inf``; 0 for a map
+        without a finite value). The maps of a ``wsl-cams/2`` file are decoded for it a few classes at
+        a time, so it costs every class's upsampling: the metrics ask for it only when they rank by it."""
+        if not isinstance(self.cams, CamMaps):
+            return peaks(self.cams)[0]
+        step = 64
+        return np.concatenate([peaks(self.cams[k:k + step])[0] for k in range(0, len(self.cams), step)])
+
     @property
-    def peaks(self) -> Tuple[np.ndarray, np.ndarray]:
-        if self._peaks is None:
-            self._peaks = peaks(self.cams)
-        return self._peaks
+    def lazy(self) -> bool:
+        """Whether the maps are a file's, decoded class by class when read (:class:`~wsl.cam.files.CamMaps`)."""
+        return isinstance(self.cams, CamMaps)

@@ -12,6 +12,7 @@ from wsl.bench.metrics import METRIC_ORDER, METRICS
 from wsl.bench.record import BenchSettings, ImageRecord
 from wsl.bench.report import write_report
 from wsl.bench.sources import CamItem
+from wsl.cam.files import CamMaps
 from wsl.errors import DataError
 from wsl.metrics.localization import check_thresholds
 from wsl.utils import dist, job
@@ -47,9 +48,11 @@ def _select_metrics(metrics: Optional[Sequence[str]], dataset) -> List[str]:
 def _check_item(item: Any, ann, num_classes: int, mask: Optional[np.ndarray]) -> CamItem:
     if not isinstance(item, tuple) or len(item) != 2:
         raise DataError(f"image {ann.id!r}: a CAM source must yield (cams, scores) pairs")
-    cams, scores = np.asarray(item[0]), item[1]
-    if cams.ndim != 3 or cams.shape[0] != num_classes:
-        raise DataError(f"image {ann.id!r}: cams have shape {cams.shape}, expected ({num_classes}, H, W)")
+    cams, scores = item
+    if not isinstance(cams, CamMaps):  # a wsl-cams/2 file's maps stay undecoded until a metric reads them
+        cams = np.asarray(cams, dtype=np.float32)
+    if len(cams.shape) != 3 or cams.shape[0] != num_classes:
+        raise DataError(f"image {ann.id!r}: cams have shape {tuple(cams.shape)}, expected ({num_classes}, H, W)")
     hw = tuple(cams.shape[1:])
     size = tuple(ann.size) if ann.size is not None else (mask.shape if mask is not None else None)
     if size is not None and hw != tuple(size):
@@ -63,7 +66,7 @@ def _check_item(item: Any, ann, num_classes: int, mask: Optional[np.ndarray]) ->
         if scores.shape != (num_classes,) or not np.isfinite(scores).all():
             raise DataError(f"image {ann.id!r}: scores must be {num_classes} finite numbers, got shape "
                             f"{scores.shape}{'' if np.isfinite(scores).all() else ' with NaN/inf'}")
-    return cams.astype(np.float32, copy=False), scores
+    return cams, scores
 
 
 def evaluate(source, dataset, *, metrics: Optional[Sequence[str]] = None,
@@ -118,7 +121,7 @@ def evaluate(source, dataset, *, metrics: Optional[Sequence[str]] = None,
         mask = dataset.load_mask(i) if want_masks else None
         t1 = time.perf_counter()
         cams, scores = _check_item(item, ann, len(classes), mask)
-        if not np.isfinite(cams).all():
+        if not (cams.all_finite() if isinstance(cams, CamMaps) else np.isfinite(cams).all()):
             bad_maps += 1
         rec = ImageRecord(i, ann, cams, scores, mask, settings)
         for m in meters:

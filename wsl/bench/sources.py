@@ -1,7 +1,8 @@
 """Where CAMs come from: ``.npz`` files any tool can write, or a classifier run here.
 
 A *source* yields, for every dataset index in order, ``(cams (C, H, W) float at image resolution,
-scores (C,) or None)``. :class:`NpzCamSource` reads the files of docs/design.md ("CAM files"; format
+scores (C,) or None)``; ``cams`` is an array, or for a ``wsl-cams/2`` file a
+:class:`wsl.cam.files.CamMaps`, which decodes only the classes the metrics read. :class:`NpzCamSource` reads the files of docs/design.md ("CAM files"; format
 and file names in :mod:`wsl.cam.files`), :class:`ModelCamSource` runs a classifier through a CAM
 method (:mod:`wsl.cam.methods`: :class:`wsl.cam.extract.CAMExtractor` by default). Both feed the
 same scoring code, so a model and a directory of pytorch-grad-cam or torchcam maps are scored on
@@ -19,7 +20,7 @@ import torch
 
 from wsl.cam.export import imagenet_normalizer
 from wsl.cam.methods import DEFAULT_METHOD, build_cam_method
-from wsl.cam.files import cam_npz_classes, file_stem, load_cam_npz
+from wsl.cam.files import CamMaps, cam_npz_classes, file_stem, load_cam_npz
 from wsl.errors import DataError
 from wsl.utils.shards import ShardIndex, has_shards, iter_shard, shard_key, shard_paths
 
@@ -71,9 +72,11 @@ class ClassMatcher:
 
     def __call__(self, where: str, cams: np.ndarray, found: Sequence[str],
                  scores: Optional[np.ndarray]) -> CamItem:
-        """``(cams, scores)`` of a file in the dataset's class order (checks in the class docstring)."""
-        cams = np.asarray(cams)
-        if cams.ndim != 3 or cams.shape[0] != len(found):
+        """``(cams, scores)`` of a file in the dataset's class order (checks in the class docstring);
+        float32 maps, or the :class:`~wsl.cam.files.CamMaps` of a ``wsl-cams/2`` file, still undecoded."""
+        if not isinstance(cams, CamMaps):
+            cams = np.asarray(cams, dtype=np.float32)
+        if len(cams.shape) != 3 or cams.shape[0] != len(found):
             raise DataError(f"{where}: cams have shape {tuple(cams.shape)}, expected ({len(found)}, H, W): one "
                             f"map per class of its {len(found)} class names")
         if scores is not None and np.asarray(scores).size != len(found):
@@ -83,7 +86,7 @@ class ClassMatcher:
         if perm is None:
             return cams, scores
         self.reordered += 1
-        return cams[perm], None if scores is None else np.asarray(scores).reshape(-1)[perm]
+        return cams.reorder(perm) if isinstance(cams, CamMaps) else cams[perm], None if scores is None else np.asarray(scores).reshape(-1)[perm]
 
     @staticmethod
     def check_size(where: str, item: CamItem, ann) -> CamItem:
@@ -144,7 +147,7 @@ class NpzCamSource:
         if not path.is_file():
             raise FileNotFoundError(f"no CAM file for image {image_id!r}: {path} is missing "
                                     "(write one ID.npz per image of the split, e.g. with `wsl cam`)")
-        cams, classes, scores = load_cam_npz(path)
+        cams, classes, scores = load_cam_npz(path, lazy=True)  # only the maps the metrics read are decoded
         return self._match(str(path), cams, classes, scores)
 
     def iter_cams(self, dataset) -> Iterator[CamItem]:
@@ -338,7 +341,7 @@ class ShardCamSource:
         raise FileNotFoundError(f"no CAM files (KEY.cams.npz) in the shards of {directory}")
 
     def _item(self, where: str, data: bytes) -> CamItem:
-        cams, classes, scores = load_cam_npz(where, data)
+        cams, classes, scores = load_cam_npz(where, data, lazy=True)
         return self._match(where, cams, classes, scores)
 
     def iter_part(self, dataset, rank: int = 0, world_size: int = 1) -> Iterator[Tuple[int, CamItem]]:

@@ -29,6 +29,7 @@ which is what lets ``wsl cam --resume`` finish an export exactly as an uninterru
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -120,9 +121,71 @@ def packed_cam_npz_bytes(used_cams: np.ndarray, used_classes: Sequence[int], cla
     return npz_bytes(arrays, stored=[k for k in arrays if k.startswith("pass_maps_")])
 
 
-def _unpack(z: Any, path: Any, classes: List[str]) -> np.ndarray:
-    """Every class's map ``(C, H, W)`` float32 of a ``wsl-cams/2`` file: the stored used ones, the others
-    upsampled from the pass maps with the exporter's code (zero without pass maps)."""
+class CamMaps:
+    """Every class's map of one ``wsl-cams/2`` file (module docstring), float32 ``(H, W)`` each, decoded
+    when asked for: a used class's stored map as it is, another class's upsampled from the pass maps
+    by the exporter's own :meth:`wsl.cam.extract.ClassMaps.upsample` (zero without pass maps).
+
+    Reads like a read-only float32 ``(C, H, W)`` array where ``wsl bench`` reads one: ``shape``,
+    ``len``, ``maps[c]`` (one map), ``maps[indices]`` / ``maps[bool mask]`` ``(k, H, W)``, and
+    ``np.asarray(maps)`` (all of them: ``C * H * W * 4`` bytes, 191 MiB for 1000 classes at 224 px).
+    The benchmark asks only for the classes its metrics score, so an ImageNet file costs one or two
+    upsampled maps instead of 1000. ``where`` names the file in errors."""
+
+    ndim = 3
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, where: str, used: np.ndarray, used_classes: np.ndarray, num_classes: int,
+                 size: Tuple[int, int], class_maps: Any = None) -> None:
+        self.where, self._used, self._maps = where, used, class_maps
+        self._slot = np.full(num_classes, -1, np.int64)  # class -> its row of used (-1: upsampled)
+        self._slot[used_classes] = np.arange(len(used_classes))
+        self._order = np.arange(num_classes)  # the file's class of each position (reorder)
+        self.shape = (int(num_classes), int(size[0]), int(size[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        picked = np.arange(len(self))[key]  # numpy's rules for ints, slices, index and bool arrays
+        return self.take(picked.reshape(-1))[0] if np.ndim(picked) == 0 else self.take(picked)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.take(np.arange(len(self)))
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def take(self, positions: Sequence[int]) -> np.ndarray:
+        """The maps at ``positions`` (int indices), float32 ``(k, H, W)``, a new array."""
+        cls = self._order[np.asarray(positions, dtype=np.int64)]
+        slot = self._slot[cls]
+        out = np.zeros((len(cls), *self.shape[1:]), np.float32)
+        stored = slot >= 0
+        out[stored] = self._used[slot[stored]]
+        rest = np.flatnonzero(~stored)
+        if len(rest) and self._maps is not None:
+            try:
+                out[rest] = self._maps.upsample(torch.from_numpy(cls[rest])).numpy()
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise DataError(f"{self.where}: its pass maps and geometry do not give {len(self)} class maps of "
+                                f"{self.shape[1]}x{self.shape[2]} ({e}); write the file with "
+                                "wsl.cam.files.packed_cam_npz_bytes") from e
+        return out
+
+    def reorder(self, perm: np.ndarray) -> "CamMaps":
+        """The same maps with position ``i`` holding this one's ``perm[i]`` (``cams[perm]`` without decoding)."""
+        other = copy.copy(self)
+        other._order = self._order[np.asarray(perm, dtype=np.int64)]
+        return other
+
+    def all_finite(self) -> bool:
+        """Whether the stored values are finite (the stored maps, and the pass maps the others come from)."""
+        passes = [] if self._maps is None else [m for m, _ in self._maps.passes]
+        return bool(np.isfinite(self._used).all()) and all(bool(torch.isfinite(m).all()) for m in passes)
+
+
+def _unpack(z: Any, path: Any, classes: List[str]) -> CamMaps:
+    """The :class:`CamMaps` of an open ``wsl-cams/2`` file, its arrays checked and decoded (the maps of
+    the classes other than the used ones are upsampled when read)."""
     from wsl.cam.extract import ClassMaps  # torch; only this layout needs it
 
     used = z["used_cams"]
@@ -134,22 +197,22 @@ def _unpack(z: Any, path: Any, classes: List[str]) -> np.ndarray:
                         f"one (H, W) map per used class, each an index into its {c} classes once")
     geometry = json.loads(str(z["geometry"])) if "geometry" in z.files else None
     size = used.shape[1:] if len(idx) or geometry is None else tuple(geometry["image_size"])
-    out = np.zeros((c, *size), np.float32)
-    rest = np.ones(c, dtype=bool)
-    rest[idx] = False
-    if geometry is not None and rest.any():
+    maps = None
+    if geometry is not None and len(idx) < c:
         try:
+            flip = bool(geometry["flip"])
             passes = [(torch.from_numpy(z[f"pass_maps_{p}"].astype(np.float32)), tuple(s))
                       for p, s in enumerate(geometry["input_sizes"])]
+            if not passes or any(m.dim() != 4 or tuple(m.shape[:2]) != (2 if flip else 1, c) for m, _ in passes):
+                raise ValueError(f"pass maps must be ({2 if flip else 1}, {c}, h, w), got "
+                                 f"{[tuple(m.shape) for m, _ in passes]}")
             maps = ClassMaps(passes=passes, scores=torch.zeros(1, c), image_size=tuple(size),
-                             stride=geometry["stride"], offset=geometry["offset"], flip=bool(geometry["flip"]),
+                             stride=geometry["stride"], offset=geometry["offset"], flip=flip,
                              normalize=geometry["normalize"])
-            out[rest] = maps.upsample(torch.from_numpy(np.flatnonzero(rest))).numpy()
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{path}: its pass maps and geometry do not give {c} class maps of {size[0]}x{size[1]} "
                             f"({e}); write the file with wsl.cam.files.packed_cam_npz_bytes") from e
-    out[idx] = used
-    return out
+    return CamMaps(str(path), used, idx, c, tuple(size), maps)
 
 
 @contextlib.contextmanager
@@ -170,10 +233,13 @@ def _cam_npz(path: PathLike, data: Optional[bytes], needed: Callable[[List[str]]
                         "array of class names") from e
 
 
-def load_cam_npz(path: PathLike, data: Optional[bytes] = None) -> Tuple[np.ndarray, List[str], Optional[np.ndarray]]:
+def load_cam_npz(path: PathLike, data: Optional[bytes] = None, *, lazy: bool = False
+                 ) -> Tuple[Any, List[str], Optional[np.ndarray]]:
     """``(cams (C, H, W), classes, scores or None)`` of a CAM file of either layout (module docstring),
     or of its bytes ``data`` (e.g. a shard member that ``path`` names); errors name the file and what
-    it must hold."""
+    it must hold. ``cams`` is a float32 array for ``wsl-cams/2`` (every class upsampled), the stored
+    array for ``wsl-cams/1``; with ``lazy=True`` a ``wsl-cams/2`` file gives a :class:`CamMaps`
+    instead, which decodes a class's map when it is read."""
     def needed(members: List[str]) -> Sequence[str]:
         return ("used_cams", "used_classes", "classes") if "used_cams" in members else ("cams", "classes")
 
@@ -181,7 +247,7 @@ def load_cam_npz(path: PathLike, data: Optional[bytes] = None) -> Tuple[np.ndarr
         classes = [str(c) for c in z["classes"].tolist()]
         scores = z["scores"] if "scores" in z.files else None
         cams = _unpack(z, path, classes) if "used_cams" in z.files else z["cams"]
-    return cams, classes, scores
+    return (cams if lazy or not isinstance(cams, CamMaps) else np.asarray(cams)), classes, scores
 
 
 def cam_npz_classes(path: PathLike, data: Optional[bytes] = None) -> List[str]:
