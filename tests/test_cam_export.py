@@ -132,7 +132,8 @@ def test_packed_cam_files_are_refused_when_inconsistent(tmp_path):
         load_cam_npz(tmp_path / "geo.npz")
     geometry = json.dumps({"image_size": [4, 5], "input_sizes": [[4, 5]], "stride": 2.0, "offset": 0.0, "flip": False,
                            "normalize": "max"})
-    np.savez(tmp_path / "three.npz", **good, pass_maps_0=np.zeros((1, 3, 2, 2), np.float16), geometry=np.array(geometry))
+    np.savez(tmp_path / "three.npz", **good, pass_maps_0=np.zeros((1, 3, 2, 2), np.float16),
+             geometry=np.array(geometry))
     with pytest.raises(DataError, match=r"three.npz: .* \(pass maps must be \(1, 2, h, w\), got \[\(1, 3, 2, 2\)\]\)"):
         load_cam_npz(tmp_path / "three.npz", lazy=True)  # refused when read, not when a map is first decoded
 

@@ -137,6 +137,23 @@ def test_resume_skips_complete_stages_and_reruns_from_the_first_missing(demo_dir
     assert read_stage(out, "segmenter")["finished"] == before["segmenter"]
 
 
+def test_resume_removes_the_temporaries_of_writes_a_kill_interrupted(demo_dir, tmp_path, caplog):
+    # A kill between atomic_path's temporary and its rename leaves the temporary (the kill test below met
+    # one: a report figure); the stage that writes the file again picks a new name, so resume removes them.
+    out = tmp_path / "run"
+    shutil.copytree(demo_dir, out)
+    left = [out / "figures" / ".examples.ab12cd34.tmp.png", out / "cams" / "cams" / ".0001.x1y2z3w4.tmp.npz",
+            out / ".summary.q1w2e3r4.tmp.json"]
+    for p in left:
+        p.write_bytes(b"half")
+    keep = out / "figures" / ".hidden_but_mine"
+    keep.write_text("not a temporary")
+    caplog.set_level("INFO", logger="wsl.pipeline")
+    run_pipeline(demo_config(quick=True), out, resume=True, progress=False)
+    assert not any(p.exists() for p in left) and keep.read_text() == "not a temporary"
+    assert any(f"removed {len(left)} temporary file(s)" in m for m in caplog.messages)
+
+
 def test_pipeline_killed_mid_stage_resumes_to_the_uninterrupted_outputs(demo_dir, tmp_path):
     """SIGKILL at a random point from the segmenter stage on (the classifier, CAM and pseudo-mask stages
     wrote their files; the segmenter takes about a second here), then --resume: every result equals the

@@ -55,7 +55,7 @@ from wsl.train.segmenter import SegTrainConfig
 from wsl.stages import STAGE_FILE, STAGES, read_stage, stage_complete
 from wsl.utils import dist, job
 from wsl.utils.io import (PathLike, atomic_write_json, atomic_write_text, existing_paths, prepare_output_dir,
-                          read_jsonl)
+                          read_jsonl, remove_temporaries)
 
 log = logging.getLogger(__name__)
 
@@ -634,6 +634,11 @@ def run_pipeline(config: PipelineConfig, out_dir: PathLike, *, overwrite: bool =
         if resume:
             _check_resume(out, config)
             out.mkdir(parents=True, exist_ok=True)
+            # A kill mid-write leaves atomic_path's temporary (e.g. a report figure): the stages that write
+            # again do not know its name, so every one under the run goes now.
+            left = remove_temporaries([out], recursive=True)
+            if left:
+                log.info("removed %d temporary file(s) of interrupted writes in %s", left, out)
         else:
             m, s = config.classifier.model, config.segmenter.model
             reads = [*inputs, *spec_paths(config.data.spec), *existing_paths(m.weights, s.weights, s.backbone_weights)]

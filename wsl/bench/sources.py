@@ -2,9 +2,10 @@
 
 A *source* yields, for every dataset index in order, ``(cams (C, H, W) float at image resolution,
 scores (C,) or None)``; ``cams`` is an array, or for a ``wsl-cams/2`` file a
-:class:`wsl.cam.files.CamMaps`, which decodes only the classes the metrics read. :class:`NpzCamSource` reads the files of docs/design.md ("CAM files"; format
-and file names in :mod:`wsl.cam.files`), :class:`ModelCamSource` runs a classifier through a CAM
-method (:mod:`wsl.cam.methods`: :class:`wsl.cam.extract.CAMExtractor` by default). Both feed the
+:class:`wsl.cam.files.CamMaps`, which decodes only the classes the metrics read. :class:`NpzCamSource`
+reads the files of docs/design.md ("CAM files"; format and file names in :mod:`wsl.cam.files`),
+:class:`ModelCamSource` runs a classifier through a CAM method (:mod:`wsl.cam.methods`:
+:class:`wsl.cam.extract.CAMExtractor` by default). Both feed the
 same scoring code, so a model and a directory of pytorch-grad-cam or torchcam maps are scored on
 equal terms.
 """
@@ -86,7 +87,8 @@ class ClassMatcher:
         if perm is None:
             return cams, scores
         self.reordered += 1
-        return cams.reorder(perm) if isinstance(cams, CamMaps) else cams[perm], None if scores is None else np.asarray(scores).reshape(-1)[perm]
+        cams = cams.reorder(perm) if isinstance(cams, CamMaps) else cams[perm]
+        return cams, None if scores is None else np.asarray(scores).reshape(-1)[perm]
 
     @staticmethod
     def check_size(where: str, item: CamItem, ann) -> CamItem:

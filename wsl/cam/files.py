@@ -43,7 +43,8 @@ from PIL import Image
 
 from wsl.data.classes import VOC_PALETTE
 from wsl.errors import DataError
-from wsl.utils.io import OUTPUT_MARKER, PathLike, atomic_write_bytes, atomic_write_json, prepare_output_dir
+from wsl.utils.io import (OUTPUT_MARKER, PathLike, atomic_write_bytes, atomic_write_json, prepare_output_dir,
+                          remove_temporaries)
 
 logger = logging.getLogger(__name__)
 
@@ -329,12 +330,9 @@ def open_output_dir(out_dir: PathLike, run_info: Dict[str, Any], *, overwrite: b
         if diff:
             raise DataError(f"{path}: the export in {out} was made with {diff}; resume with the same "
                             "settings, or pass --overwrite instead of --resume to start again")
-        left = [p for d in (out, *(out / d for d in dirs)) if d.is_dir() for p in d.iterdir()
-                if p.is_file() and p.name.startswith(".") and ".tmp" in p.name]  # atomic_path's temporaries
-        for p in left:
-            p.unlink()
+        left = remove_temporaries([out, *(out / d for d in dirs)])
         if left:
-            logger.info("removed %d temporary file(s) of interrupted writes in %s", len(left), out)
+            logger.info("removed %d temporary file(s) of interrupted writes in %s", left, out)
     else:
         # resume of a run killed between its marker and options.json: nothing of it to keep
         started = resume and out.is_dir() and [p.name for p in out.iterdir()] == [OUTPUT_MARKER]

@@ -36,7 +36,8 @@ from wsl.errors import CheckpointError, NumericalError, OutputExistsError
 from wsl.train.config import ConfigFile, OptimConfig, RunConfig, ScheduleConfig, check_resume_config
 from wsl.utils import dist
 from wsl.utils.io import (OUTPUT_MARKER, PathLike, append_jsonl, atomic_path, atomic_write_json, atomic_write_text,
-                          check_replaceable, load_checkpoint, prepare_output_dir, read_jsonl, save_checkpoint)
+                          check_replaceable, is_atomic_temporary, load_checkpoint, prepare_output_dir, read_jsonl,
+                          save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +328,7 @@ class RunDir:
             raise OutputExistsError(f"output path exists and is not a directory: {p}")
         content = sorted(q.name for q in p.iterdir()) if p.is_dir() else []
         # Temporary files of atomic writes a killed run left behind: never results, never resumed from.
-        stale = [name for name in content if _is_atomic_temp(name)]
+        stale = [name for name in content if is_atomic_temporary(name)]
         content = [name for name in content if name not in stale]
         resumable = resume and run.last.is_file()
         if resume and not resumable and set(content) - {*RUN_FILES, run.best.name, OUTPUT_MARKER}:
@@ -388,11 +389,6 @@ class RunDir:
             ax.grid(alpha=0.3)
         with atomic_path(self.curves_png) as tmp:
             fig.savefig(tmp, dpi=100)
-
-
-def _is_atomic_temp(name: str) -> bool:
-    """Whether ``name`` is a temporary file of :func:`wsl.utils.io.atomic_path` (``.STEM.XXXX.tmpSUFFIX``)."""
-    return name.startswith(".") and ".tmp" in name
 
 
 def json_safe(obj: Any) -> Any:

@@ -56,6 +56,27 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def is_atomic_temporary(name: str) -> bool:
+    """Whether a file name is that of an :func:`atomic_path` temporary (``.STEM.XXXXXXXX.tmpSUFFIX``)."""
+    return name.startswith(".") and ".tmp" in name
+
+
+def remove_temporaries(folders: Iterable[PathLike], *, recursive: bool = False) -> int:
+    """Delete the temporaries that :func:`atomic_path` writes left when their process was killed
+    (``.NAME.XXXXXXXX.tmpEXT``) in ``folders`` (and their subfolders with ``recursive``); returns how
+    many. For resuming into an output folder: a kill between the temporary's creation and its rename
+    leaves one behind, which nothing else would remove."""
+    removed = 0
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        for p in (folder.rglob(".*.tmp*") if recursive else folder.glob(".*.tmp*")):
+            if p.is_file() and is_atomic_temporary(p.name):
+                p.unlink()
+                removed += 1
+    return removed
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
