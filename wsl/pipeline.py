@@ -272,12 +272,12 @@ DEMO_SEGMENTER = "deconvnet_shortcut"
 def demo_config(quick: bool = False) -> PipelineConfig:
     """The settings of ``wsl demo`` (also in ``experiments/configs/pipeline_demo.json``).
 
-    The demo must finish within 10 minutes on 2 CPU cores: the trainers' CPU defaults (same models,
-    sizes and optimisers) with the demo's epoch counts (``DEMO_CLASSIFIER_EPOCHS``,
-    ``DEMO_SEGMENTER_EPOCHS``), CAMs at one scale, pseudo-masks refined by the dense CRF (it lifts val
-    pseudo-mask mIoU from 40.7 to 86.3 with the demo's maps, ``experiments/results/segmenter.md``), the
-    segmenter's backbone started from the classifier, and segmenter inference at three scales with flip
-    and the dense CRF. Measured stage times: ``experiments/results/README.md``.
+    The demo must finish within 10 minutes on 2 CPU cores: the trainers' CPU defaults (sizes and
+    optimisers) with the demo's epoch counts (``DEMO_CLASSIFIER_EPOCHS``, ``DEMO_SEGMENTER_EPOCHS``), a
+    WILDCAT head, the segmenter ``DEMO_SEGMENTER`` (DeconvNet with shortcuts, lr 0.01), CAMs at one
+    scale, pseudo-masks refined by the dense CRF (it lifts val pseudo-mask mIoU from 40.7 to 86.3 with
+    the demo's maps, ``experiments/results/segmenter.md``), the segmenter's backbone started from the
+    classifier, and segmenter inference at three scales with flip and the dense CRF. Measured stage times: ``experiments/results/README.md``.
     ``quick`` shrinks everything (48 train / 16 val images of 64 px, one or two epochs): a smoke test
     that runs every stage in seconds.
     """
