@@ -196,6 +196,27 @@ def test_bench_scores_packed_files_as_full_ones_decoding_only_what_it_reads(val_
     assert sum(decoded) == (0 if rank_by == "score" else untagged)
 
 
+def test_bench_from_a_checkpoint_upsamples_only_the_maps_it_reads(val_set, monkeypatch):
+    # ModelCamSource with the cam method hands each image's class maps over undecoded (CamMaps): the
+    # numbers are those of every class upsampled at once, and each tagged class is upsampled once.
+    from wsl.bench import BenchSettings, ModelCamSource, evaluate
+
+    model = _model(len(val_set.classes)).eval()
+    extractor = CAMExtractor(model)
+    eager = evaluate(ModelCamSource(model, val_set, batch_size=2, device="cpu",
+                                    method=lambda images, select: extractor(images)), val_set)
+    decoded = _bench_source_counting_upsampled_maps(monkeypatch)
+    lazy = evaluate(ModelCamSource(model, val_set, batch_size=2, device="cpu"), val_set)
+    assert lazy.pop("method") == "cam" and eager.pop("method") != "cam"  # a plain callable
+    assert lazy == eager and "point_map" in lazy
+    assert sum(decoded) == sum(int((ann.labels > 0.5).sum()) for ann in val_set.annotations)
+    decoded.clear()
+    evaluate(ModelCamSource(model, val_set, batch_size=2, device="cpu"), val_set, metrics=["point_map"],
+             settings=BenchSettings(rank_by="map"))
+    assert sum(decoded) == len(val_set) * len(val_set.classes) + sum(int((a.labels > 0.5).sum())
+                                                                     for a in val_set.annotations)
+
+
 def test_point_map_refuses_to_rank_files_with_and_without_scores_alike(val_set, tmp_path):
     # A wsl-cams/2 file (scores, its maxima not read) among files without scores: ranking them alike
     # would need every class's maximum of every file; the error says to rank by the maps.

@@ -414,7 +414,7 @@ class PseudoMaskMIoU(Metric):
         tagged = np.flatnonzero(rec.present)
         if tagged.size == 0:
             return np.zeros(rec.cams.shape[1:], np.uint8)
-        maps = rec.cams[tagged].astype(np.float32)  # a copy: the record's maps stay as they are
+        maps = np.stack([rec.map(int(c)) for c in tagged]).astype(np.float32, copy=False)  # new: the record's stay
         np.nan_to_num(maps, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         peak = maps.reshape(tagged.size, -1).max(1)
         # normalize_cams(..., "max") in float32: relu(M) / max, all zeros without a positive peak

@@ -77,6 +77,7 @@ class ImageRecord:
         self.localizable = self.present & has_plain
         self._boxes = np.asarray(ann.boxes, dtype=np.float64).reshape(-1, 4)
         self._labels = labels
+        self._maps: Dict[int, np.ndarray] = {}
         self._norm: Dict[int, np.ndarray] = {}
         self._sweep: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
         self._corloc: Dict[int, float] = {}
@@ -89,9 +90,16 @@ class ImageRecord:
     def boxes(self, c: int) -> np.ndarray:
         return self._boxes[self._labels == c]
 
+    def map(self, c: int) -> np.ndarray:
+        """Class ``c``'s map ``(H, W)`` as the source gave it (decoded once per record from a
+        :class:`~wsl.cam.files.CamMaps`)."""
+        if c not in self._maps:
+            self._maps[c] = self.cams[c]
+        return self._maps[c]
+
     def norm(self, c: int) -> np.ndarray:
         if c not in self._norm:
-            self._norm[c] = normalize_map(self.cams[c])
+            self._norm[c] = normalize_map(self.map(c))
         return self._norm[c]
 
     def box_ious(self, c: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -121,7 +129,7 @@ class ImageRecord:
     def point(self, c: int) -> np.ndarray:
         """The first maximum of class ``c``'s map, ``(x, y)`` (non-finite values count as ``-inf``)."""
         if c not in self._points:
-            self._points[c] = peaks(self.cams[c][None])[1][0]
+            self._points[c] = peaks(self.map(c)[None])[1][0]
         return self._points[c]
 
     @cached_property

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from wsl.cam.export import imagenet_normalizer
-from wsl.cam.methods import DEFAULT_METHOD, build_cam_method
+from wsl.cam.methods import DEFAULT_METHOD, build_cam_method, own_extractor
 from wsl.cam.files import CamMaps, cam_npz_classes, file_stem, load_cam_npz
 from wsl.errors import DataError
 from wsl.utils.shards import ShardIndex, has_shards, iter_shard, shard_key, shard_paths
@@ -210,7 +210,10 @@ class ModelCamSource:
     the files ``wsl cam`` exported from it give the same numbers (up to float16 rounding); ``"none"``
     keeps the raw maps (for ``rank_by="map"``). Consecutive images of equal size are batched. The
     model is moved to ``device`` (default: CUDA when available) and run in eval mode while
-    :meth:`iter_cams` runs; its previous train/eval mode is restored afterwards.
+    :meth:`iter_cams` runs; its previous train/eval mode is restored afterwards. With the ``cam`` method
+    each image's maps come as a :class:`~wsl.cam.files.CamMaps` of its forward passes: a class's map is
+    upsampled when a metric reads it (the same values as all of them at once), so 1000 classes cost
+    what the tagged ones do.
 
     ``method`` names the CAM method (:data:`wsl.cam.methods.CAM_METHODS`, default ``cam``) or is a
     map method already built (``method(images, select) -> CAMOutput``); ``target_layer`` and
@@ -256,8 +259,16 @@ class ModelCamSource:
         return None if labels is None else torch.as_tensor(np.asarray(labels)).reshape(-1) > 0.5
 
     def _run(self, batch: list, tags: list) -> Iterator[CamItem]:
+        images = imagenet_normalizer(torch.stack(batch).to(self.device))
+        extractor = own_extractor(self.extractor)
+        if extractor is not None:  # the cam method: each class's map is upsampled when a metric reads it
+            maps = extractor.class_maps(images)
+            scores = maps.scores.float().cpu().numpy()
+            for i, s in enumerate(scores):
+                yield CamMaps.from_class_maps(maps.image(i), "the model's class maps"), s
+            return
         select = None if any(t is None for t in tags) else torch.stack(tags)
-        out = self.extractor(imagenet_normalizer(torch.stack(batch).to(self.device)), select)
+        out = self.extractor(images, select)
         cams, scores = out.cams.float().cpu().numpy(), out.scores.float().cpu().numpy()
         for c, s in zip(cams, scores):
             yield c, s

@@ -72,7 +72,7 @@ from tqdm import tqdm
 import wsl
 from wsl.cam.crf import DenseCRF, crf_pseudo_masks
 from wsl.cam.extract import CAMExtractor, ClassMaps, SelectedCAMs, _model_device, select_classes, select_maps
-from wsl.cam.methods import build_cam_method
+from wsl.cam.methods import build_cam_method, own_extractor
 from wsl.cam.postprocess import (BOX_MODES, Boxes, Points, argmax_points, mask_settings, peaks_and_boxes,
                                   pseudo_masks, slot_labels_to_classes)
 from wsl.cam.files import (FULL_FORMAT, IMAGE_DIRS, OPTIONS_FILE, PACKED_FORMAT, cam_npz_bytes, file_stem, json_bytes,
@@ -323,13 +323,6 @@ def all_class_maps(maps: Any, used: SelectedCAMs, i: int) -> np.ndarray:
     return out
 
 
-def _lazy_extractor(method: Any) -> Optional[CAMExtractor]:
-    """The :class:`CAMExtractor` behind the ``cam`` method (``OwnCAM.extractor``), whose maps can be
-    upsampled for the used classes only; None for the library methods (they fill the used maps only)."""
-    extractor = getattr(method, "extractor", None)
-    return extractor if isinstance(extractor, CAMExtractor) else None
-
-
 class _Stems(dict):
     """Dataset index -> file stem, refusing two image ids that would share a file."""
 
@@ -390,7 +383,7 @@ class _Writer:
         x = self.normalizer(images)
         # The maps a method must compute: the tags, or None for the predicted classes (known from its scores).
         wanted = self._selection(samples, x.new_zeros(len(samples), len(classes))).cpu() if self.labelled else None
-        lazy = _lazy_extractor(self.extractor)
+        lazy = own_extractor(self.extractor)
         if lazy is not None:  # upsampled below for the used classes only
             maps = lazy.class_maps(x)
             scores = maps.scores

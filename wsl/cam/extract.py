@@ -27,6 +27,7 @@ so its cost does not grow with the number of classes).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -127,6 +128,12 @@ class ClassMaps:
         return {"image_size": [int(v) for v in self.image_size], "input_sizes": [[int(v) for v in s] for _, s in self.passes],
                 "stride": plain(self.stride), "offset": plain(self.offset), "flip": bool(self.flip),
                 "normalize": self.normalize}
+
+    def image(self, i: int) -> "ClassMaps":
+        """Image ``i``'s maps alone (views on their device), to upsample its classes when they are needed."""
+        n = self.scores.shape[0]
+        passes = [(maps[[i, i + n]] if self.flip else maps[i:i + 1], size) for maps, size in self.passes]
+        return dataclasses.replace(self, passes=passes, scores=self.scores[i:i + 1])
 
     def image_passes(self, i: int) -> List[np.ndarray]:
         """Image ``i``'s maps of every pass, float32 ``(F, C, h, w)`` (``F = 2`` with flip, the mirrored

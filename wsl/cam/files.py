@@ -144,6 +144,13 @@ class CamMaps:
         self._order = np.arange(num_classes)  # the file's class of each position (reorder)
         self.shape = (int(num_classes), int(size[0]), int(size[1]))
 
+    @classmethod
+    def from_class_maps(cls, maps: Any, where: str = "class maps") -> "CamMaps":
+        """The maps of one image's :class:`wsl.cam.extract.ClassMaps` (``ClassMaps.image(i)``), every class
+        upsampled when read, as a ``wsl-cams/2`` file of it gives them (``wsl bench --checkpoint``)."""
+        h, w = maps.image_size
+        return cls(where, np.zeros((0, h, w), np.float32), np.zeros(0, np.int64), maps.scores.shape[1], (h, w), maps)
+
     def __len__(self) -> int:
         return self.shape[0]
 
@@ -165,7 +172,7 @@ class CamMaps:
         rest = np.flatnonzero(~stored)
         if len(rest) and self._maps is not None:
             try:
-                out[rest] = self._maps.upsample(torch.from_numpy(cls[rest])).numpy()
+                out[rest] = self._maps.upsample(torch.from_numpy(cls[rest])).cpu().numpy()
             except (TypeError, ValueError, RuntimeError) as e:
                 raise DataError(f"{self.where}: its pass maps and geometry do not give {len(self)} class maps of "
                                 f"{self.shape[1]}x{self.shape[2]} ({e}); write the file with "

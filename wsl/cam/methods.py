@@ -205,6 +205,14 @@ class OwnCAM:
         return f"cam (scales {list(e.scales)}, flip {e.flip}, {e.normalize} normalisation)"
 
 
+def own_extractor(method: Any) -> Optional[CAMExtractor]:
+    """The :class:`CAMExtractor` behind the ``cam`` method (``OwnCAM.extractor``), whose maps can be
+    upsampled for the classes that are read only; None for the library methods (they fill the
+    selected maps only)."""
+    extractor = getattr(method, "extractor", None)
+    return extractor if isinstance(extractor, CAMExtractor) else None
+
+
 @CAM_METHODS.register(DEFAULT_METHOD)
 def _build_cam(*, model: nn.Module, scales: Sequence[float] = (1.0,), flip: bool = False, normalize: str = "max",
                channels_last: bool = True) -> OwnCAM:
