@@ -24,7 +24,7 @@ def phase_bench(s: Settings) -> Dict[str, Any]:
     from types import SimpleNamespace
 
     from wsl.bench.metrics import PseudoMaskMIoU
-    from wsl.bench.record import BenchSettings
+    from wsl.bench.record import BenchSettings, ImageRecord
     from wsl.metrics.segmentation import confusion_matrix
 
     cfg, settings = SynthConfig(), BenchSettings()
@@ -37,8 +37,10 @@ def phase_bench(s: Settings) -> Dict[str, Any]:
         blobs.append(cam_npz_bytes(cams, classes, np.zeros(len(classes), np.float32)))
         present = np.zeros(len(classes), bool)
         present[[o["cls"] for o in sc.objects]] = True
-        records.append(SimpleNamespace(cams=load_cam_npz("x.npz", blobs[-1])[0].astype(np.float32),
-                                       present=present, mask=sc.class_mask))
+        ann = SimpleNamespace(id=str(i), labels=present.astype(np.float32), boxes=np.zeros((0, 4)), box_labels=[],
+                              difficult=[], size=None)
+        records.append(ImageRecord(i, ann, load_cam_npz("x.npz", blobs[-1])[0].astype(np.float32), None,
+                                   sc.class_mask, settings))
     t_mask = settings.mask_threshold
 
     def torch_route(rec: Any) -> np.ndarray:  # PseudoMaskMIoU.update before issue 17
