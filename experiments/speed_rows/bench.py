@@ -70,8 +70,43 @@ def phase_bench(s: Settings) -> Dict[str, Any]:
         row("B", f"`wsl bench` per image: pseudo_mask_miou update before issue 17 (torch) / now (numpy), {what}",
             "torch route", stats(t["torch"], 1 / n), "numpy route", stats(t["update"], 1 / n),
             note=f"identical confusion matrices asserted; {threads}"),
-        _imagenet_read_row(s)],
+        _imagenet_read_row(s), _checkpoint_row(s)],
         "info": {"images": n}}
+
+
+def _checkpoint_row(s: Settings) -> Dict[str, Any]:
+    """``wsl bench --checkpoint`` (``ModelCamSource``, cam method) on a 1000-class demo model, per batch: the
+    forward passes + each image's tagged maps as the metrics read them (``CamMaps.from_class_maps``) / the
+    forward passes + every class upsampled and normalised, as the source gave them before."""
+    import dataclasses
+
+    from wsl.cam.extract import CAMExtractor
+    from wsl.cam.files import CamMaps
+
+    from speed_rows.settings import build_model, scene_batch
+
+    spec = dataclasses.replace(s.tiny, num_classes=s.bench_file[0])
+    model = build_model(spec, torch.device("cpu")).eval()
+    batch = scene_batch(spec, torch.device("cpu"))
+    x, tags = batch["image"], [np.flatnonzero(t.numpy() > 0.5) for t in batch["labels"]]
+    extractor = CAMExtractor(model)
+
+    def lazy() -> list:
+        maps = extractor.class_maps(x)
+        return [CamMaps.from_class_maps(maps.image(i))[tagged] for i, tagged in enumerate(tags)]
+
+    def eager() -> list:
+        cams = extractor(x).cams.float().cpu().numpy()
+        return [c[tagged] for c, tagged in zip(cams, tags)]
+
+    if not all(np.array_equal(a, b) for a, b in zip(lazy(), eager())):
+        raise RuntimeError("the lazy maps disagree with every class upsampled at once")
+    t = interleaved({"lazy": lazy, "eager": eager}, repeats=s.repeats, warmup=s.warmup)
+    return row("B", f"`wsl bench --checkpoint` per batch, {spec.label}, batch {spec.batch}, {spec.num_classes} classes: "
+               "forward + the tagged maps (ModelCamSource now) / forward + every class's map (before)",
+               "forward + tagged maps", stats(t["lazy"]), "forward + all maps", stats(t["eager"]),
+               note=f"{sum(len(g) for g in tags)} tagged maps; identical maps asserted; "
+                    f"torch threads {torch.get_num_threads()}")
 
 
 def _imagenet_read_row(s: Settings) -> Dict[str, Any]:
