@@ -16,7 +16,9 @@ each. The results are printed and written as JSON::
     python experiments/gpu_check.py                         # experiments/results/gpu_check.json
     python experiments/gpu_check.py --out /tmp/gpu.json --repeats 5
 
-Without CUDA the script says so in one line and exits with status 1.
+Without CUDA the script says so in one line and exits with status 1. ``--smoke`` runs every check's
+code on the CPU at tiny sizes (vgg_tiny, 32 px), so that a session with a GPU finds a script that runs
+(tests/test_speed_script.py); its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -54,11 +57,27 @@ from wsl.train.engine import RunDir, Trainer, determinism  # noqa: E402
 from wsl.utils.dist import DistInfo  # noqa: E402
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What the checks run on: the real measurement on CUDA, or ``--smoke`` on the CPU."""
+
+    device: torch.device
+    backbone: str = "vgg16"
+    size: int = 448
+    batch: int = 8
+    class_counts: Sequence[int] = (20, 80, 1000)
+    crf_size: Tuple[int, int] = (375, 500)
+
+
+def smoke_plan() -> Plan:
+    return Plan(torch.device("cpu"), backbone="vgg_tiny", size=32, batch=2, class_counts=(20,), crf_size=(24, 32))
+
+
 # ------------------------------------------------------------------------------------------- timing
-def timed(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int) -> Dict[str, float]:
+def timed(fns: Dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device) -> Dict[str, float]:
     """Median wall seconds per function, timed as experiments/speed.py times (interleaved rounds after
     warm-up, the GPU synchronised around each call: ``speed_rows.timing.interleaved``)."""
-    times = interleaved(fns, repeats=repeats, warmup=warmup, device=torch.device("cuda"))
+    times = interleaved(fns, repeats=repeats, warmup=warmup, device=device)
     return {name: statistics.median(t["wall"]) for name, t in times.items()}
 
 
@@ -74,24 +93,30 @@ def scenes(size: int, batch: int, classes: int, device: torch.device) -> Dict[st
     return {"uint8": images.to(device), "image": imagenet_normalizer(images).to(device), "labels": labels.to(device)}
 
 
-def vgg16(classes: int, device: torch.device) -> torch.nn.Module:
+def classifier(plan: Plan, classes: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_classifier(backbone="vgg16", num_classes=classes, pooling="lse").to(device)
+    return build_classifier(backbone=plan.backbone, num_classes=classes, pooling="lse").to(plan.device)
+
+
+def _label(plan: Plan) -> str:
+    return f"{'VGG16' if plan.backbone == 'vgg16' else plan.backbone} {plan.size} px batch {plan.batch}"
 
 
 # ------------------------------------------------------------------------------------------- checks
-def check_train(device: torch.device, repeats: int, warmup: int) -> List[Dict[str, Any]]:
-    batch = scenes(448, 8, 20, device)
-    data = [{"image": batch["image"][i].cpu(), "labels": batch["labels"][i].cpu(), "index": i} for i in range(8)]
+def check_train(plan: Plan, repeats: int, warmup: int) -> List[Dict[str, Any]]:
+    device, n = plan.device, plan.batch
+    batch = scenes(plan.size, n, 20, device)
+    data = [{"image": batch["image"][i].cpu(), "labels": batch["labels"][i].cpu(), "index": i} for i in range(n)]
     steps, counter = {}, iter(range(10**9))
+    cuda = device.type == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
         for amp in ("none", "bf16", "fp16"):
-            if amp == "bf16" and not torch.cuda.is_bf16_supported():
-                continue
-            trainer = Trainer(model=vgg16(20, device), param_groups=lambda net: param_groups(net, 0.1, False),
+            if (amp == "bf16" and cuda and not torch.cuda.is_bf16_supported()) or (amp == "fp16" and not cuda):
+                continue  # fp16 autocast with loss scaling is a GPU setting
+            trainer = Trainer(model=classifier(plan, 20), param_groups=lambda net: param_groups(net, 0.1, False),
                               train_set=data, collate_fn=collate,
                               loss_fn=lambda net, b: multilabel_loss(net(b["image"]), b["labels"]),
-                              evaluate=lambda net: {}, payload=lambda net: {}, optim=OptimConfig(batch_size=8),
+                              evaluate=lambda net: {}, payload=lambda net: {}, optim=OptimConfig(batch_size=n),
                               schedule=ScheduleConfig(epochs=10_000), run_cfg=RunConfig(amp=amp, channels_last=True),
                               workers=0, run=RunDir(Path(tmp) / amp), info=DistInfo(0, 0, 1, device))
             trainer.net.train()
@@ -100,17 +125,17 @@ def check_train(device: torch.device, repeats: int, warmup: int) -> List[Dict[st
                 with determinism(trainer.run_cfg.deterministic):
                     trainer._step(batch, 0, next(counter))
             steps[amp] = step
-        t = timed(steps, repeats, warmup)
-    rows = [{"check": "train step", "what": f"VGG16 448 px batch 8, channels_last, amp={amp}",
-             "seconds": t[amp], "img_per_s": 8 / t[amp], "vs_fp32": t[amp] / t["none"]} for amp in t]
+        t = timed(steps, repeats, warmup, device)
+    rows = [{"check": "train step", "what": f"{_label(plan)}, channels_last, amp={amp}",
+             "seconds": t[amp], "img_per_s": n / t[amp], "vs_fp32": t[amp] / t["none"]} for amp in t]
     return rows
 
 
-def check_cam(device: torch.device, repeats: int, warmup: int) -> List[Dict[str, Any]]:
-    opt, rows = ExportOptions(), []
-    for classes in (20, 80, 1000):
-        model = vgg16(classes, device).eval()
-        batch = scenes(448, 8, classes, device)
+def check_cam(plan: Plan, repeats: int, warmup: int) -> List[Dict[str, Any]]:
+    opt, rows, device = ExportOptions(), [], plan.device
+    for classes in plan.class_counts:
+        model = classifier(plan, classes).eval()
+        batch = scenes(plan.size, plan.batch, classes, device)
         x = batch["image"].contiguous(memory_format=torch.channels_last)
         positive = batch["labels"] > 0.5
         extractor = CAMExtractor(model)
@@ -122,14 +147,15 @@ def check_cam(device: torch.device, repeats: int, warmup: int) -> List[Dict[str,
             with torch.inference_mode():
                 return model(x)
         for precision, ctx in (("fp32", contextlib.nullcontext),
-                               ("bf16 autocast", lambda: torch.autocast("cuda", dtype=torch.bfloat16))):
+                               ("bf16 autocast", lambda: torch.autocast(device.type, dtype=torch.bfloat16))):
             with ctx():
-                t = timed({"forward": forward, "export": export}, repeats, warmup)
-            rows.append({"check": "CAM export / forward", "what": f"VGG16 448 px batch 8, {classes} classes, "
+                t = timed({"forward": forward, "export": export}, repeats, warmup, device)
+            rows.append({"check": "CAM export / forward", "what": f"{_label(plan)}, {classes} classes, "
                          f"{precision}", "ratio": t["export"] / t["forward"], "export_s": t["export"],
                          "forward_s": t["forward"]})
         del model
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -147,16 +173,17 @@ def photo_and_unaries(labels: int, h: int = 375, w: int = 500) -> Any:
     return image, torch.softmax(logits, 1)
 
 
-def check_crf(device: torch.device, repeats: int, warmup: int) -> List[Dict[str, Any]]:
+def check_crf(plan: Plan, repeats: int, warmup: int) -> List[Dict[str, Any]]:
     try:
         import pydensecrf.densecrf as dcrf
         from pydensecrf.utils import unary_from_softmax
     except ImportError as e:
         return [{"check": "dense CRF", "skipped": f"pydensecrf2 not importable ({e}); "
                  "pip install 'wsl[crf-reference]'"}]
-    crf, rows = DenseCRF(), []
+    crf, rows, device = DenseCRF(), [], plan.device
+    h, w = plan.crf_size
     for k in (21, 3):
-        image, probs = photo_and_unaries(k)
+        image, probs = photo_and_unaries(k, h, w)
         img_gpu, probs_gpu = torch.from_numpy(image).permute(2, 0, 1)[None].to(device), probs.to(device)
 
         def reference() -> np.ndarray:
@@ -170,11 +197,11 @@ def check_crf(device: torch.device, repeats: int, warmup: int) -> List[Dict[str,
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # pydensecrf is single-threaded; the GPU side needs no CPU threads
         try:
-            t = timed({"gpu": lambda: crf(img_gpu, probs_gpu), "ref": reference}, repeats, warmup)
+            t = timed({"gpu": lambda: crf(img_gpu, probs_gpu), "ref": reference}, repeats, warmup, device)
         finally:
             torch.set_num_threads(threads)
-        rows.append({"check": "dense CRF: GPU / pydensecrf2 (CPU, 1 thread)",
-                     "what": f"500x375 photograph, {k} labels, 10 iterations, DeepLab parameters",
+        rows.append({"check": f"dense CRF: {device.type} / pydensecrf2 (CPU, 1 thread)",
+                     "what": f"{w}x{h} photograph, {k} labels, 10 iterations, DeepLab parameters",
                      "ratio": t["gpu"] / t["ref"], "gpu_s": t["gpu"], "pydensecrf2_s": t["ref"],
                      "label_agreement": agree})
     return rows
@@ -227,21 +254,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "experiments" / "results" / "gpu_check.json")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median)")
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--smoke", action="store_true",
+                   help="run every check's code on the CPU at tiny sizes (proves the script works; no figures)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.smoke:
+        plan = smoke_plan()
+        args.repeats, args.warmup = 1, 1
+        device_info: Dict[str, Any] = {"device": "cpu (--smoke: tiny sizes, the figures mean nothing)"}
+    elif not torch.cuda.is_available():
         print(f"gpu_check: CUDA is not available here (torch {torch.__version__}, CUDA build "
               f"{torch.version.cuda or 'none'}); nothing was measured", file=sys.stderr)
         return 1
-    device = torch.device("cuda")
+    else:
+        plan = Plan(torch.device("cuda"))
+        device_info = {"device": torch.cuda.get_device_name(plan.device), "devices": torch.cuda.device_count(),
+                       "capability": list(torch.cuda.get_device_capability(plan.device)), "cuda": torch.version.cuda,
+                       "cudnn": torch.backends.cudnn.version()}
     result: Dict[str, Any] = {
-        "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
-        "device": torch.cuda.get_device_name(device), "devices": torch.cuda.device_count(),
-        "capability": list(torch.cuda.get_device_capability(device)), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
+        "command": " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]), **device_info,
+        "torch": torch.__version__, "python": platform.python_version(),
         "load_start": [round(x, 2) for x in os.getloadavg()], "rows": []}
-    for name, check in (("train", lambda: check_train(device, args.repeats, args.warmup)),
-                        ("cam", lambda: check_cam(device, args.repeats, args.warmup)),
-                        ("crf", lambda: check_crf(device, max(3, args.repeats // 2), 1)),
+    for name, check in (("train", lambda: check_train(plan, args.repeats, args.warmup)),
+                        ("cam", lambda: check_cam(plan, args.repeats, args.warmup)),
+                        ("crf", lambda: check_crf(plan, max(3, args.repeats // 2) if not args.smoke else 1, 1)),
                         ("nccl", lambda: check_nccl(args.repeats))):
         t0 = time.perf_counter()
         rows = check()

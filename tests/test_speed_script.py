@@ -174,3 +174,20 @@ def test_gpu_check_refuses_without_cuda_in_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "CUDA is not available" in lines[0]
     assert not out.exists()
+
+
+def test_gpu_check_runs_every_check_on_the_cpu_with_smoke(tmp_path):
+    # The GPU script has had no GPU yet: --smoke runs all of its code (tiny sizes, on the CPU), so a session
+    # that gets a GPU for a few minutes finds a script that runs to the end.
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, str(GPU_CHECK), "--smoke", "--out", str(out)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["device"].startswith("cpu (--smoke")
+    checks = [r["check"] for r in result["rows"]]
+    assert checks[:2] == ["train step"] * 2 and checks.count("CAM export / forward") == 2
+    crf = [r for r in result["rows"] if r["check"].startswith("dense CRF")]
+    assert crf and all("skipped" in r or r["label_agreement"] > 0.99 for r in crf)
+    assert result["rows"][-1] == {"check": "NCCL all-reduce", "skipped": "0 GPU: needs two"}
+    assert set(result["check_seconds"]) == {"train", "cam", "crf", "nccl"}
