@@ -155,8 +155,8 @@ class PointLocalizationMAP(Metric):
         for c in np.flatnonzero(rec.localizable):
             hit[c] = point_in_boxes(rec.point(c), rec.boxes(c), self.settings.point_tolerance)
         score = rec.scores if rec.scores is not None else np.full(self.num_classes, np.nan)
-        # Every class's maximum, only where it may rank: a wsl-cams/2 file would decode all its classes
-        # for it (1000 upsampled maps per ImageNet image). Such files always hold scores.
+        # Every class's maximum, only where it may rank: lazy maps (a wsl-cams/2 file, a checkpoint's) would
+        # upsample all their classes for it (1000 maps per ImageNet image). They always come with scores.
         ranks_by_map = self.settings.rank_by == "map" or rec.scores is None or not rec.lazy
         peak = rec.peak_values if ranks_by_map else np.full(self.num_classes, np.nan)
         for key, row in (("peak", peak), ("score", score), ("hit", hit), ("present", rec.localizable),

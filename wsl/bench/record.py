@@ -59,7 +59,8 @@ class ImageRecord:
     ``present``: tagged classes; ``difficult_only``: present classes all of whose boxes are difficult
     (ignored by every metric); ``localizable``: present classes with a non-difficult box, the
     (image, class) pairs that box and point metrics score. ``cams``: float32 ``(C, H, W)``, or a
-    ``wsl-cams/2`` file's :class:`~wsl.cam.files.CamMaps`, of which only the classes read are decoded.
+    :class:`~wsl.cam.files.CamMaps` (a ``wsl-cams/2`` file's, or a checkpoint's with the ``cam`` method), of
+    which only the classes read are decoded.
     """
 
     def __init__(self, index: int, ann, cams: Any, scores: Optional[np.ndarray],
@@ -144,5 +145,5 @@ class ImageRecord:
 
     @property
     def lazy(self) -> bool:
-        """Whether the maps are a file's, decoded class by class when read (:class:`~wsl.cam.files.CamMaps`)."""
+        """Whether the maps are decoded class by class when read (:class:`~wsl.cam.files.CamMaps`)."""
         return isinstance(self.cams, CamMaps)
