@@ -175,8 +175,7 @@ class CamMaps:
                 out[rest] = self._maps.upsample(torch.from_numpy(cls[rest])).cpu().numpy()
             except (TypeError, ValueError, RuntimeError) as e:
                 raise DataError(f"{self.where}: its pass maps and geometry do not give {len(self)} class maps of "
-                                f"{self.shape[1]}x{self.shape[2]} ({e}); write the file with "
-                                "wsl.cam.files.packed_cam_npz_bytes") from e
+                                f"{self.shape[1]}x{self.shape[2]} ({e})") from e
         return out
 
     def reorder(self, perm: np.ndarray) -> "CamMaps":
