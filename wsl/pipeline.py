@@ -286,8 +286,8 @@ def demo_config(quick: bool = False) -> PipelineConfig:
         return PipelineConfig(
             data=DataSection(synth=SynthConfig(train=48, val=16, size=64, num_classes=4)),
             classifier=with_overrides(TrainConfig(), {**tiny, "schedule.epochs": 2}),
-            segmenter=with_overrides(SegTrainConfig(), {**tiny, "schedule.epochs": 1,
-                                                        "model.backbone_weights": FROM_CLASSIFIER}),
+            segmenter=with_overrides(SegTrainConfig(), {**tiny, "schedule.epochs": 1, "model.name": DEMO_SEGMENTER,
+                                                        "optim.lr": 0.01, "model.backbone_weights": FROM_CLASSIFIER}),
             report=ReportSection(examples=4))
     return PipelineConfig(
         data=DataSection(synth=SynthConfig()),
