@@ -593,8 +593,8 @@ def export_cams(model: nn.Module, classes: Sequence[str], dataset: Any, out_dir:
                 box_mode: str = "largest", mask_method: str = "threshold", mask_fg: Optional[float] = None,
                 mask_bg: Optional[float] = None, crf: Optional[DenseCRF] = None, use_labels: bool = True,
                 peak_min_distance: int = 8, peak_top_k: int = 5, peak_threshold: float = 0.5,
-                full_maps: bool = False, normalizer: Callable[[Tensor], Tensor] = imagenet_normalizer, num_workers: int = 0,
-                overwrite: bool = False, resume: bool = False, progress: bool = True,
+                full_maps: bool = False, normalizer: Callable[[Tensor], Tensor] = imagenet_normalizer,
+                num_workers: int = 0, overwrite: bool = False, resume: bool = False, progress: bool = True,
                 inputs: Sequence[PathLike] = (), shards: Optional[int] = None, method: str = "cam",
                 target_layer: Optional[str] = None) -> Dict[str, Any]:
     """Export CAMs, overlays, points, boxes and pseudo-masks of every image of ``dataset``.

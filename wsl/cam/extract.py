@@ -125,8 +125,8 @@ class ClassMaps:
         def plain(v: Any) -> Any:
             return [float(x) for x in v] if isinstance(v, (tuple, list)) else float(v)
 
-        return {"image_size": [int(v) for v in self.image_size], "input_sizes": [[int(v) for v in s] for _, s in self.passes],
-                "stride": plain(self.stride), "offset": plain(self.offset), "flip": bool(self.flip),
+        return {"image_size": [int(v) for v in self.image_size],
+                "input_sizes": [[int(v) for v in s] for _, s in self.passes], "stride": plain(self.stride), "offset": plain(self.offset), "flip": bool(self.flip),
                 "normalize": self.normalize}
 
     def image(self, i: int) -> "ClassMaps":
@@ -138,8 +138,7 @@ class ClassMaps:
     def image_passes(self, i: int) -> List[np.ndarray]:
         """Image ``i``'s maps of every pass, float32 ``(F, C, h, w)`` (``F = 2`` with flip, the mirrored
         image second): with :meth:`geometry`, enough to rebuild its maps of any class exactly."""
-        n = self.scores.shape[0]
-        return [(maps[[i, i + n]] if self.flip else maps[i:i + 1]).float().cpu().numpy() for maps, _ in self.passes]
+        return [maps.float().cpu().numpy() for maps, _ in self.image(i).passes]
 
     def _add(self, total: Optional[Tensor], up: Tensor) -> Tensor:
         """``total + up`` with the mirrored half of ``up`` flipped back and added to the first (``flip``);
