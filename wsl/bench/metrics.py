@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 
 from wsl.bench.record import BenchSettings, ImageRecord
+from wsl.cam.extract import normalize_cams
 from wsl.errors import DataError
 from wsl.metrics.classification import mean_average_precision, precision_recall, ranked_counts
 from wsl.metrics.localization import (CORLOC_IOU, BoxAccuracy, PixelAP, boxes_to_region, in_pointing_difficult_subset,
@@ -416,12 +418,8 @@ class PseudoMaskMIoU(Metric):
             return np.zeros(rec.cams.shape[1:], np.uint8)
         maps = np.stack([rec.map(int(c)) for c in tagged]).astype(np.float32, copy=False)  # new: the record's stay
         np.nan_to_num(maps, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-        peak = maps.reshape(tagged.size, -1).max(1)
-        # normalize_cams(..., "max") in float32: relu(M) / max, all zeros without a positive peak
-        eps = 1e-12
-        np.maximum(maps, 0.0, out=maps)
-        np.divide(maps, np.maximum(peak, eps)[:, None, None], out=maps)
-        maps[peak <= eps] = 0.0
+        # relu(M) / max, all zeros without a positive peak: wsl cam's own normalisation, in place (numpy on the CPU)
+        normalize_cams(torch.from_numpy(maps), "max", inplace=True)
         best = maps.argmax(0)  # the lowest class on ties, as pseudo_masks
         labels = (tagged + 1).astype(np.uint8)[best]
         # the background (threshold t) wins ties: foreground only where the best map exceeds t
