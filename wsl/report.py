@@ -210,8 +210,8 @@ def examples_figure(out: Path, dataset: Any, path: Path, n: int) -> Optional[Pat
         i = by_id[rec["id"]]
         ann, image = dataset.annotations[i], dataset.load_image(i)
         stem = file_stem(rec["id"])
-        cams = load_cam_npz(out / "cams" / "cams" / f"{stem}.npz")[0].astype(np.float32)
         tagged = [classes.index(c) for c in rec["classes"]]
+        cams = load_cam_npz(out / "cams" / "cams" / f"{stem}.npz", lazy=True)[0]  # only the tagged maps are read
         ax = grid[r, 0]
         ax.imshow(image)
         for box, c, hard in zip(ann.boxes, ann.box_labels, ann.difficult):
@@ -219,7 +219,7 @@ def examples_figure(out: Path, dataset: Any, path: Path, n: int) -> Optional[Pat
         ax.set_ylabel(rec["id"], fontsize=7)
         ax.set_title(", ".join(rec["classes"]), fontsize=8)
         ax = grid[r, 1]
-        heat = cams[tagged].max(axis=0)
+        heat = np.asarray(cams[tagged], dtype=np.float32).max(axis=0)
         ax.imshow(image)
         ax.imshow(cmap(np.clip(heat, 0, 1))[..., :3], alpha=0.55)
         for b in rec["boxes"]:

@@ -138,7 +138,7 @@ class ImageRecord:
         """The maximum of every class's map ``(C,)`` (non-finite values count as ``-inf``; 0 for a map
         without a finite value). The maps of a ``wsl-cams/2`` file are decoded for it a few classes at
         a time, so it costs every class's upsampling: the metrics ask for it only when they rank by it."""
-        if not isinstance(self.cams, CamMaps):
+        if not self.lazy:
             return peaks(self.cams)[0]
         step = 64
         return np.concatenate([peaks(self.cams[k:k + step])[0] for k in range(0, len(self.cams), step)])
