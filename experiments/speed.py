@@ -32,7 +32,8 @@ C. The dense CRF (``wsl.cam.DenseCRF``) / pydensecrf2 (Krähenbühl's C++ code, 
 B. ``wsl bench``'s per-image pseudo-mask mIoU update / decoding the image's .npz (target <= 1), and
    the torch route it replaced / the numpy one; reading an ImageNet-size ``wsl-cams/2`` file (1000 classes)
    as ``wsl bench`` does, the tagged class's map only / decoding every class; ``wsl bench --checkpoint``
-   on a 1000-class model, forward + the tagged maps / forward + every class's map.
+   on a 1000-class model, forward + the tagged maps / forward + every class's map; the whole benchmark per
+   image (every metric) and its MaxBoxAcc alone / decoding the image's .npz (no target).
 
 Also: channels_last and bf16 autocast, ``GLIBC_TUNABLES`` (child processes with and without), peak RSS
 per phase, and a CUDA section (448 px, bf16 autocast) that runs when CUDA is available.
